@@ -1,0 +1,84 @@
+"""The `pgsage` command."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="pgsage: a self-optimising PostgreSQL warehouse proxy.", no_args_is_help=True)
+
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", help="TOML settings file (default config/pgsage.toml)")
+]
+
+
+def _settings_or_exit(config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except SettingsError as exc:
+        typer.echo(f"pgsage: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    listen: Annotated[Optional[str], typer.Option(help="host:port clients connect to")] = None,
+    upstream: Annotated[
+        Optional[str], typer.Option(help="host:port (or socket path) of PostgreSQL; '' = embedded")
+    ] = None,
+    http: Annotated[Optional[str], typer.Option(help="host:port of the HTTP API")] = None,
+    max_client_connections: Annotated[Optional[int], typer.Option()] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option()] = None,
+    tls_key: Annotated[Optional[Path], typer.Option()] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="auto|json|console")] = None,
+    log_level: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Run the proxy in front of the configured upstream (or an embedded PostgreSQL)."""
+    settings = _settings_or_exit(
+        config,
+        listen=listen,
+        upstream=upstream,
+        http=http,
+        max_client_connections=max_client_connections,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    from .log import configure_logging, get_logger
+    from .runner import run_proxy
+
+    configure_logging(settings.log_format, settings.log_level)
+    log = get_logger("pgsage")
+    try:
+        run_proxy(settings)
+    except RuntimeError as exc:
+        log.error("cannot start", error=str(exc))
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    # SIGPIPE default is fine for a CLI; keep Python's handling of broken pipes quiet
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    app()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

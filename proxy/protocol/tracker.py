@@ -1,0 +1,448 @@
+"""Session state tracker: follows both directions of one session and yields finished executions.
+
+Pure and clock-free: every call takes `now` (seconds, any monotonic origin). The proxy feeds it the
+frames its scanners report (only the types in CLIENT_INTERESTING / SERVER_INTERESTING) and gets
+back an `Execution` per statement that finished, to time and log.
+
+How responses are matched to requests (protocol 3.0, "Message Flow"):
+
+* Simple Query: one `_Query` item; each CommandComplete / EmptyQueryResponse / ErrorResponse ends
+  one statement of its text, ReadyForQuery ends the item. An error ends the whole string.
+* Extended query: only Execute and Sync are queued (ParseComplete & co. need no matching).
+  CommandComplete, EmptyQueryResponse and PortalSuspended end the head Execute. An ErrorResponse
+  fails the first Execute before the next Sync (whichever message failed, that Execute did not
+  run to completion) and the server skips the rest until Sync, so ReadyForQuery drops every
+  Execute before its Sync.
+* FunctionCall is answered with ReadyForQuery like a Sync.
+* A portal run with max_rows > 0 that is suspended stays open; its legs make one execution,
+  finished by its CommandComplete, by Close of the portal, by rebinding the portal, or by the end
+  of the transaction (ReadyForQuery 'I').
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import QUERY_CANCELED, ProtocolViolation
+from .frontend import bind_names
+
+# Type bytes as ints: what each direction's scanner must hand over.
+CLIENT_INTERESTING = frozenset(b"QPBECSXF")
+SERVER_INTERESTING = frozenset(b"CIsEZKSRGHW")
+
+_ROW_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH", "MOVE", "COPY"))
+
+Splitter = Callable[[str], list[str]]
+
+
+class Protocol(str, Enum):
+    SIMPLE = "simple"
+    EXTENDED = "extended"
+
+
+class Status(str, Enum):
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class Phase(Enum):
+    """Where the session is, as far as the proxy needs to know."""
+
+    #: Startup and authentication: relay until the first ReadyForQuery.
+    STARTUP = "startup"
+    #: Ready for a new request (no request outstanding).
+    IDLE = "idle"
+    #: At least one request awaits its response.
+    BUSY = "busy"
+    #: The server asked for COPY data (CopyInResponse); the client streams CopyData.
+    COPY_IN = "copy_in"
+    #: The server streams CopyData (CopyOutResponse).
+    COPY_OUT = "copy_out"
+    #: Terminate received, or the connection is gone.
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Execution:
+    """One statement execution as seen on the wire."""
+
+    protocol: Protocol
+    sql: str | None
+    start: float
+    end: float = 0.0
+    statement: str | None = None
+    portal: str | None = None
+    tag: str | None = None
+    rows: int | None = None
+    status: Status = Status.OK
+    sqlstate: str | None = None
+    error_message: str | None = None
+    suspensions: int = 0
+    max_rows: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(slots=True)
+class _Query:
+    sql: str | None
+    start: float
+    statements: list[str] | None = None
+    index: int = 0
+
+
+@dataclass(slots=True)
+class _Sync:
+    pass
+
+
+_SYNC = _Sync()
+
+
+def rows_from_tag(tag: str) -> int | None:
+    """Row count of a CommandComplete tag ("SELECT 5", "INSERT 0 3"), None for tags without one."""
+    head, _, tail = tag.partition(" ")
+    if head not in _ROW_TAGS or not tail:
+        return None
+    last = tail.rpartition(" ")[2]
+    return int(last) if last.isdigit() else None
+
+
+def _cstr(payload: bytes, start: int = 0) -> tuple[str, int]:
+    end = payload.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolViolation("invalid message: string without terminator")
+    return payload[start:end].decode("utf-8", "replace"), end + 1
+
+
+def _error_fields(payload: bytes | None) -> tuple[str | None, str | None, str | None]:
+    """SQLSTATE, message and severity of an ErrorResponse payload."""
+    code = message = severity = None
+    if payload is None:
+        return None, None, None
+    pos = 0
+    n = len(payload)
+    while pos < n and payload[pos] != 0:
+        key = payload[pos]
+        end = payload.find(b"\x00", pos + 1)
+        if end < 0:
+            break
+        if key == 0x43:  # C
+            code = payload[pos + 1 : end].decode("ascii", "replace")
+        elif key == 0x4D:  # M
+            message = payload[pos + 1 : end].decode("utf-8", "replace")
+        elif key == 0x56:  # V
+            severity = payload[pos + 1 : end].decode("ascii", "replace")
+        pos = end + 1
+    return code, message, severity
+
+
+@dataclass(slots=True)
+class SessionTracker:
+    """Per-session protocol state: prepared statements, portals, outstanding requests."""
+
+    splitter: Splitter | None = None
+    max_statements: int = 10_000
+    phase: Phase = Phase.STARTUP
+    transaction_status: str = "I"
+    backend_pid: int | None = None
+    backend_secret: bytes | None = None
+    parameters: dict[str, str] = field(default_factory=dict)
+    statements: dict[str, str] = field(default_factory=dict)
+    portals: dict[str, str | None] = field(default_factory=dict)
+    suspended: dict[str, Execution] = field(default_factory=dict)
+    pending: deque[Execution | _Query | _Sync] = field(default_factory=deque)
+    #: last fatal error seen during startup (authentication failure and the like)
+    startup_error: tuple[str | None, str | None] | None = None
+    #: the server sent an ErrorResponse of severity FATAL or PANIC (it closes next)
+    fatal: bool = False
+    #: the first frame of the extended-protocol statement being assembled (Parse/Bind)
+    group_start: float | None = None
+    #: executions finished but not yet handed out
+    finished: list[Execution] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- client to server
+
+    def client_frames(self, frames: list[tuple[int, bytes | None]], now: float) -> None:
+        for t, payload in frames:
+            handler = _CLIENT_HANDLERS.get(t)
+            if handler is not None:
+                handler(self, payload, now)
+
+    def _on_query(self, payload: bytes | None, now: float) -> None:
+        sql = _cstr(payload)[0] if payload is not None else None
+        self.pending.append(_Query(sql, now))
+        self.phase = Phase.BUSY
+
+    def _on_parse(self, payload: bytes | None, now: float) -> None:
+        if self.group_start is None:
+            self.group_start = now
+        if payload is None:
+            return
+        name, pos = _cstr(payload)
+        sql, _ = _cstr(payload, pos)
+        if name and name not in self.statements and len(self.statements) >= self.max_statements:
+            return  # bounded memory: the server still has it; we only lose its text
+        self.statements[name] = sql
+
+    def _on_bind(self, payload: bytes | None, now: float) -> None:
+        if self.group_start is None:
+            self.group_start = now
+        if payload is None:
+            return
+        portal, statement = bind_names(payload)
+        old = self.suspended.pop(portal, None)
+        if old is not None:
+            self.finished.append(self._finish(old, now))
+        if portal or len(self.portals) < self.max_statements:
+            self.portals[portal] = statement
+
+    def _on_execute(self, payload: bytes | None, now: float) -> None:
+        portal, max_rows = "", 0
+        if payload is not None:
+            portal, pos = _cstr(payload)
+            if pos + 4 <= len(payload):
+                max_rows = int.from_bytes(payload[pos : pos + 4], "big", signed=True)
+        start = self.group_start if self.group_start is not None else now
+        self.group_start = None
+        resumed = self.suspended.pop(portal, None)
+        if resumed is not None:
+            resumed.max_rows = max_rows
+            self.pending.append(resumed)
+        else:
+            statement = self.portals.get(portal)
+            sql = self.statements.get(statement) if statement is not None else None
+            self.pending.append(
+                Execution(
+                    Protocol.EXTENDED, sql, start, statement=statement, portal=portal,
+                    max_rows=max_rows,
+                )
+            )
+        self.phase = Phase.BUSY
+
+    def _on_close(self, payload: bytes | None, now: float) -> None:
+        if not payload:
+            return
+        kind = payload[0:1]
+        name, _ = _cstr(payload, 1)
+        if kind == b"S":
+            self.statements.pop(name, None)
+        elif kind == b"P":
+            self.portals.pop(name, None)
+            old = self.suspended.pop(name, None)
+            if old is not None:
+                self.finished.append(self._finish(old, now))
+
+    def _on_sync(self, payload: bytes | None, now: float) -> None:
+        self.group_start = None
+        self.pending.append(_SYNC)
+        if self.phase is not Phase.STARTUP:
+            self.phase = Phase.BUSY
+
+    def _on_terminate(self, payload: bytes | None, now: float) -> None:
+        self.phase = Phase.CLOSED
+
+    # ---------------------------------------------------------------- server to client
+
+    def server_frames(self, frames: list[tuple[int, bytes | None]], now: float) -> list[Execution]:
+        """Advance on the server's frames; return the executions they finished."""
+        for t, payload in frames:
+            handler = _SERVER_HANDLERS.get(t)
+            if handler is not None:
+                handler(self, payload, now)
+        if not self.finished:
+            return _NO_EXECUTIONS
+        out, self.finished = self.finished, []
+        return out
+
+    def take_finished(self) -> list[Execution]:
+        """Executions finished by client frames (Close or rebinding of a suspended portal)."""
+        if not self.finished:
+            return _NO_EXECUTIONS
+        out, self.finished = self.finished, []
+        return out
+
+    def _finish(self, ex: Execution, now: float) -> Execution:
+        ex.end = now
+        return ex
+
+    def _on_complete(self, payload: bytes | None, now: float) -> None:
+        tag = _cstr(payload)[0] if payload is not None else None
+        self._end_statement(now, tag, None)
+
+    def _on_empty(self, payload: bytes | None, now: float) -> None:
+        self._end_statement(now, None, None)
+
+    def _end_statement(
+        self, now: float, tag: str | None, error: tuple[str | None, str | None] | None
+    ) -> None:
+        if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
+            self.phase = Phase.BUSY
+        if not self.pending:
+            return
+        head = self.pending[0]
+        if isinstance(head, _Query):
+            self.finished.append(self._simple_statement(head, now, tag, error))
+            return
+        if isinstance(head, Execution):
+            self.pending.popleft()
+            ex = head
+            ex.end = now
+            ex.tag = tag
+            if tag is not None:
+                rows = rows_from_tag(tag)
+                if rows is not None:
+                    ex.rows = (ex.rows or 0) + rows
+            if error is not None:
+                self._fail(ex, error)
+            self.finished.append(ex)
+
+    def _simple_statement(
+        self, q: _Query, now: float, tag: str | None, error: tuple[str | None, str | None] | None
+    ) -> Execution:
+        if q.statements is None:
+            q.statements = self._split(q.sql)
+        sql = q.statements[q.index] if q.index < len(q.statements) else q.sql
+        ex = Execution(Protocol.SIMPLE, sql, q.start, now, tag=tag)
+        if tag is not None:
+            ex.rows = rows_from_tag(tag)
+        if error is not None:
+            self._fail(ex, error)
+        q.index += 1
+        q.start = now
+        return ex
+
+    def _split(self, sql: str | None) -> list[str]:
+        if sql is None:
+            return []
+        if self.splitter is None or ";" not in sql:
+            return [sql]
+        try:
+            parts = self.splitter(sql)
+        except Exception:  # unsplittable text is still one statement to log
+            return [sql]
+        return parts or [sql]
+
+    @staticmethod
+    def _fail(ex: Execution, error: tuple[str | None, str | None]) -> None:
+        ex.sqlstate, ex.error_message = error
+        ex.status = Status.CANCELLED if ex.sqlstate == QUERY_CANCELED else Status.ERROR
+
+    def _on_error(self, payload: bytes | None, now: float) -> None:
+        code, message, severity = _error_fields(payload)
+        if severity in ("FATAL", "PANIC"):
+            self.fatal = True
+        if self.phase is Phase.STARTUP:
+            self.startup_error = (code, message)
+            return
+        if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
+            self.phase = Phase.BUSY
+        if not self.pending:
+            return
+        head = self.pending[0]
+        if isinstance(head, _Query):
+            self.finished.append(self._simple_statement(head, now, None, (code, message)))
+            head.index = len(head.statements or ())
+            return
+        # extended: the first Execute before the next Sync failed; the server skips the rest
+        for i, item in enumerate(self.pending):
+            if isinstance(item, _Sync):
+                return
+            if isinstance(item, Execution):
+                del self.pending[i]
+                item.end = now
+                self._fail(item, (code, message))
+                self.finished.append(item)
+                return
+
+    def _on_suspended(self, payload: bytes | None, now: float) -> None:
+        if not self.pending or not isinstance(self.pending[0], Execution):
+            return
+        ex = self.pending.popleft()
+        assert isinstance(ex, Execution)
+        ex.suspensions += 1
+        ex.rows = (ex.rows or 0) + ex.max_rows
+        ex.end = now
+        self.suspended[ex.portal or ""] = ex
+
+    def _on_ready(self, payload: bytes | None, now: float) -> None:
+        status = payload.decode("ascii", "replace") if payload else "I"
+        self.transaction_status = status
+        # pop through the first Sync / Query / FunctionCall; Executes before it were skipped
+        while self.pending:
+            item = self.pending.popleft()
+            if isinstance(item, (_Sync, _Query)):
+                break
+        self.phase = Phase.BUSY if self.pending else Phase.IDLE
+        if status == "I":
+            # protocol-level portals do not outlive their transaction
+            for ex in self.suspended.values():
+                self.finished.append(ex)
+            self.suspended.clear()
+            if len(self.portals) > 1 or (self.portals and "" not in self.portals):
+                unnamed = self.portals.get("")
+                self.portals.clear()
+                if unnamed is not None:
+                    self.portals[""] = unnamed
+
+    def _on_key(self, payload: bytes | None, now: float) -> None:
+        if payload is not None and len(payload) >= 8:
+            self.backend_pid = int.from_bytes(payload[:4], "big", signed=True)
+            self.backend_secret = bytes(payload[4:])
+
+    def _on_parameter(self, payload: bytes | None, now: float) -> None:
+        if payload is None:
+            return
+        name, pos = _cstr(payload)
+        value, _ = _cstr(payload, pos)
+        self.parameters[name] = value
+
+    def _on_auth(self, payload: bytes | None, now: float) -> None:
+        return None
+
+    def _on_copy_in(self, payload: bytes | None, now: float) -> None:
+        self.phase = Phase.COPY_IN
+
+    def _on_copy_out(self, payload: bytes | None, now: float) -> None:
+        self.phase = Phase.COPY_OUT
+
+    @property
+    def in_flight(self) -> bool:
+        """A request is outstanding on the server (cancel it if the client goes away)."""
+        return bool(self.pending)
+
+
+_NO_EXECUTIONS: list[Execution] = []
+
+_Handler = Callable[[SessionTracker, bytes | None, float], None]
+
+_CLIENT_HANDLERS: dict[int, _Handler] = {
+    ord("Q"): SessionTracker._on_query,
+    ord("P"): SessionTracker._on_parse,
+    ord("B"): SessionTracker._on_bind,
+    ord("E"): SessionTracker._on_execute,
+    ord("C"): SessionTracker._on_close,
+    ord("S"): SessionTracker._on_sync,
+    ord("F"): SessionTracker._on_sync,  # answered by ReadyForQuery, like a Sync
+    ord("X"): SessionTracker._on_terminate,
+}
+
+_SERVER_HANDLERS: dict[int, _Handler] = {
+    ord("C"): SessionTracker._on_complete,
+    ord("I"): SessionTracker._on_empty,
+    ord("s"): SessionTracker._on_suspended,
+    ord("E"): SessionTracker._on_error,
+    ord("Z"): SessionTracker._on_ready,
+    ord("K"): SessionTracker._on_key,
+    ord("S"): SessionTracker._on_parameter,
+    ord("R"): SessionTracker._on_auth,
+    ord("G"): SessionTracker._on_copy_in,
+    ord("H"): SessionTracker._on_copy_out,
+    ord("W"): SessionTracker._on_copy_out,
+}

@@ -1,0 +1,81 @@
+"""Per-statement records the proxy hands to its sinks (the query log recorder, tests, metrics).
+
+A record is the session's identity plus the tracker's `Execution`; wall-clock times are derived
+from the monotonic times the hot path takes, so the hot path reads one clock once per chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .protocol import Execution
+
+# monotonic -> wall clock, fixed at import (drift over a process's life is negligible here)
+WALL_OFFSET = time.time() - time.monotonic()
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    id: int
+    client_addr: str
+    database: str | None = None
+    user: str | None = None
+    application_name: str | None = None
+    tls: bool = False
+
+
+@dataclass(slots=True)
+class StatementRecord:
+    session: SessionInfo
+    execution: Execution
+
+    @property
+    def started_at(self) -> float:
+        return self.execution.start + WALL_OFFSET
+
+    @property
+    def finished_at(self) -> float:
+        return self.execution.end + WALL_OFFSET
+
+    @property
+    def duration(self) -> float:
+        return self.execution.end - self.execution.start
+
+    @property
+    def protocol(self) -> str:
+        return self.execution.protocol.value
+
+    @property
+    def sql(self) -> str | None:
+        return self.execution.sql
+
+    @property
+    def rows(self) -> int | None:
+        return self.execution.rows
+
+    @property
+    def status(self) -> str:
+        return self.execution.status.value
+
+    @property
+    def sqlstate(self) -> str | None:
+        return self.execution.sqlstate
+
+
+RecordSink = Callable[[StatementRecord], None]
+
+
+class MemorySink:
+    """Keeps the last `maxlen` records in memory (tests, the admin console's recent view)."""
+
+    def __init__(self, maxlen: int = 100_000) -> None:
+        self.records: deque[StatementRecord] = deque(maxlen=maxlen)
+
+    def __call__(self, record: StatementRecord) -> None:
+        self.records.append(record)
+
+    def clear(self) -> None:
+        self.records.clear()

@@ -1,0 +1,50 @@
+"""Process-level wiring of `pgsage serve`: event loop, signals, upstream resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from .embedded import EmbeddedPostgres, upstream_reachable
+from .log import get_logger
+from .records import MemorySink
+from .server import ProxyServer
+from .settings import Settings
+from .upstream import Upstream
+
+
+def resolve_upstream(settings: Settings) -> tuple[Upstream, EmbeddedPostgres | None]:
+    """The configured upstream, or an embedded PostgreSQL when none is configured or reachable."""
+    log = get_logger("pgsage")
+    if settings.upstream:
+        upstream = Upstream.parse(settings.upstream)
+        if upstream_reachable(upstream) or not settings.embedded_fallback:
+            return upstream, None
+        log.warning("upstream unreachable; starting the embedded PostgreSQL", upstream=str(upstream))
+    embedded = EmbeddedPostgres(settings.embedded_data_dir)
+    upstream = embedded.start()
+    log.info("embedded PostgreSQL started", socket=str(upstream), uri=embedded.uri)
+    return upstream, embedded
+
+
+async def _serve(settings: Settings, upstream: Upstream) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = ProxyServer(settings, upstream=upstream, sink=MemorySink(maxlen=10_000))
+    await server.serve_until(stop)
+
+
+def run_proxy(settings: Settings) -> None:
+    upstream, embedded = resolve_upstream(settings)
+    try:
+        try:
+            import uvloop
+
+            uvloop.run(_serve(settings, upstream))
+        except ImportError:  # pragma: no cover
+            asyncio.run(_serve(settings, upstream))
+    finally:
+        if embedded is not None:
+            embedded.stop()

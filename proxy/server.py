@@ -1,0 +1,196 @@
+"""The listening proxy: shared server state, admission, cancel routing and shutdown.
+
+Shutdown order (SIGTERM/SIGINT): 1. stop accepting; 2. close sessions with nothing in flight
+(FATAL 57P01, as PostgreSQL's fast shutdown does); 3. let sessions with statements in flight
+finish, up to `shutdown_timeout`; 4. terminate the rest, cancelling their upstream statements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import ssl
+import time
+from collections.abc import Callable
+
+from optimizer.sqltext import split_statements
+
+from .log import get_logger
+from .protocol import CancelRequest, Phase, SessionTracker
+from .protocol.startup import CANCEL_REQUEST_CODE
+from .records import RecordSink
+from .session import ClientConnection
+from .settings import Settings
+from .telemetry.metrics import ProxyMetrics
+from .upstream import Upstream
+
+SWEEP_INTERVAL = 0.5
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream | None = None,
+        sink: RecordSink | None = None,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        if upstream is None:
+            if not settings.upstream:
+                raise ValueError("no upstream configured")
+            upstream = Upstream.parse(settings.upstream)
+        self.upstream = upstream
+        self.sink = sink if settings.record_statements else None
+        self.metrics = metrics or ProxyMetrics()
+        self.splitter: Callable[[str], list[str]] = split_statements
+        self.log = get_logger("pgsage.proxy")
+        self.clients: set[ClientConnection] = set()
+        self.admitted: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, bytes], ClientConnection] = {}
+        self.ssl_context = self._ssl_context()
+        self._ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.host, self.port = settings.listen_address
+        self.shutting_down = False
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+        return ctx
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.settings.listen_address
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self, next(self._ids)),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.host, self.port = sock[0], sock[1]
+        self._sweeper = asyncio.ensure_future(self._sweep())
+        self.log.info("listening", listen=f"{self.host}:{self.port}", upstream=str(self.upstream))
+
+    # ---------------------------------------------------------------- session bookkeeping
+
+    def admit(self, client: ClientConnection) -> bool:
+        if self.shutting_down or len(self.admitted) >= self.settings.max_client_connections:
+            return False
+        client.counted = True
+        self.admitted.add(client)
+        return True
+
+    def forget(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if client.counted:
+            self.admitted.discard(client)
+            self.metrics.session_ended(client.info, client.started)
+        key = client._cancel_key
+        if key is not None and self.cancel_keys.get(key) is client:
+            del self.cancel_keys[key]
+
+    # ---------------------------------------------------------------- cancellation
+
+    def forward_cancel(self, request: CancelRequest, raw: bytes) -> None:
+        """A client's CancelRequest: pass it to the upstream if the key belongs to a session."""
+        target = self.cancel_keys.get((request.process_id, request.secret_key))
+        if target is None:
+            self.metrics.cancel("unknown_key")
+            return
+        self.metrics.cancel("forwarded")
+        self._spawn(self._send_cancel(raw))
+
+    def cancel_upstream(self, tracker: SessionTracker) -> None:
+        """Cancel whatever the upstream backend of a session runs (the client went away)."""
+        if tracker.backend_pid is None or tracker.backend_secret is None:
+            return
+        secret = tracker.backend_secret
+        raw = (
+            (12 + len(secret)).to_bytes(4, "big")
+            + CANCEL_REQUEST_CODE.to_bytes(4, "big")
+            + tracker.backend_pid.to_bytes(4, "big", signed=True)
+            + secret
+        )
+        self._spawn(self._send_cancel(raw))
+
+    async def _send_cancel(self, raw: bytes) -> None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                self.upstream.open_stream(), self.settings.connect_timeout
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.log.warning("cancel request not delivered", error=str(exc))
+            return
+        try:
+            writer.write(raw)
+            await writer.drain()
+            # the server closes the connection once it has processed the request
+            await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---------------------------------------------------------------- timeouts
+
+    async def _sweep(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for c in list(self.clients):
+                if not c.started:
+                    if now - c.connected_at > s.startup_timeout:
+                        self.metrics.connection_error("timeout")
+                        c.fatal("08006", "canceling authentication due to timeout")
+                elif (
+                    s.idle_timeout
+                    and c.tracker.phase is Phase.IDLE
+                    and now - c.last_activity > s.idle_timeout
+                ):
+                    c.idle_timeout()
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Graceful stop; see the module docstring for the order."""
+        deadline = time.monotonic() + (self.settings.shutdown_timeout if timeout is None else timeout)
+        self.shutting_down = True
+        if self._server is not None:
+            self._server.close()
+        while True:
+            for c in list(self.clients):
+                if not c.tracker.in_flight or not c.started:
+                    c.terminate()
+            if not self.clients or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for c in list(self.clients):
+            c.terminate()
+            c.connection_lost(None)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.log.info("stopped")
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        await stop.wait()
+        await self.shutdown()

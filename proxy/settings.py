@@ -1,0 +1,167 @@
+"""pgsage settings: `config/pgsage.toml` < `PGSAGE_*` environment variables < CLI flags.
+
+Loaded with pydantic-settings. A bad value raises `SettingsError` whose one-line message names
+the key and the problem; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG = Path("config/pgsage.toml")
+
+
+class SettingsError(Exception):
+    """A configuration value is invalid; the message names the key."""
+
+
+def parse_address(value: str, key: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') to a tuple, with a clear error naming the key."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{key} must be host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PGSAGE_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    #: where clients connect (PgBouncer's listen_addr:listen_port)
+    listen: str = "127.0.0.1:6432"
+    #: the PostgreSQL server in front of which pgsage sits; empty means embedded (pgserver)
+    upstream: str = "127.0.0.1:5432"
+    #: HTTP endpoint for /metrics, /healthz and the admin API
+    http: str = "127.0.0.1:9930"
+    #: use an embedded PostgreSQL (pgserver) when the upstream is empty or unreachable
+    embedded_fallback: bool = True
+    embedded_data_dir: Path = Path.home() / ".local/share/pgsage/embedded"
+
+    max_client_connections: int = Field(default=1000, ge=1)
+    #: seconds to open the upstream TCP connection
+    connect_timeout: float = Field(default=5.0, gt=0)
+    #: seconds a client has to finish startup and authentication
+    startup_timeout: float = Field(default=60.0, gt=0)
+    #: close a client idle (no request outstanding) for this long; 0 disables
+    idle_timeout: float = Field(default=0.0, ge=0)
+    #: on SIGTERM/SIGINT, seconds in-flight statements get to finish
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+
+    #: largest message a client may send (PostgreSQL's own limit is 1 GiB - 1)
+    max_message_size: int = Field(default=(1 << 30) - 1, ge=1024)
+    #: largest message the proxy buffers to read (Query, Parse, Bind); larger ones pass unread
+    max_read_size: int = Field(default=64 << 20, ge=1024)
+    max_startup_packet_size: int = Field(default=10_000, ge=64)
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    #: keep a record per executed statement
+    record_statements: bool = True
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("listen", "http")
+    @classmethod
+    def _address(cls, value: str, info: Any) -> str:
+        parse_address(value, info.field_name)
+        return value
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        if value:
+            parse_address(value, "upstream")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: file {path} does not exist")
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_address(self.listen, "listen")
+
+    @property
+    def upstream_address(self) -> tuple[str, int] | None:
+        return parse_address(self.upstream, "upstream") if self.upstream else None
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return parse_address(self.http, "http")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+_config_override: Path | None = None
+
+
+def _config_path() -> Path | None:
+    if _config_override is not None:
+        return _config_override
+    env = os.environ.get("PGSAGE_CONFIG")
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from file, environment and explicit overrides (CLI flags)."""
+    global _config_override
+    if config is not None and not config.is_file():
+        raise SettingsError(f"config: file {config} does not exist")
+    _config_override = config
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+    except ValueError as exc:  # TOML syntax errors and the like
+        raise SettingsError(f"config: {exc}") from None
+    finally:
+        _config_override = None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting"
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    if msg.startswith(key):
+        return f"{msg}"
+    return f"{key}: {msg}{shown}"
