@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from . import __version__
 from .settings import Settings, SettingsError, load_settings
 
-app = typer.Typer(help="pgsage: a self-optimising PostgreSQL warehouse proxy.", no_args_is_help=True)
+app = typer.Typer(
+    help="pgsage: a self-optimising PostgreSQL warehouse proxy.", no_args_is_help=True
+)
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="TOML settings file (default config/pgsage.toml)")
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (default config/pgsage.toml)"),
 ]
 
 
@@ -31,16 +33,16 @@ def _settings_or_exit(config: Path | None, **overrides: object) -> Settings:
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    listen: Annotated[Optional[str], typer.Option(help="host:port clients connect to")] = None,
+    listen: Annotated[str | None, typer.Option(help="host:port clients connect to")] = None,
     upstream: Annotated[
-        Optional[str], typer.Option(help="host:port (or socket path) of PostgreSQL; '' = embedded")
+        str | None, typer.Option(help="host:port (or socket path) of PostgreSQL; '' = embedded")
     ] = None,
-    http: Annotated[Optional[str], typer.Option(help="host:port of the HTTP API")] = None,
-    max_client_connections: Annotated[Optional[int], typer.Option()] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option()] = None,
-    tls_key: Annotated[Optional[Path], typer.Option()] = None,
-    log_format: Annotated[Optional[str], typer.Option(help="auto|json|console")] = None,
-    log_level: Annotated[Optional[str], typer.Option()] = None,
+    http: Annotated[str | None, typer.Option(help="host:port of the HTTP API")] = None,
+    max_client_connections: Annotated[int | None, typer.Option()] = None,
+    tls_cert: Annotated[Path | None, typer.Option()] = None,
+    tls_key: Annotated[Path | None, typer.Option()] = None,
+    log_format: Annotated[str | None, typer.Option(help="auto|json|console")] = None,
+    log_level: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Run the proxy in front of the configured upstream (or an embedded PostgreSQL)."""
     settings = _settings_or_exit(

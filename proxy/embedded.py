@@ -1,4 +1,4 @@
-"""The embedded default: a private PostgreSQL started with pgserver when no upstream is reachable."""
+"""The embedded default: a private PostgreSQL (pgserver) when no upstream is reachable."""
 
 from __future__ import annotations
 

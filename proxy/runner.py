@@ -20,7 +20,9 @@ def resolve_upstream(settings: Settings) -> tuple[Upstream, EmbeddedPostgres | N
         upstream = Upstream.parse(settings.upstream)
         if upstream_reachable(upstream) or not settings.embedded_fallback:
             return upstream, None
-        log.warning("upstream unreachable; starting the embedded PostgreSQL", upstream=str(upstream))
+        log.warning(
+            "upstream unreachable; starting the embedded PostgreSQL", upstream=str(upstream)
+        )
     embedded = EmbeddedPostgres(settings.embedded_data_dir)
     upstream = embedded.start()
     log.info("embedded PostgreSQL started", socket=str(upstream), uri=embedded.uri)
