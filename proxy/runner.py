@@ -7,8 +7,7 @@ import signal
 
 from .embedded import EmbeddedPostgres, upstream_reachable
 from .log import get_logger
-from .records import MemorySink
-from .server import ProxyServer
+from .service import Service
 from .settings import Settings
 from .upstream import Upstream
 
@@ -34,8 +33,8 @@ async def _serve(settings: Settings, upstream: Upstream) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = ProxyServer(settings, upstream=upstream, sink=MemorySink(maxlen=10_000))
-    await server.serve_until(stop)
+    service = Service(settings, upstream)
+    await service.serve_until(stop)
 
 
 def run_proxy(settings: Settings) -> None:

@@ -72,6 +72,36 @@ class Settings(BaseSettings):
     #: keep a record per executed statement
     record_statements: bool = True
 
+    # ---- the warehouse and pgsage's metadata (query log, stats, models)
+    #: database on the upstream holding the warehouse and the metadata/ml schemas
+    warehouse_database: str = "warehouse"
+    #: role pgsage uses for its own work on the upstream (logging, sampling, EXPLAIN)
+    metadata_user: str = "postgres"
+    #: full DSN for the metadata database when it is not the warehouse database
+    metadata_dsn: str | None = None
+    #: apply migrations when `serve` starts
+    auto_migrate: bool = True
+    #: persist the query log to metadata.query_logs
+    querylog_enabled: bool = True
+    #: store SQL with its literal values; by default only the normalised text ($n) is stored
+    log_parameters: bool = False
+    querylog_queue_size: int = Field(default=200_000, ge=100)
+    querylog_batch_size: int = Field(default=5_000, ge=1)
+    querylog_flush_interval: float = Field(default=1.0, gt=0)
+    querylog_retention_days: int = Field(default=14, ge=0)
+    stats_flush_interval: float = Field(default=10.0, gt=0)
+    system_sample_interval: float = Field(default=10.0, gt=0)
+    index_sample_interval: float = Field(default=60.0, gt=0)
+    #: per-fingerprint Prometheus series are kept for the top K by total time
+    top_k_fingerprints: int = Field(default=100, ge=1, le=10_000)
+    max_fingerprints: int = Field(default=5_000, ge=10)
+    #: name of this instance in the query log
+    instance_name: str = "pgsage"
+
+    # ---- admin console: `psql -d pgsage -U <admin user>`
+    admin_database: str = "pgsage"
+    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
+
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

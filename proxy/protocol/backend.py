@@ -1,4 +1,4 @@
-"""Backend (server to client) messages of protocol 3.0, as frozen dataclasses named as in the spec."""
+"""Backend (server to client) messages of protocol 3.0: frozen dataclasses named as in the spec."""
 
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ class _FieldsMixin:
 
 @dataclass(frozen=True, slots=True)
 class ErrorResponse(_FieldsMixin):
-    """Error with its fields as (code letter, value) pairs: S/V severity, C SQLSTATE, M message..."""
+    """Error with its fields as (code letter, value) pairs: S/V severity, C SQLSTATE, M message."""
 
     type_byte: ClassVar[bytes] = b"E"
     fields: tuple[tuple[str, str], ...]
@@ -422,7 +422,7 @@ class ParameterDescription:
     type_oids: tuple[int, ...]
 
     def encode(self) -> bytes:
-        w = PayloadWriter().int16(len(self.type_oids))
+        w = PayloadWriter().uint16(len(self.type_oids))
         for oid in self.type_oids:
             w.int32(oid if oid < 2**31 else oid - 2**32)
         return w.frame(self.type_byte)

@@ -45,9 +45,9 @@ class Parse:
     param_types: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        w = PayloadWriter().cstring(self.name).cstring(self.sql).int16(len(self.param_types))
+        w = PayloadWriter().cstring(self.name).cstring(self.sql).uint16(len(self.param_types))
         for oid in self.param_types:
-            w.int32(oid)
+            w.int32(_s32(oid))
         return w.frame(self.type_byte)
 
     @classmethod
@@ -55,7 +55,8 @@ class Parse:
         r = PayloadReader(payload, "Parse")
         name = r.cstring()
         sql = r.cstring()
-        types = tuple(r.int32() & 0xFFFFFFFF for _ in range(r.count16()))
+        # counts are unsigned on the server (pq_getmsgint): up to 65535 parameters
+        types = tuple(r.int32() & 0xFFFFFFFF for _ in range(r.uint16()))
         r.finish()
         return cls(name, sql, types)
 
@@ -71,10 +72,10 @@ class Bind:
 
     def encode(self) -> bytes:
         w = PayloadWriter().cstring(self.portal).cstring(self.statement)
-        w.int16(len(self.param_formats))
+        w.uint16(len(self.param_formats))
         for f in self.param_formats:
             w.int16(f)
-        w.int16(len(self.params))
+        w.uint16(len(self.params))
         for p in self.params:
             w.nullable_bytes(p)
         w.int16(len(self.result_formats))
@@ -87,8 +88,8 @@ class Bind:
         r = PayloadReader(payload, "Bind")
         portal = r.cstring()
         statement = r.cstring()
-        pf = tuple(r.int16() for _ in range(r.count16()))
-        params = tuple(r.nullable_bytes() for _ in range(r.count16()))
+        pf = tuple(r.int16() for _ in range(r.uint16()))
+        params = tuple(r.nullable_bytes() for _ in range(r.uint16()))
         rf = tuple(r.int16() for _ in range(r.count16()))
         r.finish()
         return cls(portal, statement, pf, params, rf)
@@ -160,6 +161,11 @@ class Close:
     @classmethod
     def decode(cls, payload: bytes) -> Close:
         return cls(*_kind_and_name(payload, "Close"))
+
+
+def _s32(oid: int) -> int:
+    """An OID (unsigned 32-bit) as the signed int32 the writer packs."""
+    return oid - 2**32 if oid >= 2**31 else oid
 
 
 def _empty(cls_name: str, payload: bytes) -> None:
@@ -257,7 +263,7 @@ class FunctionCall:
     result_format: int = 0
 
     def encode(self) -> bytes:
-        w = PayloadWriter().int32(self.function_oid).int16(len(self.arg_formats))
+        w = PayloadWriter().int32(_s32(self.function_oid)).int16(len(self.arg_formats))
         for f in self.arg_formats:
             w.int16(f)
         w.int16(len(self.args))
@@ -268,7 +274,7 @@ class FunctionCall:
     @classmethod
     def decode(cls, payload: bytes) -> FunctionCall:
         r = PayloadReader(payload, "FunctionCall")
-        oid = r.int32()
+        oid = r.int32() & 0xFFFFFFFF
         formats = tuple(r.int16() for _ in range(r.count16()))
         args = tuple(r.nullable_bytes() for _ in range(r.count16()))
         result_format = r.int16()

@@ -40,9 +40,12 @@ class CancelRequest:
     secret_key: bytes
 
     def encode(self) -> bytes:
-        return _II.pack(12 + len(self.secret_key) - 4, CANCEL_REQUEST_CODE) + struct.pack(
-            "!i", self.process_id
-        ) + self.secret_key
+        # length counts itself, the code, the process id and the key
+        return (
+            _II.pack(12 + len(self.secret_key), CANCEL_REQUEST_CODE)
+            + struct.pack("!i", self.process_id)
+            + self.secret_key
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +152,7 @@ class StartupReader:
     def receive_data(self, data: bytes) -> StartupPacket | None:
         self._buf += data
         if self._buf and self._buf[0] == _TLS_HANDSHAKE:
-            self._buf.clear()
+            # the ClientHello stays in `remaining`: the caller hands it to its TLS layer
             return DirectTLS()
         if len(self._buf) < 4:
             return None

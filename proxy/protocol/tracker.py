@@ -14,9 +14,16 @@ How responses are matched to requests (protocol 3.0, "Message Flow"):
   run to completion) and the server skips the rest until Sync, so ReadyForQuery drops every
   Execute before its Sync.
 * FunctionCall is answered with ReadyForQuery like a Sync.
+* In copy-in mode the server ignores Sync and Flush (protocol docs, "COPY Operations"): libpq
+  sends Execute, Sync before it knows the statement is a COPY, and Sync again after CopyDone.
+  So a CopyInResponse drops the Syncs queued right after the COPY, and Syncs are not queued
+  until the client's CopyDone / CopyFail.
+* An execution starts at the first Parse/Bind of its group. A Flush also closes the group: the
+  client waits for the answers so far (e.g. Parse, Describe, Flush), so that wait is not timed.
 * A portal run with max_rows > 0 that is suspended stays open; its legs make one execution,
   finished by its CommandComplete, by Close of the portal, by rebinding the portal, or by the end
-  of the transaction (ReadyForQuery 'I').
+  of the transaction (ReadyForQuery 'I'); in the last three cases it ends at its last
+  PortalSuspended.
 """
 
 from __future__ import annotations
@@ -24,13 +31,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 
 from .errors import QUERY_CANCELED, ProtocolViolation
 from .frontend import bind_names
 
 # Type bytes as ints: what each direction's scanner must hand over.
-CLIENT_INTERESTING = frozenset(b"QPBECSXF")
+CLIENT_INTERESTING = frozenset(b"QPBECSHXFcf")
 SERVER_INTERESTING = frozenset(b"CIsEZKSRGHW")
 
 _ROW_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH", "MOVE", "COPY"))
@@ -38,12 +45,12 @@ _ROW_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH",
 Splitter = Callable[[str], list[str]]
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     SIMPLE = "simple"
     EXTENDED = "extended"
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     OK = "ok"
     ERROR = "error"
     CANCELLED = "cancelled"
@@ -83,6 +90,10 @@ class Execution:
     error_message: str | None = None
     suspensions: int = 0
     max_rows: int = 0
+    #: bytes the server sent for this statement (filled by the relay)
+    bytes_sent: int | None = None
+    #: transaction status after the statement's batch ('I', 'T', 'E'), when known
+    transaction_status: str | None = None
 
     @property
     def duration(self) -> float:
@@ -111,7 +122,8 @@ def rows_from_tag(tag: str) -> int | None:
     if head not in _ROW_TAGS or not tail:
         return None
     last = tail.rpartition(" ")[2]
-    return int(last) if last.isdigit() else None
+    # isdigit() alone accepts digits such as "²" that int() rejects
+    return int(last) if last.isascii() and last.isdigit() else None
 
 
 def _cstr(payload: bytes, start: int = 0) -> tuple[str, int]:
@@ -162,6 +174,8 @@ class SessionTracker:
     startup_error: tuple[str | None, str | None] | None = None
     #: the server sent an ErrorResponse of severity FATAL or PANIC (it closes next)
     fatal: bool = False
+    #: the server is in copy-in mode and the client has not sent CopyDone / CopyFail yet
+    copy_in: bool = False
     #: the first frame of the extended-protocol statement being assembled (Parse/Bind)
     group_start: float | None = None
     #: executions finished but not yet handed out
@@ -199,8 +213,9 @@ class SessionTracker:
         portal, statement = bind_names(payload)
         old = self.suspended.pop(portal, None)
         if old is not None:
-            self.finished.append(self._finish(old, now))
-        if portal or len(self.portals) < self.max_statements:
+            self.finished.append(old)  # it ended at its last PortalSuspended
+        # bounded memory for named portals; the unnamed one is always tracked
+        if not portal or portal in self.portals or len(self.portals) < self.max_statements:
             self.portals[portal] = statement
 
     def _on_execute(self, payload: bytes | None, now: float) -> None:
@@ -237,13 +252,21 @@ class SessionTracker:
             self.portals.pop(name, None)
             old = self.suspended.pop(name, None)
             if old is not None:
-                self.finished.append(self._finish(old, now))
+                self.finished.append(old)  # it ended at its last PortalSuspended
 
     def _on_sync(self, payload: bytes | None, now: float) -> None:
         self.group_start = None
+        if self.copy_in:
+            return  # the server ignores Sync in copy-in mode
         self.pending.append(_SYNC)
         if self.phase is not Phase.STARTUP:
             self.phase = Phase.BUSY
+
+    def _on_flush(self, payload: bytes | None, now: float) -> None:
+        self.group_start = None
+
+    def _on_copy_end(self, payload: bytes | None, now: float) -> None:
+        self.copy_in = False
 
     def _on_terminate(self, payload: bytes | None, now: float) -> None:
         self.phase = Phase.CLOSED
@@ -268,10 +291,6 @@ class SessionTracker:
         out, self.finished = self.finished, []
         return out
 
-    def _finish(self, ex: Execution, now: float) -> Execution:
-        ex.end = now
-        return ex
-
     def _on_complete(self, payload: bytes | None, now: float) -> None:
         tag = _cstr(payload)[0] if payload is not None else None
         self._end_statement(now, tag, None)
@@ -284,6 +303,7 @@ class SessionTracker:
     ) -> None:
         if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
             self.phase = Phase.BUSY
+            self.copy_in = False
         if not self.pending:
             return
         head = self.pending[0]
@@ -343,6 +363,7 @@ class SessionTracker:
             return
         if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
             self.phase = Phase.BUSY
+            self.copy_in = False  # an error ends copy-in mode
         if not self.pending:
             return
         head = self.pending[0]
@@ -408,6 +429,10 @@ class SessionTracker:
 
     def _on_copy_in(self, payload: bytes | None, now: float) -> None:
         self.phase = Phase.COPY_IN
+        self.copy_in = True
+        # Syncs sent right after the COPY reach the server in copy-in mode: they get no answer
+        while len(self.pending) > 1 and isinstance(self.pending[1], _Sync):
+            del self.pending[1]
 
     def _on_copy_out(self, payload: bytes | None, now: float) -> None:
         self.phase = Phase.COPY_OUT
@@ -430,7 +455,10 @@ _CLIENT_HANDLERS: dict[int, _Handler] = {
     ord("C"): SessionTracker._on_close,
     ord("S"): SessionTracker._on_sync,
     ord("F"): SessionTracker._on_sync,  # answered by ReadyForQuery, like a Sync
+    ord("H"): SessionTracker._on_flush,
     ord("X"): SessionTracker._on_terminate,
+    ord("c"): SessionTracker._on_copy_end,  # CopyDone
+    ord("f"): SessionTracker._on_copy_end,  # CopyFail
 }
 
 _SERVER_HANDLERS: dict[int, _Handler] = {

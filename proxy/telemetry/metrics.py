@@ -1,50 +1,118 @@
-"""Prometheus metrics of the proxy (names and labels per shared/reference/metrics.md)."""
+"""Prometheus metrics of the proxy (names and labels per shared/reference/metrics.md).
+
+Connection-level metrics are updated where the event happens (rare). Per-statement metrics are
+updated by the query log recorder in batches, off the relay's hot path.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import disable_created_metrics as _disable_created
 
 from ..records import SessionInfo
+from .collectors import OVERHEAD_BUCKETS, QUERY_BUCKETS, BatchedHistogram
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+_disable_created()
 
 
 class ProxyMetrics:
-    """Connection-level metrics; one instance per server, on its own registry."""
+    """All of pgsage's metrics, on one registry per server."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+    def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
+        self.registry = r = registry or CollectorRegistry()
+        # ---- connections
         self.client_connections_active = Gauge(
-            "pgsage_client_connections_active", "Client sessions past startup", registry=r
-        )
-        self.client_connections_opened = Counter(
-            "pgsage_client_connections_opened",
-            "Client sessions admitted",
-            ["tls"],
+            "pgsage_client_connections_active", "Client sessions past startup", ["database"],
             registry=r,
+        )  # fmt: skip
+        self.client_connections_opened = Counter(
+            "pgsage_client_connections_opened", "Client sessions admitted", ["tls"], registry=r
         )
         self.client_connection_errors = Counter(
-            "pgsage_client_connection_errors",
-            "Client connections that failed, by reason",
-            ["reason"],
-            registry=r,
-        )
+            "pgsage_client_connection_errors", "Client connections that failed, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.server_connections_active = Gauge(
+            "pgsage_server_connections_active", "Upstream connections of client sessions",
+            ["database"], registry=r,
+        )  # fmt: skip
         self.server_connect_duration = Histogram(
-            "pgsage_server_connect_duration_seconds",
-            "Time to open the upstream TCP connection",
-            buckets=CONNECT_BUCKETS,
-            registry=r,
-        )
+            "pgsage_server_connect_duration_seconds", "Time to open the upstream connection",
+            buckets=CONNECT_BUCKETS, registry=r,
+        )  # fmt: skip
         self.startup_requests = Counter(
-            "pgsage_startup_requests",
-            "Startup-phase packets, by kind",
-            ["kind"],
-            registry=r,
+            "pgsage_startup_requests", "Startup-phase packets, by kind", ["kind"], registry=r
         )
         self.cancel_requests = Counter(
             "pgsage_cancel_requests", "CancelRequests, by result", ["result"], registry=r
         )
+        # ---- queries (fed in batches by the recorder)
+        self.queries = Counter(
+            "pgsage_queries", "Statements executed",
+            ["database", "command", "protocol", "status", "app"], registry=r,
+        )  # fmt: skip
+        self.query_duration = BatchedHistogram(
+            "pgsage_query_duration_seconds", "Statement duration, first frame to completion",
+            ("database", "command"), QUERY_BUCKETS,
+        )  # fmt: skip
+        r.register(self.query_duration)
+        self.query_errors = Counter(
+            "pgsage_query_errors", "Failed statements by SQLSTATE class", ["sqlstate_class"],
+            registry=r,
+        )  # fmt: skip
+        self.rows_returned = Counter(
+            "pgsage_rows_returned", "Rows from CommandComplete tags", ["database", "command"],
+            registry=r,
+        )  # fmt: skip
+        self.portal_suspensions = Counter(
+            "pgsage_portal_suspensions", "PortalSuspended legs of row-limited portals", registry=r
+        )
+        self.copy_operations = Counter(
+            "pgsage_copy_operations", "COPY statements", ["direction"], registry=r
+        )
+        # ---- traffic
+        self.client_received_bytes = Counter(
+            "pgsage_client_received_bytes", "Bytes received from clients", registry=r
+        )
+        self.client_sent_bytes = Counter(
+            "pgsage_client_sent_bytes", "Bytes sent to clients", registry=r
+        )
+        self.server_received_bytes = Counter(
+            "pgsage_server_received_bytes", "Bytes received from the upstream", registry=r
+        )
+        self.server_sent_bytes = Counter(
+            "pgsage_server_sent_bytes", "Bytes sent to the upstream", registry=r
+        )
+        # ---- query log
+        self.querylog_written = Counter(
+            "pgsage_querylog_written", "Query log rows written to metadata.query_logs", registry=r
+        )
+        self.querylog_dropped = Counter(
+            "pgsage_querylog_dropped", "Query log records dropped", ["reason"], registry=r
+        )
+        self.querylog_queue = Gauge(
+            "pgsage_querylog_queue_records", "Records waiting to be written", registry=r
+        )
+        # ---- self
+        self.build_info = Info("pgsage_build", "pgsage build", registry=r)
+        self.build_info.info({"version": version})
+        self.upstream_up = Gauge(
+            "pgsage_upstream_up", "1 if the last upstream health probe succeeded", registry=r
+        )
+        self.event_loop_lag = Histogram(
+            "pgsage_event_loop_lag_seconds", "Delay of a periodic timer on the event loop",
+            buckets=LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.proxy_overhead = BatchedHistogram(
+            "pgsage_proxy_overhead_seconds", "Time inside the proxy per relayed chunk (sampled)",
+            (), OVERHEAD_BUCKETS,
+        )  # fmt: skip
+        r.register(self.proxy_overhead)
+
+    # ---- connection events (called by the session; rare)
 
     def startup_request(self, kind: str) -> None:
         self.startup_requests.labels(kind).inc()
@@ -59,11 +127,15 @@ class ProxyMetrics:
         self.server_connect_duration.observe(seconds)
 
     def session_started(self, info: SessionInfo) -> None:
-        self.client_connections_active.inc()
+        db = info.database or ""
+        self.client_connections_active.labels(db).inc()
+        self.server_connections_active.labels(db).inc()
 
     def session_ended(self, info: SessionInfo, started: bool) -> None:
         if started:
-            self.client_connections_active.dec()
+            db = info.database or ""
+            self.client_connections_active.labels(db).dec()
+            self.server_connections_active.labels(db).dec()
 
     def cancel(self, result: str) -> None:
         self.cancel_requests.labels(result).inc()

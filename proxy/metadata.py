@@ -1,0 +1,75 @@
+"""The proxy's own connections to the metadata database (asyncpg), and migrations at start."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+
+from warehouse_sql import apply_migrations
+
+from .settings import Settings
+from .upstream import Upstream
+
+
+def metadata_connect_args(settings: Settings, upstream: Upstream, database: str | None = None
+                          ) -> dict[str, Any]:  # fmt: skip
+    """asyncpg.connect() keyword arguments for the metadata database."""
+    if settings.metadata_dsn and database is None:
+        return {"dsn": settings.metadata_dsn}
+    db = database or settings.warehouse_database
+    if upstream.unix_socket is not None:
+        sock = upstream.unix_socket
+        port = int(sock.name.rsplit(".", 1)[-1]) if sock.name.startswith(".s.PGSQL.") else 5432
+        return {"host": str(sock.parent), "port": port, "user": settings.metadata_user,
+                "database": db}  # fmt: skip
+    return {"host": upstream.host, "port": upstream.port, "user": settings.metadata_user,
+            "database": db}  # fmt: skip
+
+
+def describe(args: dict[str, Any]) -> str:
+    """A DSN-like string for logs and the admin console (never with a password)."""
+    if "dsn" in args:
+        dsn = str(args["dsn"])
+        return dsn.split("@")[-1] if "@" in dsn else dsn
+    return f"{quote(str(args['user']))}@{args['host']}:{args['port']}/{args['database']}"
+
+
+async def connect(args: dict[str, Any], application_name: str, timeout: float = 5.0
+                  ) -> asyncpg.Connection:  # fmt: skip
+    return await asyncpg.connect(
+        **args, timeout=timeout, server_settings={"application_name": application_name}
+    )
+
+
+async def ensure_database(settings: Settings, upstream: Upstream) -> bool:
+    """Create the warehouse database if missing (not for an explicit metadata_dsn)."""
+    if settings.metadata_dsn:
+        return False
+    conn = await connect(metadata_connect_args(settings, upstream, "postgres"), "pgsage-admin")
+    try:
+        exists = await conn.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", settings.warehouse_database
+        )
+        if exists:
+            return False
+        ddl = await conn.fetchval("SELECT format('CREATE DATABASE %I', $1::text)",
+                                  settings.warehouse_database)  # fmt: skip
+        try:
+            await conn.execute(ddl)
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        return True
+    finally:
+        await conn.close()
+
+
+async def migrate(settings: Settings, upstream: Upstream) -> list[str]:
+    """Create the database if needed and apply pending migrations; names of those applied."""
+    await ensure_database(settings, upstream)
+    conn = await connect(metadata_connect_args(settings, upstream), "pgsage-migrate")
+    try:
+        return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(conn)]
+    finally:
+        await conn.close()

@@ -1,0 +1,101 @@
+"""Everything `pgsage serve` runs, wired together: proxy, query log, sampler, HTTP.
+
+Start order: migrations (if the metadata database is reachable; otherwise the proxy still
+serves), the proxy's listener, the recorder and sampler tasks, the HTTP endpoint. Stop order:
+the proxy (drains clients, see server.py), the recorder (flushes the queue), the sampler, HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from . import __version__, metadata
+from .http import create_app, make_http_server
+from .log import get_logger
+from .server import ProxyServer
+from .settings import Settings
+from .telemetry.collectors import TopFingerprints
+from .telemetry.metrics import ProxyMetrics
+from .telemetry.querylog import QueryLogRecorder
+from .telemetry.sampler import SystemSampler
+from .upstream import Upstream
+
+
+class Service:
+    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.log = get_logger("pgsage")
+        self.metrics = ProxyMetrics(version=__version__)
+        self.metadata_args = metadata.metadata_connect_args(settings, upstream)
+        self.recorder = QueryLogRecorder(
+            settings, self.metrics, partial(metadata.connect, self.metadata_args, "pgsage-querylog")
+        )
+        self.metrics.registry.register(
+            TopFingerprints(self.recorder.stats, lambda: self.settings.top_k_fingerprints)
+        )
+        self.proxy = ProxyServer(
+            settings, upstream=upstream, sink=self.recorder, metrics=self.metrics
+        )
+        self.sampler = SystemSampler(
+            settings,
+            self.metrics,
+            partial(metadata.connect, self.metadata_args, "pgsage-sampler"),
+            clients=lambda: len(self.proxy.admitted),
+            executed=lambda: self.recorder.executed,
+        )
+        self.migrations_applied: list[str] | None = None
+        self.http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.http_port: int | None = None
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "upstream": self.metrics.upstream_up._value.get() == 1,
+            "migrations": self.migrations_applied is not None,
+        }
+
+    async def migrate(self) -> None:
+        try:
+            applied = await metadata.migrate(self.settings, self.upstream)
+        except Exception as exc:
+            self.log.warning("metadata database unavailable; migrations not applied",
+                             target=metadata.describe(self.metadata_args), error=str(exc))  # fmt: skip
+            return
+        self.migrations_applied = applied
+        if applied:
+            self.log.info("migrations applied", migrations=applied)
+
+    async def start(self) -> None:
+        if self.settings.auto_migrate:
+            await self.migrate()
+        await self.proxy.start()
+        self.recorder.start()
+        self.sampler.start()
+        await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
+        if self.settings.http:
+            host, port = self.settings.http_address
+            self.http = make_http_server(create_app(self.metrics, self.readiness), host, port)
+            self._http_task = asyncio.ensure_future(self.http.serve())
+            while not self.http.started:
+                if self._http_task.done():
+                    self._http_task.result()  # raises the bind error
+                    raise RuntimeError(f"HTTP server did not start on {host}:{port}")
+                await asyncio.sleep(0.01)
+            self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
+            self.log.info("http listening", http=f"{host}:{self.http_port}")
+
+    async def stop(self) -> None:
+        await self.proxy.shutdown()
+        await self.recorder.stop()
+        await self.sampler.stop()
+        if self.http is not None and self._http_task is not None:
+            self.http.should_exit = True
+            await asyncio.wait([self._http_task], timeout=5)
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await self.start()
+        await stop.wait()
+        await self.stop()

@@ -1,0 +1,119 @@
+"""Prometheus collectors fed in batches, so the hot path never touches a metric object.
+
+`BatchedHistogram` keeps bucket counts per label set in plain lists and exposes them at scrape
+time; the recorder adds a whole batch of observations at once. `TopFingerprints` exposes the
+per-fingerprint counters for the top K by total time, everything else under "other".
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .stats import StatsTable
+
+QUERY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+)  # fmt: skip
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+)  # fmt: skip
+
+
+class BatchedHistogram(Collector):
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...]) -> None:  # fmt: skip
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.buckets = buckets
+        # label values -> [count per bucket (len(buckets)+1)..., ], sum
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = ([0] * (len(self.buckets) + 1), [0.0])
+        series[0][bisect_left(self.buckets, value)] += 1
+        series[1][0] += value
+
+    def observe_many(self, labels: tuple[str, ...], values: list[float]) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = ([0] * (len(self.buckets) + 1), [0.0])
+        counts = series[0]
+        if len(values) < 16:
+            for v in values:
+                counts[bisect_left(self.buckets, v)] += 1
+        else:
+            idx = np.searchsorted(self.buckets, np.asarray(values), side="left")
+            for i, c in enumerate(np.bincount(idx, minlength=len(counts)).tolist()):
+                counts[i] += c
+        series[1][0] += float(sum(values))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labelnames))
+        for labels, (counts, total) in sorted(self._series.items()):
+            cumulative, acc = [], 0
+            for bound, c in zip((*self.buckets, float("inf")), counts, strict=True):
+                acc += c
+                cumulative.append((_le(bound), acc))
+            fam.add_metric(list(labels), cumulative, total[0])
+        yield fam
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class TopFingerprints(Collector):
+    """pgsage_fingerprint_{calls,duration_seconds,rows}_total for the top K, plus 'other'."""
+
+    def __init__(self, stats: StatsTable, k: Callable[[], int]) -> None:
+        self.stats = stats
+        self.k = k
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        calls = CounterMetricFamily(
+            "pgsage_fingerprint_calls", "Executions per fingerprint (top K by total time)",
+            labels=["fingerprint"],
+        )  # fmt: skip
+        seconds = CounterMetricFamily(
+            "pgsage_fingerprint_duration_seconds",
+            "Execution time per fingerprint (top K by total time)",
+            labels=["fingerprint"],
+        )
+        rows = CounterMetricFamily(
+            "pgsage_fingerprint_rows", "Rows per fingerprint (top K by total time)",
+            labels=["fingerprint"],
+        )  # fmt: skip
+        entries = list(self.stats.entries.values())
+        top = sorted(entries, key=lambda s: s.total_time, reverse=True)[: self.k()]
+        chosen = {s.fingerprint for s in top}
+        o_calls = o_time = o_rows = 0.0
+        for s in entries:
+            if s.fingerprint in chosen:
+                calls.add_metric([s.fingerprint], s.calls)
+                seconds.add_metric([s.fingerprint], s.total_time)
+                rows.add_metric([s.fingerprint], s.rows)
+            else:
+                o_calls += s.calls
+                o_time += s.total_time
+                o_rows += s.rows
+        calls.add_metric(["other"], o_calls)
+        seconds.add_metric(["other"], o_time)
+        rows.add_metric(["other"], o_rows)
+        yield calls
+        yield seconds
+        yield rows
+        yield GaugeMetricFamily(
+            "pgsage_fingerprints_tracked", "Fingerprints held in memory", value=len(entries)
+        )
+        yield CounterMetricFamily(
+            "pgsage_fingerprints_evicted", "Fingerprints evicted from memory",
+            value=self.stats.evicted,
+        )  # fmt: skip

@@ -1,0 +1,418 @@
+"""The query log recorder: per-statement records -> metrics, aggregates and metadata.query_logs.
+
+The relay calls the recorder (a RecordSink) once per finished statement; that call only appends
+to a bounded deque. A background task drains it every `querylog_flush_interval` (or as soon as a
+batch is full): fingerprints each statement (LRU-cached), updates the Prometheus metrics and the
+per-fingerprint aggregates in batches, and writes the rows with one binary COPY over its own
+connection. If the metadata database is slow or down, rows are dropped and counted
+(`pgsage_querylog_dropped_total{reason}`) and the writer retries with exponential backoff;
+clients never wait for any of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from optimizer.fingerprint import Fingerprinter
+
+from ..log import get_logger
+from ..records import WALL_OFFSET, StatementRecord
+from ..settings import Settings
+from .apps import app_class
+from .metrics import ProxyMetrics
+from .stats import StatsTable
+
+COLUMNS = (
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "fingerprint",
+    "query_text",
+    "normalized_text",
+    "command",
+    "is_catalog",
+    "parsed",
+    "tables_used",
+    "database_name",
+    "user_name",
+    "application_name",
+    "app_class",
+    "client_addr",
+    "protocol",
+    "statement_name",
+    "rows_returned",
+    "status",
+    "sqlstate",
+    "error_message",
+    "bytes_sent",
+    "session_id",
+    "transaction_status",
+    "portal_suspensions",
+    "proxy_instance",
+)
+
+SLICE = 1000  # records processed between yields to the event loop
+_QUOTED = re.compile(r'"[^"]*"')
+
+Connector = Callable[[], Awaitable[Any]]
+
+
+def _copy_direction(sql: str | None) -> str | None:
+    if not sql:
+        return None
+    upper = sql.upper()
+    if "FROM STDIN" in upper:
+        return "in"
+    if "TO STDOUT" in upper:
+        return "out"
+    return "file"
+
+
+class QueryLogRecorder:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ProxyMetrics,
+        connect: Connector | None = None,
+        fingerprinter: Fingerprinter | None = None,
+        stats: StatsTable | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.connect = connect if settings.querylog_enabled else None
+        self.fingerprinter = fingerprinter or Fingerprinter()
+        self.stats = stats or StatsTable(settings.max_fingerprints)
+        self.queue: deque[StatementRecord] = deque()
+        self.max_queue = settings.querylog_queue_size
+        self.batch_size = settings.querylog_batch_size
+        self.wake = asyncio.Event()
+        self.log = get_logger("pgsage.querylog")
+        self.dropped_full = 0
+        self.written = 0
+        self.dropped: Counter[str] = Counter()
+        self.executed = 0
+        self._conn: Any = None
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self._stats_flushed_at = time.monotonic()
+        self._partitions_at = 0.0
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ hot path
+
+    def __call__(self, record: StatementRecord) -> None:
+        q = self.queue
+        if len(q) < self.max_queue:
+            q.append(record)
+            if len(q) == self.batch_size:
+                self.wake.set()
+        else:
+            self.dropped_full += 1
+
+    # ------------------------------------------------------------------ background
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self.run())
+
+    async def run(self) -> None:
+        interval = self.settings.querylog_flush_interval
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self.wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self.flush_once()
+            except Exception:  # never let the logger's failure reach the relay
+                self.log.exception("query log flush failed")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Flush what is queued (bounded by `timeout`) and close the connection."""
+        self._stopping = True
+        self.wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+        try:
+            await asyncio.wait_for(self._final_flush(), timeout)
+        except TimeoutError:
+            self.log.warning("query log not fully flushed at shutdown", queued=len(self.queue))
+        if self._conn is not None:
+            try:
+                await asyncio.wait_for(self._conn.close(), 2)
+            except Exception:
+                self._conn.terminate()
+            self._conn = None
+
+    async def _final_flush(self) -> None:
+        self._retry_at = 0.0
+        while self.queue:
+            await self.flush_once(force_stats=True)
+        await self.flush_stats()
+
+    async def flush_once(self, force_stats: bool = False) -> None:
+        if self.dropped_full:
+            self.metrics.querylog_dropped.labels("queue_full").inc(self.dropped_full)
+            self.dropped["queue_full"] += self.dropped_full
+            self.dropped_full = 0
+        q = self.queue
+        self.metrics.querylog_queue.set(len(q))
+        while q:
+            n = min(len(q), self.batch_size * 4)
+            batch = [q.popleft() for _ in range(n)]
+            rows: list[tuple[Any, ...]] = []
+            for i in range(0, n, SLICE):
+                rows.extend(self.process(batch[i : i + SLICE]))
+                await asyncio.sleep(0)
+            await self.write(rows)
+        now = time.monotonic()
+        if force_stats or now - self._stats_flushed_at >= self.settings.stats_flush_interval:
+            self._stats_flushed_at = now
+            await self.flush_stats()
+
+    # ------------------------------------------------------------------ processing
+
+    def process(self, batch: list[StatementRecord]) -> list[tuple[Any, ...]]:
+        """Fingerprint, aggregate and meter a batch; return its query_logs rows.
+
+        The per-record loop only looks up the fingerprint and builds the row; durations are
+        grouped and handed to the histogram and the per-fingerprint sketches in bulk.
+        """
+        fp_of = self.fingerprinter.fingerprint
+        keep_text = self.settings.log_parameters
+        instance = self.settings.instance_name
+        queries: Counter[tuple[str, str, str, str, str]] = Counter()
+        by_fp: dict[str, tuple[Any, list[float], list[Any]]] = {}
+        by_label: dict[tuple[str, str], list[float]] = {}
+        rows_by: Counter[tuple[str, str]] = Counter()
+        errors: Counter[str] = Counter()
+        copies: Counter[str] = Counter()
+        suspensions = 0
+        out = []
+        fromtimestamp = datetime.fromtimestamp
+        for rec in batch:
+            ex = rec.execution
+            info = rec.session
+            sql = ex.sql
+            fp = fp_of(sql if sql is not None else "")
+            seconds = ex.end - ex.start
+            db = info.database or ""
+            status = ex.status
+            command = fp.command
+            app = app_class(info.application_name)
+            queries[(db, command, ex.protocol, status, app)] += 1
+            group = by_fp.get(fp.id)
+            if group is None:
+                group = by_fp[fp.id] = (fp, [], [])
+            group[1].append(seconds)
+            lbl = by_label.get((db, command))
+            if lbl is None:
+                lbl = by_label[(db, command)] = []
+            lbl.append(seconds)
+            if ex.rows:
+                rows_by[(db, command)] += ex.rows
+                group[2].append(ex.rows)
+            if status != "ok":
+                group[2].append(None)
+                if ex.sqlstate:
+                    errors[ex.sqlstate[:2]] += 1
+            if ex.suspensions:
+                suspensions += ex.suspensions
+            if command == "COPY":
+                copies[_copy_direction(sql) or "file"] += 1
+            message = ex.error_message
+            if message and not keep_text:
+                message = _QUOTED.sub('"?"', message)
+            out.append(
+                (
+                    fromtimestamp(ex.start + WALL_OFFSET, UTC),
+                    fromtimestamp(ex.end + WALL_OFFSET, UTC),
+                    seconds * 1000.0,
+                    fp.id,
+                    sql if keep_text else None,
+                    fp.normalized,
+                    command,
+                    fp.is_catalog,
+                    fp.parsed,
+                    fp.tables,
+                    info.database,
+                    info.user,
+                    info.application_name,
+                    app,
+                    info.client_addr,
+                    ex.protocol,
+                    ex.statement,
+                    ex.rows,
+                    status,
+                    ex.sqlstate,
+                    message,
+                    ex.bytes_sent,
+                    info.id,
+                    ex.transaction_status,
+                    ex.suspensions,
+                    instance,
+                )
+            )
+        self.executed += len(batch)
+        self._aggregate(by_fp, batch)
+        m = self.metrics
+        for labels, durations in by_label.items():
+            m.query_duration.observe_many(labels, durations)
+        for qlabels, n in queries.items():
+            m.queries.labels(*qlabels).inc(n)
+        for labels, n in rows_by.items():
+            m.rows_returned.labels(*labels).inc(n)
+        for cls, n in errors.items():
+            m.query_errors.labels(cls).inc(n)
+        if suspensions:
+            m.portal_suspensions.inc(suspensions)
+        for direction, n in copies.items():
+            m.copy_operations.labels(direction).inc(n)
+        return out
+
+    def _aggregate(
+        self, by_fp: dict[str, tuple[Any, list[float], list[Any]]], batch: list[StatementRecord]
+    ) -> None:
+        at = batch[-1].execution.start + WALL_OFFSET if batch else time.time()
+        stats_get = self.stats.get
+        for fid, (fp, durations, extra) in by_fp.items():
+            st = stats_get(fid, fp.normalized, fp.command, fp.is_catalog)
+            rows = sum(r for r in extra if r is not None)
+            errors = sum(1 for r in extra if r is None)
+            st.add_many(durations, rows, errors, at)
+
+    # ------------------------------------------------------------------ database
+
+    async def _connection(self) -> Any:
+        if self.connect is None:
+            return None
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._conn = None
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            self._conn = await self.connect()
+        except Exception as exc:
+            self._failed("connect", exc)
+            return None
+        self._backoff = 0.5
+        await self._maintain_partitions(force=True)
+        return self._conn
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.log.warning("metadata database unavailable", during=what, error=str(exc),
+                         retry_in=self._backoff)  # fmt: skip
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 30.0)
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows or self.connect is None:
+            return
+        conn = await self._connection()
+        if conn is None:
+            self._drop(len(rows), "db_unavailable")
+            return
+        try:
+            await conn.copy_records_to_table(
+                "query_logs", schema_name="metadata", columns=COLUMNS, records=rows, timeout=30
+            )
+        except Exception as exc:
+            self._drop(len(rows), "db_error")
+            self._failed("copy", exc)
+            return
+        self.written += len(rows)
+        self.metrics.querylog_written.inc(len(rows))
+        await self._maintain_partitions()
+
+    def _drop(self, n: int, reason: str) -> None:
+        self.dropped[reason] += n
+        self.metrics.querylog_dropped.labels(reason).inc(n)
+
+    async def _maintain_partitions(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._partitions_at < 3600:
+            return
+        self._partitions_at = now
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.execute("SELECT metadata.ensure_query_log_partitions(3)")
+            if self.settings.querylog_retention_days:
+                await conn.execute("SELECT metadata.drop_query_log_partitions($1)",
+                                   self.settings.querylog_retention_days)  # fmt: skip
+        except Exception as exc:
+            self.log.warning("query log partition maintenance failed", error=str(exc))
+
+    async def flush_stats(self) -> None:
+        """Add the per-fingerprint deltas to metadata.query_stats."""
+        dirty = self.stats.dirty()
+        if not dirty or self.connect is None:
+            return
+        conn = await self._connection()
+        if conn is None:
+            return
+        rows = []
+        for s in dirty:
+            rows.append(
+                (
+                    s.fingerprint, s.normalized, s.command, s.is_catalog, s.d_calls, s.d_errors,
+                    s.d_rows, s.d_time * 1000, s.d_sum_sq * 1e6, s.min_time * 1000,
+                    s.max_time * 1000, _ms(s.sketch.quantile(0.5)), _ms(s.sketch.quantile(0.95)),
+                    _ms(s.sketch.quantile(0.99)),
+                    datetime.fromtimestamp(s.first_seen, UTC),
+                    datetime.fromtimestamp(s.last_seen, UTC),
+                )
+            )  # fmt: skip
+        try:
+            await conn.executemany(_UPSERT_STATS, rows, timeout=30)
+        except Exception as exc:
+            self._failed("query_stats", exc)
+            return
+        for s in dirty:
+            s.reset_deltas()
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+_UPSERT_STATS = """
+INSERT INTO metadata.query_stats AS q (
+    fingerprint, normalized_text, command, is_catalog, calls, errors, rows, total_time_ms,
+    sum_sq_time_ms, min_time_ms, max_time_ms, p50_ms, p95_ms, p99_ms, first_seen, last_seen,
+    mean_time_ms, stddev_time_ms, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+        $8::float8 / greatest($5::bigint, 1), 0, now())
+ON CONFLICT (fingerprint) DO UPDATE SET
+    calls = q.calls + excluded.calls,
+    errors = q.errors + excluded.errors,
+    rows = q.rows + excluded.rows,
+    total_time_ms = q.total_time_ms + excluded.total_time_ms,
+    sum_sq_time_ms = q.sum_sq_time_ms + excluded.sum_sq_time_ms,
+    min_time_ms = least(q.min_time_ms, excluded.min_time_ms),
+    max_time_ms = greatest(q.max_time_ms, excluded.max_time_ms),
+    p50_ms = excluded.p50_ms, p95_ms = excluded.p95_ms, p99_ms = excluded.p99_ms,
+    last_seen = greatest(q.last_seen, excluded.last_seen),
+    mean_time_ms = (q.total_time_ms + excluded.total_time_ms)
+                   / greatest(q.calls + excluded.calls, 1),
+    stddev_time_ms = sqrt(greatest(
+        (q.sum_sq_time_ms + excluded.sum_sq_time_ms) / greatest(q.calls + excluded.calls, 1)
+        - power((q.total_time_ms + excluded.total_time_ms)
+                / greatest(q.calls + excluded.calls, 1), 2), 0)),
+    updated_at = now()
+"""
