@@ -165,7 +165,8 @@ class Fingerprinter:
         if fp is None:
             self.misses += 1
             fp = compute_fingerprint(sql)
-            cache[key] = fp
+            # unparsed text is identified by its whole text: never merge it by masked literals
+            cache[key if fp.parsed else sql] = fp
             if len(cache) > self.maxsize:
                 cache.popitem(last=False)
         else:

@@ -49,7 +49,12 @@ class _Server(uvicorn.Server):
 
 def make_http_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
         loop="none",
-    )  # fmt: skip
+    )
     return _Server(config)

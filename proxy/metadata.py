@@ -13,8 +13,9 @@ from .settings import Settings
 from .upstream import Upstream
 
 
-def metadata_connect_args(settings: Settings, upstream: Upstream, database: str | None = None
-                          ) -> dict[str, Any]:  # fmt: skip
+def metadata_connect_args(
+    settings: Settings, upstream: Upstream, database: str | None = None
+) -> dict[str, Any]:
     """asyncpg.connect() keyword arguments for the metadata database."""
     if settings.metadata_dsn and database is None:
         return {"dsn": settings.metadata_dsn}
@@ -22,10 +23,18 @@ def metadata_connect_args(settings: Settings, upstream: Upstream, database: str 
     if upstream.unix_socket is not None:
         sock = upstream.unix_socket
         port = int(sock.name.rsplit(".", 1)[-1]) if sock.name.startswith(".s.PGSQL.") else 5432
-        return {"host": str(sock.parent), "port": port, "user": settings.metadata_user,
-                "database": db}  # fmt: skip
-    return {"host": upstream.host, "port": upstream.port, "user": settings.metadata_user,
-            "database": db}  # fmt: skip
+        return {
+            "host": str(sock.parent),
+            "port": port,
+            "user": settings.metadata_user,
+            "database": db,
+        }
+    return {
+        "host": upstream.host,
+        "port": upstream.port,
+        "user": settings.metadata_user,
+        "database": db,
+    }
 
 
 def describe(args: dict[str, Any]) -> str:
@@ -36,8 +45,9 @@ def describe(args: dict[str, Any]) -> str:
     return f"{quote(str(args['user']))}@{args['host']}:{args['port']}/{args['database']}"
 
 
-async def connect(args: dict[str, Any], application_name: str, timeout: float = 5.0
-                  ) -> asyncpg.Connection:  # fmt: skip
+async def connect(
+    args: dict[str, Any], application_name: str, timeout: float = 5.0
+) -> asyncpg.Connection:
     return await asyncpg.connect(
         **args, timeout=timeout, server_settings={"application_name": application_name}
     )
@@ -54,8 +64,9 @@ async def ensure_database(settings: Settings, upstream: Upstream) -> bool:
         )
         if exists:
             return False
-        ddl = await conn.fetchval("SELECT format('CREATE DATABASE %I', $1::text)",
-                                  settings.warehouse_database)  # fmt: skip
+        ddl = await conn.fetchval(
+            "SELECT format('CREATE DATABASE %I', $1::text)", settings.warehouse_database
+        )
         try:
             await conn.execute(ddl)
         except asyncpg.DuplicateDatabaseError:

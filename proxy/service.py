@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 from . import __version__, metadata
+from . import reload as reload_
 from .http import create_app, make_http_server
 from .log import get_logger
 from .server import ProxyServer
@@ -24,8 +25,11 @@ from .upstream import Upstream
 
 
 class Service:
-    def __init__(self, settings: Settings, upstream: Upstream) -> None:
+    def __init__(
+        self, settings: Settings, upstream: Upstream, cli_overrides: dict[str, Any] | None = None
+    ) -> None:
         self.settings = settings
+        self.cli_overrides = cli_overrides or {}
         self.upstream = upstream
         self.log = get_logger("pgsage")
         self.metrics = ProxyMetrics(version=__version__)
@@ -39,6 +43,7 @@ class Service:
         self.proxy = ProxyServer(
             settings, upstream=upstream, sink=self.recorder, metrics=self.metrics
         )
+        self.proxy.admin_context = self
         self.sampler = SystemSampler(
             settings,
             self.metrics,
@@ -61,8 +66,11 @@ class Service:
         try:
             applied = await metadata.migrate(self.settings, self.upstream)
         except Exception as exc:
-            self.log.warning("metadata database unavailable; migrations not applied",
-                             target=metadata.describe(self.metadata_args), error=str(exc))  # fmt: skip
+            self.log.warning(
+                "metadata database unavailable; migrations not applied",
+                target=metadata.describe(self.metadata_args),
+                error=str(exc),
+            )
             return
         self.migrations_applied = applied
         if applied:
@@ -96,6 +104,42 @@ class Service:
             await asyncio.wait([self._http_task], timeout=5)
 
     async def serve_until(self, stop: asyncio.Event) -> None:
+        self._stop_event = stop
         await self.start()
         await stop.wait()
         await self.stop()
+
+    # ---------------------------------------------------------------- AdminContext
+
+    _stop_event: asyncio.Event | None = None
+
+    def client_sessions(self) -> list[Any]:
+        return [c for c in self.proxy.clients if not c.is_admin]
+
+    def database_stats(self) -> dict[str, dict[str, float]]:
+        return self.recorder.db_stats
+
+    def query_stats(self, limit: int) -> list[Any]:
+        return self.recorder.stats.top(limit)
+
+    def config_items(self) -> list[tuple[str, str, str, bool]]:
+        return reload_.config_items(self.settings)
+
+    def set_setting(self, key: str, value: str) -> str | None:
+        return reload_.set_setting(self.settings, key, value)
+
+    def reload(self) -> str | None:
+        problem, changed = reload_.reload(self.settings, self.cli_overrides)
+        if changed:
+            self.log.info("configuration reloaded", changed=changed)
+        return problem
+
+    def pause(self) -> None:
+        self.proxy.pause()
+
+    def resume(self) -> None:
+        self.proxy.resume()
+
+    def request_shutdown(self) -> None:
+        if self._stop_event is not None:
+            self._stop_event.set()

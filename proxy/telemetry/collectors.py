@@ -17,16 +17,41 @@ from prometheus_client.registry import Collector
 from .stats import StatsTable
 
 QUERY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
 OVERHEAD_BUCKETS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-)  # fmt: skip
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+)
 
 
 class BatchedHistogram(Collector):
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
-                 buckets: tuple[float, ...]) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
@@ -79,18 +104,20 @@ class TopFingerprints(Collector):
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         calls = CounterMetricFamily(
-            "pgsage_fingerprint_calls", "Executions per fingerprint (top K by total time)",
+            "pgsage_fingerprint_calls",
+            "Executions per fingerprint (top K by total time)",
             labels=["fingerprint"],
-        )  # fmt: skip
+        )
         seconds = CounterMetricFamily(
             "pgsage_fingerprint_duration_seconds",
             "Execution time per fingerprint (top K by total time)",
             labels=["fingerprint"],
         )
         rows = CounterMetricFamily(
-            "pgsage_fingerprint_rows", "Rows per fingerprint (top K by total time)",
+            "pgsage_fingerprint_rows",
+            "Rows per fingerprint (top K by total time)",
             labels=["fingerprint"],
-        )  # fmt: skip
+        )
         entries = list(self.stats.entries.values())
         top = sorted(entries, key=lambda s: s.total_time, reverse=True)[: self.k()]
         chosen = {s.fingerprint for s in top}
@@ -114,6 +141,7 @@ class TopFingerprints(Collector):
             "pgsage_fingerprints_tracked", "Fingerprints held in memory", value=len(entries)
         )
         yield CounterMetricFamily(
-            "pgsage_fingerprints_evicted", "Fingerprints evicted from memory",
+            "pgsage_fingerprints_evicted",
+            "Fingerprints evicted from memory",
             value=self.stats.evicted,
-        )  # fmt: skip
+        )

@@ -25,24 +25,32 @@ class ProxyMetrics:
         self.registry = r = registry or CollectorRegistry()
         # ---- connections
         self.client_connections_active = Gauge(
-            "pgsage_client_connections_active", "Client sessions past startup", ["database"],
+            "pgsage_client_connections_active",
+            "Client sessions past startup",
+            ["database"],
             registry=r,
-        )  # fmt: skip
+        )
         self.client_connections_opened = Counter(
             "pgsage_client_connections_opened", "Client sessions admitted", ["tls"], registry=r
         )
         self.client_connection_errors = Counter(
-            "pgsage_client_connection_errors", "Client connections that failed, by reason",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "pgsage_client_connection_errors",
+            "Client connections that failed, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.server_connections_active = Gauge(
-            "pgsage_server_connections_active", "Upstream connections of client sessions",
-            ["database"], registry=r,
-        )  # fmt: skip
+            "pgsage_server_connections_active",
+            "Upstream connections of client sessions",
+            ["database"],
+            registry=r,
+        )
         self.server_connect_duration = Histogram(
-            "pgsage_server_connect_duration_seconds", "Time to open the upstream connection",
-            buckets=CONNECT_BUCKETS, registry=r,
-        )  # fmt: skip
+            "pgsage_server_connect_duration_seconds",
+            "Time to open the upstream connection",
+            buckets=CONNECT_BUCKETS,
+            registry=r,
+        )
         self.startup_requests = Counter(
             "pgsage_startup_requests", "Startup-phase packets, by kind", ["kind"], registry=r
         )
@@ -51,22 +59,30 @@ class ProxyMetrics:
         )
         # ---- queries (fed in batches by the recorder)
         self.queries = Counter(
-            "pgsage_queries", "Statements executed",
-            ["database", "command", "protocol", "status", "app"], registry=r,
-        )  # fmt: skip
+            "pgsage_queries",
+            "Statements executed",
+            ["database", "command", "protocol", "status", "app"],
+            registry=r,
+        )
         self.query_duration = BatchedHistogram(
-            "pgsage_query_duration_seconds", "Statement duration, first frame to completion",
-            ("database", "command"), QUERY_BUCKETS,
-        )  # fmt: skip
+            "pgsage_query_duration_seconds",
+            "Statement duration, first frame to completion",
+            ("database", "command"),
+            QUERY_BUCKETS,
+        )
         r.register(self.query_duration)
         self.query_errors = Counter(
-            "pgsage_query_errors", "Failed statements by SQLSTATE class", ["sqlstate_class"],
+            "pgsage_query_errors",
+            "Failed statements by SQLSTATE class",
+            ["sqlstate_class"],
             registry=r,
-        )  # fmt: skip
+        )
         self.rows_returned = Counter(
-            "pgsage_rows_returned", "Rows from CommandComplete tags", ["database", "command"],
+            "pgsage_rows_returned",
+            "Rows from CommandComplete tags",
+            ["database", "command"],
             registry=r,
-        )  # fmt: skip
+        )
         self.portal_suspensions = Counter(
             "pgsage_portal_suspensions", "PortalSuspended legs of row-limited portals", registry=r
         )
@@ -103,13 +119,17 @@ class ProxyMetrics:
             "pgsage_upstream_up", "1 if the last upstream health probe succeeded", registry=r
         )
         self.event_loop_lag = Histogram(
-            "pgsage_event_loop_lag_seconds", "Delay of a periodic timer on the event loop",
-            buckets=LAG_BUCKETS, registry=r,
-        )  # fmt: skip
+            "pgsage_event_loop_lag_seconds",
+            "Delay of a periodic timer on the event loop",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.proxy_overhead = BatchedHistogram(
-            "pgsage_proxy_overhead_seconds", "Time inside the proxy per relayed chunk (sampled)",
-            (), OVERHEAD_BUCKETS,
-        )  # fmt: skip
+            "pgsage_proxy_overhead_seconds",
+            "Time inside the proxy per relayed chunk (sampled)",
+            (),
+            OVERHEAD_BUCKETS,
+        )
         r.register(self.proxy_overhead)
 
     # ---- connection events (called by the session; rare)

@@ -12,6 +12,7 @@ clients never wait for any of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections import Counter, deque
@@ -97,6 +98,8 @@ class QueryLogRecorder:
         self.written = 0
         self.dropped: Counter[str] = Counter()
         self.executed = 0
+        #: per database: queries, seconds, errors (SHOW STATS)
+        self.db_stats: dict[str, dict[str, float]] = {}
         self._conn: Any = None
         self._retry_at = 0.0
         self._backoff = 0.5
@@ -104,6 +107,7 @@ class QueryLogRecorder:
         self._partitions_at = 0.0
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ hot path
 
@@ -124,10 +128,8 @@ class QueryLogRecorder:
     async def run(self) -> None:
         interval = self.settings.querylog_flush_interval
         while not self._stopping:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), interval)
-            except TimeoutError:
-                pass
             self.wake.clear()
             try:
                 await self.flush_once()
@@ -161,6 +163,11 @@ class QueryLogRecorder:
         await self.flush_stats()
 
     async def flush_once(self, force_stats: bool = False) -> None:
+        """Drain the queue into the database (one flusher at a time: one connection)."""
+        async with self._lock:
+            await self._flush_locked(force_stats)
+
+    async def _flush_locked(self, force_stats: bool) -> None:
         if self.dropped_full:
             self.metrics.querylog_dropped.labels("queue_full").inc(self.dropped_full)
             self.dropped["queue_full"] += self.dropped_full
@@ -178,7 +185,7 @@ class QueryLogRecorder:
         now = time.monotonic()
         if force_stats or now - self._stats_flushed_at >= self.settings.stats_flush_interval:
             self._stats_flushed_at = now
-            await self.flush_stats()
+            await self._flush_stats_locked()
 
     # ------------------------------------------------------------------ processing
 
@@ -266,8 +273,17 @@ class QueryLogRecorder:
         self.executed += len(batch)
         self._aggregate(by_fp, batch)
         m = self.metrics
+        db_stats = self.db_stats
         for labels, durations in by_label.items():
             m.query_duration.observe_many(labels, durations)
+            d = db_stats.get(labels[0])
+            if d is None:
+                d = db_stats[labels[0]] = {"queries": 0, "seconds": 0.0, "errors": 0}
+            d["queries"] += len(durations)
+            d["seconds"] += float(sum(durations))
+        for (db, _c, _p, status, _a), n in queries.items():
+            if status != "ok":
+                db_stats[db]["errors"] += n
         for qlabels, n in queries.items():
             m.queries.labels(*qlabels).inc(n)
         for labels, n in rows_by.items():
@@ -311,8 +327,9 @@ class QueryLogRecorder:
         return self._conn
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        self.log.warning("metadata database unavailable", during=what, error=str(exc),
-                         retry_in=self._backoff)  # fmt: skip
+        self.log.warning(
+            "metadata database unavailable", during=what, error=str(exc), retry_in=self._backoff
+        )
         self._retry_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
         if self._conn is not None:
@@ -353,13 +370,19 @@ class QueryLogRecorder:
         try:
             await conn.execute("SELECT metadata.ensure_query_log_partitions(3)")
             if self.settings.querylog_retention_days:
-                await conn.execute("SELECT metadata.drop_query_log_partitions($1)",
-                                   self.settings.querylog_retention_days)  # fmt: skip
+                await conn.execute(
+                    "SELECT metadata.drop_query_log_partitions($1)",
+                    self.settings.querylog_retention_days,
+                )
         except Exception as exc:
             self.log.warning("query log partition maintenance failed", error=str(exc))
 
     async def flush_stats(self) -> None:
         """Add the per-fingerprint deltas to metadata.query_stats."""
+        async with self._lock:
+            await self._flush_stats_locked()
+
+    async def _flush_stats_locked(self) -> None:
         dirty = self.stats.dirty()
         if not dirty or self.connect is None:
             return
@@ -370,14 +393,24 @@ class QueryLogRecorder:
         for s in dirty:
             rows.append(
                 (
-                    s.fingerprint, s.normalized, s.command, s.is_catalog, s.d_calls, s.d_errors,
-                    s.d_rows, s.d_time * 1000, s.d_sum_sq * 1e6, s.min_time * 1000,
-                    s.max_time * 1000, _ms(s.sketch.quantile(0.5)), _ms(s.sketch.quantile(0.95)),
+                    s.fingerprint,
+                    s.normalized,
+                    s.command,
+                    s.is_catalog,
+                    s.d_calls,
+                    s.d_errors,
+                    s.d_rows,
+                    s.d_time * 1000,
+                    s.d_sum_sq * 1e6,
+                    s.min_time * 1000,
+                    s.max_time * 1000,
+                    _ms(s.sketch.quantile(0.5)),
+                    _ms(s.sketch.quantile(0.95)),
                     _ms(s.sketch.quantile(0.99)),
                     datetime.fromtimestamp(s.first_seen, UTC),
                     datetime.fromtimestamp(s.last_seen, UTC),
                 )
-            )  # fmt: skip
+            )
         try:
             await conn.executemany(_UPSERT_STATS, rows, timeout=30)
         except Exception as exc:

@@ -139,10 +139,13 @@ class SystemSampler:
                 b = await conn.fetchrow(_BACKENDS_SQL)
                 d = await conn.fetchrow(_DATABASE_SQL)
                 s.update(
-                    backends_active=b["active"], backends_idle=b["idle"],
-                    backends_waiting=b["waiting"], cache_hit_ratio=d["hit_ratio"],
-                    xact_commit=d["commits"], xact_rollback=d["rollbacks"],
-                )  # fmt: skip
+                    backends_active=b["active"],
+                    backends_idle=b["idle"],
+                    backends_waiting=b["waiting"],
+                    cache_hit_ratio=d["hit_ratio"],
+                    xact_commit=d["commits"],
+                    xact_rollback=d["rollbacks"],
+                )
                 for state in ("active", "idle", "waiting"):
                     self.backends.labels(state).set(b[state])
                 if d["hit_ratio"] is not None:

@@ -1,0 +1,243 @@
+"""One function per admin command. Each takes the context and its parsed arguments and returns
+the encoded response messages (without ReadyForQuery)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from .results import command_complete, error, result_set
+
+if TYPE_CHECKING:
+    from .console import AdminContext
+
+Command = Callable[["AdminContext", dict[str, Any]], bytes]
+
+HELP = (
+    ("SHOW HELP", "this list"),
+    ("SHOW STATS", "statements, errors and time per database"),
+    ("SHOW CLIENTS", "client connections"),
+    ("SHOW SERVERS", "upstream connections"),
+    ("SHOW QUERIES [LIMIT n]", "statements by fingerprint, by total time (pg_stat_statements)"),
+    ("SHOW CONFIG", "settings, with default and whether SET can change them"),
+    ("SHOW VERSION", "pgsage version"),
+    ("SET key = value", "change a runtime-reloadable setting"),
+    ("RELOAD", "re-read the configuration file and environment (SIGHUP does the same)"),
+    ("PAUSE", "hold new statements until RESUME (in-flight ones finish)"),
+    ("RESUME", "release held statements"),
+    ("SHUTDOWN", "graceful shutdown of pgsage"),
+)
+
+
+def _ts(epoch: float | None) -> str | None:
+    if not epoch:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def show_help(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    return result_set(("command", "description"), HELP)
+
+
+def show_version(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    return result_set(("version",), [(f"pgsage {__version__}",)])
+
+
+def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rows = []
+    for db, s in sorted(ctx.database_stats().items()):
+        count, seconds, errors = s["queries"], s["seconds"], s["errors"]
+        rows.append(
+            (
+                db,
+                count,
+                errors,
+                int(seconds * 1e6),
+                int(seconds * 1e6 / count) if count else 0,
+                s.get("received", 0),
+                s.get("sent", 0),
+            )
+        )
+    return result_set(
+        (
+            "database",
+            "total_query_count",
+            "total_error_count",
+            "total_query_time",
+            "avg_query_time",
+            "total_received",
+            "total_sent",
+        ),
+        rows,
+    )
+
+
+def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    now = time.monotonic()
+    wall = time.time()
+    rows = []
+    for c in ctx.client_sessions():
+        addr, _, port = c.info.client_addr.rpartition(":")
+        rows.append(
+            (
+                "C",
+                c.info.user,
+                c.info.database,
+                c.state,
+                addr,
+                int(port) if port.isdigit() else None,
+                _ts(wall - (now - c.connected_at)),
+                _ts(wall - (now - c.last_activity)),
+                c.tracker.backend_pid,
+                c.info.tls,
+                c.info.application_name,
+                c.tracker.transaction_status,
+            )
+        )
+    return result_set(
+        (
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "connect_time",
+            "request_time",
+            "remote_pid",
+            "tls",
+            "application_name",
+            "transaction_status",
+        ),
+        rows,
+    )
+
+
+def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    now = time.monotonic()
+    wall = time.time()
+    rows = []
+    for c in ctx.client_sessions():
+        up = c.upstream
+        if up is None or up.transport is None:
+            continue
+        peer = up.transport.get_extra_info("peername")
+        local = up.transport.get_extra_info("sockname")
+        rows.append(
+            (
+                "S",
+                c.info.user,
+                c.info.database,
+                c.state,
+                peer[0] if isinstance(peer, tuple) else str(peer),
+                peer[1] if isinstance(peer, tuple) else None,
+                local[0] if isinstance(local, tuple) else None,
+                local[1] if isinstance(local, tuple) else None,
+                _ts(wall - (now - c.connected_at)),
+                c.tracker.backend_pid,
+            )
+        )
+    return result_set(
+        (
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "local_addr",
+            "local_port",
+            "connect_time",
+            "remote_pid",
+        ),
+        rows,
+    )
+
+
+def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    limit = int(args.get("limit") or 20)
+    rows = []
+    for s in ctx.query_stats(limit):
+        rows.append(
+            (
+                s.fingerprint,
+                s.calls,
+                round(s.total_time * 1000, 3),
+                round(s.mean_time * 1000, 3),
+                round(s.min_time * 1000, 3),
+                round(s.max_time * 1000, 3),
+                round(s.stddev_time * 1000, 3),
+                round((s.sketch.quantile(0.95) or 0) * 1000, 3),
+                s.rows,
+                s.errors,
+                s.command,
+                s.normalized,
+            )
+        )
+    return result_set(
+        (
+            "fingerprint",
+            "calls",
+            "total_exec_time",
+            "mean_exec_time",
+            "min_exec_time",
+            "max_exec_time",
+            "stddev_exec_time",
+            "p95_exec_time",
+            "rows",
+            "errors",
+            "command",
+            "query",
+        ),
+        rows,
+    )
+
+
+def show_config(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rows = []
+    for key, value, default, changeable in ctx.config_items():
+        rows.append((key, value, default, "yes" if changeable else "no"))
+    return result_set(("key", "value", "default", "changeable"), rows)
+
+
+def set_setting(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    problem = ctx.set_setting(args["key"], args["value"])
+    if problem:
+        return error("22023", problem)
+    return command_complete("SET")
+
+
+def reload(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    problem = ctx.reload()
+    if problem:
+        return error("F0000", problem)
+    return command_complete("RELOAD")
+
+
+def pause(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    ctx.pause()
+    return command_complete("PAUSE")
+
+
+def resume(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    ctx.resume()
+    return command_complete("RESUME")
+
+
+def shutdown(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    ctx.request_shutdown()
+    return command_complete("SHUTDOWN")
+
+
+SHOW: dict[str, Command] = {
+    "help": show_help,
+    "version": show_version,
+    "stats": show_stats,
+    "clients": show_clients,
+    "servers": show_servers,
+    "queries": show_queries,
+    "config": show_config,
+}

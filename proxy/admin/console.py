@@ -1,0 +1,81 @@
+"""Parses admin commands and answers them; sans-IO (SQL text in, backend messages out)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from ..protocol.backend import ReadyForQuery
+from . import commands
+from .results import error
+
+_SHOW = re.compile(r"^show\s+(\w+)(?:\s+limit\s+(\d+))?$", re.IGNORECASE)
+_SET = re.compile(r"^set\s+(\w+)\s*(?:=|\s+to\s+)\s*(.+)$", re.IGNORECASE)
+_BARE = {
+    "reload": commands.reload,
+    "pause": commands.pause,
+    "resume": commands.resume,
+    "shutdown": commands.shutdown,
+}
+
+VALID = (
+    "SHOW HELP|STATS|CLIENTS|SERVERS|QUERIES [LIMIT n]|CONFIG|VERSION, SET key = value, "
+    "RELOAD, PAUSE, RESUME, SHUTDOWN"
+)
+
+
+class AdminContext(Protocol):
+    """What the console needs from the running service."""
+
+    def client_sessions(self) -> Iterable[Any]: ...
+    def database_stats(self) -> dict[str, dict[str, float]]: ...
+    def query_stats(self, limit: int) -> list[Any]: ...
+    def config_items(self) -> list[tuple[str, str, str, bool]]: ...
+    def set_setting(self, key: str, value: str) -> str | None: ...
+    def reload(self) -> str | None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def request_shutdown(self) -> None: ...
+
+
+def _statements(sql: str) -> list[str]:
+    return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+class AdminConsole:
+    def __init__(self, context: AdminContext) -> None:
+        self.context = context
+
+    def run(self, sql: str) -> bytes:
+        """Answer one simple Query message: every statement's result, then ReadyForQuery."""
+        out = []
+        statements = _statements(sql)
+        if not statements:
+            out.append(b"I\x00\x00\x00\x04")  # EmptyQueryResponse
+        for stmt in statements:
+            reply = self.execute(stmt)
+            out.append(reply)
+            if reply[:1] == b"E":
+                break
+        out.append(ReadyForQuery("I").encode())
+        return b"".join(out)
+
+    def execute(self, stmt: str) -> bytes:
+        text = " ".join(stmt.split())
+        m = _SHOW.match(text)
+        if m:
+            fn = commands.SHOW.get(m.group(1).lower())
+            if fn is None:
+                return error(
+                    "42601", f'unknown SHOW subject "{m.group(1)}"', f"valid commands: {VALID}"
+                )
+            return fn(self.context, {"limit": m.group(2)})
+        m = _SET.match(text)
+        if m:
+            value = m.group(2).strip().strip("'\"")
+            return commands.set_setting(self.context, {"key": m.group(1).lower(), "value": value})
+        fn = _BARE.get(text.lower())
+        if fn is not None:
+            return fn(self.context, {})
+        return error("42601", f'unknown admin command "{text[:80]}"', f"valid commands: {VALID}")

@@ -1,0 +1,88 @@
+"""Runtime changes of settings: `SET key = value` in the admin console, RELOAD and SIGHUP.
+
+Only keys in RELOADABLE change at run time; the others need a restart (RELOAD says which).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from .settings import Settings, SettingsError, load_settings
+
+RELOADABLE = frozenset(
+    (
+        "max_client_connections",
+        "connect_timeout",
+        "startup_timeout",
+        "idle_timeout",
+        "shutdown_timeout",
+        "log_parameters",
+        "querylog_flush_interval",
+        "stats_flush_interval",
+        "system_sample_interval",
+        "index_sample_interval",
+        "top_k_fingerprints",
+        "querylog_retention_days",
+        "admin_users",
+    )
+)
+_SECRET_WORDS = ("password", "token", "secret")
+
+
+def _shown(key: str, value: Any) -> str:
+    if any(w in key for w in _SECRET_WORDS) and value:
+        return "********"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def config_items(settings: Settings) -> list[tuple[str, str, str, bool]]:
+    items = []
+    for key, field in type(settings).model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        items.append(
+            (key, _shown(key, getattr(settings, key)), _shown(key, default), key in RELOADABLE)
+        )
+    return items
+
+
+def set_setting(settings: Settings, key: str, value: str) -> str | None:
+    """Validate and apply one key; the problem as one line, or None."""
+    if key not in type(settings).model_fields:
+        return f"unknown setting {key!r}"
+    if key not in RELOADABLE:
+        return f"{key} cannot be changed at run time; restart pgsage to change it"
+    parsed: Any = (
+        [v.strip() for v in value.split(",") if v.strip()] if key == "admin_users" else value
+    )
+    try:
+        checked = Settings.model_validate({**settings.model_dump(), key: parsed})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        return f"{key}: {err['msg']}"
+    setattr(settings, key, getattr(checked, key))
+    return None
+
+
+def reload(settings: Settings, overrides: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """Re-read file and environment (CLI flags still win); apply reloadable changes."""
+    try:
+        fresh = load_settings(None, **overrides)
+    except SettingsError as exc:
+        return f"configuration not reloaded: {exc}", []
+    changed, restart = [], []
+    for key in type(settings).model_fields:
+        new, old = getattr(fresh, key), getattr(settings, key)
+        if new == old:
+            continue
+        if key in RELOADABLE:
+            setattr(settings, key, new)
+            changed.append(key)
+        else:
+            restart.append(key)
+    if restart:
+        return f"reloaded {changed}; restart needed for {sorted(restart)}", changed
+    return None, changed
