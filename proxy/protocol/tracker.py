@@ -38,7 +38,7 @@ from .frontend import bind_names
 
 # Type bytes as ints: what each direction's scanner must hand over.
 CLIENT_INTERESTING = frozenset(b"QPBECSHXFcf")
-SERVER_INTERESTING = frozenset(b"CIsEZKSRGHW")
+SERVER_INTERESTING = frozenset(b"CIsEZKSRGHW1")
 
 _ROW_TAGS = frozenset(("SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "FETCH", "MOVE", "COPY"))
 
@@ -113,6 +113,15 @@ class _Sync:
     pass
 
 
+@dataclass(slots=True)
+class _Parse:
+    """A Parse awaiting its ParseComplete: if it fails instead, that failure is a record."""
+
+    name: str
+    sql: str | None
+    start: float
+
+
 _SYNC = _Sync()
 
 
@@ -169,7 +178,7 @@ class SessionTracker:
     statements: dict[str, str] = field(default_factory=dict)
     portals: dict[str, str | None] = field(default_factory=dict)
     suspended: dict[str, Execution] = field(default_factory=dict)
-    pending: deque[Execution | _Query | _Sync] = field(default_factory=deque)
+    pending: deque[Execution | _Query | _Sync | _Parse] = field(default_factory=deque)
     #: last fatal error seen during startup (authentication failure and the like)
     startup_error: tuple[str | None, str | None] | None = None
     #: the server sent an ErrorResponse of severity FATAL or PANIC (it closes next)
@@ -198,9 +207,11 @@ class SessionTracker:
         if self.group_start is None:
             self.group_start = now
         if payload is None:
+            self.pending.append(_Parse("", None, now))
             return
         name, pos = _cstr(payload)
         sql, _ = _cstr(payload, pos)
+        self.pending.append(_Parse(name, sql, now))
         if name and name not in self.statements and len(self.statements) >= self.max_statements:
             return  # bounded memory: the server still has it; we only lose its text
         self.statements[name] = sql
@@ -304,6 +315,7 @@ class SessionTracker:
         if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
             self.phase = Phase.BUSY
             self.copy_in = False
+        self._drop_parsed()
         if not self.pending:
             return
         head = self.pending[0]
@@ -371,7 +383,15 @@ class SessionTracker:
             self.finished.append(self._simple_statement(head, now, None, (code, message)))
             head.index = len(head.statements or ())
             return
-        # extended: the first Execute before the next Sync failed; the server skips the rest
+        # extended: a failed Parse is its own record, and the server skips the rest until Sync
+        if isinstance(head, _Parse):
+            ex = Execution(Protocol.EXTENDED, head.sql, head.start, now, statement=head.name)
+            self._fail(ex, (code, message))
+            self.finished.append(ex)
+            while self.pending and not isinstance(self.pending[0], _Sync):
+                self.pending.popleft()
+            return
+        # otherwise the first Execute before the next Sync failed (whichever message did)
         for i, item in enumerate(self.pending):
             if isinstance(item, _Sync):
                 return
@@ -382,7 +402,24 @@ class SessionTracker:
                 self.finished.append(item)
                 return
 
+    def _on_parse_complete(self, payload: bytes | None, now: float) -> None:
+        pending = self.pending
+        if pending and isinstance(pending[0], _Parse):
+            pending.popleft()
+            return
+        for i, item in enumerate(pending):
+            if isinstance(item, _Parse):
+                del pending[i]
+                return
+
+    def _drop_parsed(self) -> None:
+        """A completion arrived, so any Parse still queued before it succeeded."""
+        pending = self.pending
+        while pending and isinstance(pending[0], _Parse):
+            pending.popleft()
+
     def _on_suspended(self, payload: bytes | None, now: float) -> None:
+        self._drop_parsed()
         if not self.pending or not isinstance(self.pending[0], Execution):
             return
         ex = self.pending.popleft()
@@ -428,6 +465,7 @@ class SessionTracker:
         return None
 
     def _on_copy_in(self, payload: bytes | None, now: float) -> None:
+        self._drop_parsed()
         self.phase = Phase.COPY_IN
         self.copy_in = True
         # Syncs sent right after the COPY reach the server in copy-in mode: they get no answer
@@ -435,6 +473,7 @@ class SessionTracker:
             del self.pending[1]
 
     def _on_copy_out(self, payload: bytes | None, now: float) -> None:
+        self._drop_parsed()
         self.phase = Phase.COPY_OUT
 
     @property
@@ -466,6 +505,7 @@ _SERVER_HANDLERS: dict[int, _Handler] = {
     ord("I"): SessionTracker._on_empty,
     ord("s"): SessionTracker._on_suspended,
     ord("E"): SessionTracker._on_error,
+    ord("1"): SessionTracker._on_parse_complete,
     ord("Z"): SessionTracker._on_ready,
     ord("K"): SessionTracker._on_key,
     ord("S"): SessionTracker._on_parameter,

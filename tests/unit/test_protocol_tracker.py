@@ -321,7 +321,11 @@ def test_error_in_a_later_parse_fails_the_next_execute() -> None:
 def test_error_with_no_execute_before_sync() -> None:
     tracker = ready()
     client(tracker, 1.0, fe.Parse("bad", "SELEC"), fe.Sync(), fe.Query("SELECT 1"))
-    assert server(tracker, 2.0, error("42601", "syntax error"), IDLE) == []
+    # a Parse that fails is recorded on its own (asyncpg/psycopg prepare send no Execute)
+    out = server(tracker, 2.0, error("42601", "syntax error"), IDLE)
+    assert [(ex.sql, ex.statement, ex.status, ex.sqlstate) for ex in out] == [
+        ("SELEC", "bad", Status.ERROR, "42601")
+    ]
     # the Query after that Sync is untouched by the error
     out = server(tracker, 3.0, be.CommandComplete("SELECT 1"), IDLE)
     assert [(ex.sql, ex.status) for ex in out] == [("SELECT 1", Status.OK)]
