@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 from pathlib import Path
@@ -61,11 +62,50 @@ def serve(
 
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("pgsage")
+    overrides = {
+        k: v
+        for k, v in {
+            "listen": listen,
+            "upstream": upstream,
+            "http": http,
+            "max_client_connections": max_client_connections,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "log_format": log_format,
+            "log_level": log_level,
+        }.items()
+        if v is not None
+    }
     try:
-        run_proxy(settings)
+        run_proxy(settings, overrides)
     except RuntimeError as exc:
         log.error("cannot start", error=str(exc))
         raise typer.Exit(1) from None
+
+
+@app.command()
+def migrate(
+    config: ConfigOpt = None,
+    upstream: Annotated[str | None, typer.Option(help="host:port or socket path")] = None,
+    database: Annotated[str | None, typer.Option(help="warehouse database name")] = None,
+) -> None:
+    """Create the warehouse database if needed and apply pending schema migrations."""
+    settings = _settings_or_exit(config, upstream=upstream, warehouse_database=database)
+    from .log import configure_logging
+    from .metadata import migrate as run_migrations
+    from .runner import resolve_upstream
+
+    configure_logging(settings.log_format, settings.log_level)
+    target, embedded = resolve_upstream(settings)
+    try:
+        applied = asyncio.run(run_migrations(settings, target))
+    except Exception as exc:
+        typer.echo(f"pgsage: migration failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
 @app.command()

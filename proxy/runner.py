@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import Any
 
 from .embedded import EmbeddedPostgres, upstream_reachable
 from .log import get_logger
@@ -28,24 +29,25 @@ def resolve_upstream(settings: Settings) -> tuple[Upstream, EmbeddedPostgres | N
     return upstream, embedded
 
 
-async def _serve(settings: Settings, upstream: Upstream) -> None:
+async def _serve(settings: Settings, upstream: Upstream, overrides: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(settings, upstream)
+    service = Service(settings, upstream, overrides)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
     await service.serve_until(stop)
 
 
-def run_proxy(settings: Settings) -> None:
+def run_proxy(settings: Settings, overrides: dict[str, Any] | None = None) -> None:
     upstream, embedded = resolve_upstream(settings)
     try:
         try:
             import uvloop
 
-            uvloop.run(_serve(settings, upstream))
+            uvloop.run(_serve(settings, upstream, overrides or {}))
         except ImportError:  # pragma: no cover
-            asyncio.run(_serve(settings, upstream))
+            asyncio.run(_serve(settings, upstream, overrides or {}))
     finally:
         if embedded is not None:
             embedded.stop()
