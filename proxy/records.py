@@ -1,20 +1,17 @@
 """Per-statement records the proxy hands to its sinks (the query log recorder, tests, metrics).
 
-A record is the session's identity plus the tracker's `Execution`; wall-clock times are derived
-from the monotonic times the hot path takes, so the hot path reads one clock once per chunk.
+A record is the session's identity plus the tracker's `Execution`; wall-clock (or simulated) times
+are derived from the monotonic times the hot path takes, so it reads one clock once per chunk.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .clock import CLOCK
 from .protocol import Execution
-
-# monotonic -> wall clock, fixed at import (drift over a process's life is negligible here)
-WALL_OFFSET = time.time() - time.monotonic()
 
 
 @dataclass(slots=True)
@@ -34,11 +31,11 @@ class StatementRecord:
 
     @property
     def started_at(self) -> float:
-        return self.execution.start + WALL_OFFSET
+        return CLOCK.epoch(self.execution.start)
 
     @property
     def finished_at(self) -> float:
-        return self.execution.end + WALL_OFFSET
+        return CLOCK.epoch(self.execution.end)
 
     @property
     def duration(self) -> float:

@@ -26,6 +26,8 @@ RELOADABLE = frozenset(
         "top_k_fingerprints",
         "querylog_retention_days",
         "admin_users",
+        "clock_speed",
+        "clock_start",
     )
 )
 _SECRET_WORDS = ("password", "token", "secret")

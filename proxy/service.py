@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__, metadata
 from . import reload as reload_
+from .clock import CLOCK
 from .http import create_app, make_http_server
 from .log import get_logger
 from .server import ProxyServer
@@ -77,6 +78,8 @@ class Service:
             self.log.info("migrations applied", migrations=applied)
 
     async def start(self) -> None:
+        if self.settings.clock_speed != 1.0 or self.settings.clock_start is not None:
+            self.apply_clock()
         if self.settings.auto_migrate:
             await self.migrate()
         await self.proxy.start()
@@ -126,10 +129,18 @@ class Service:
         return reload_.config_items(self.settings)
 
     def set_setting(self, key: str, value: str) -> str | None:
-        return reload_.set_setting(self.settings, key, value)
+        problem = reload_.set_setting(self.settings, key, value)
+        if problem is None and key.startswith("clock_"):
+            self.apply_clock()
+        return problem
+
+    def apply_clock(self) -> None:
+        CLOCK.set(self.settings.clock_speed, self.settings.clock_start)
 
     def reload(self) -> str | None:
         problem, changed = reload_.reload(self.settings, self.cli_overrides)
+        if any(k.startswith("clock_") for k in changed):
+            self.apply_clock()
         if changed:
             self.log.info("configuration reloaded", changed=changed)
         return problem

@@ -7,6 +7,7 @@ the key and the problem; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,6 +98,10 @@ class Settings(BaseSettings):
     max_fingerprints: int = Field(default=5_000, ge=10)
     #: name of this instance in the query log
     instance_name: str = "pgsage"
+
+    # ---- clock of logged timestamps: real (speed 1, no start) or simulated (the workload bench)
+    clock_speed: float = Field(default=1.0, gt=0)
+    clock_start: datetime | None = None
 
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"

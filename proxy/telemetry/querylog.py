@@ -22,8 +22,9 @@ from typing import Any
 
 from optimizer.fingerprint import Fingerprinter
 
+from ..clock import CLOCK
 from ..log import get_logger
-from ..records import WALL_OFFSET, StatementRecord
+from ..records import StatementRecord
 from ..settings import Settings
 from .apps import app_class
 from .metrics import ProxyMetrics
@@ -56,12 +57,22 @@ COLUMNS = (
     "transaction_status",
     "portal_suspensions",
     "proxy_instance",
+    "label",
 )
 
 SLICE = 1000  # records processed between yields to the event loop
 _QUOTED = re.compile(r'"[^"]*"')
 
 Connector = Callable[[], Awaitable[Any]]
+
+
+_LABEL = re.compile(r"/\*\s*pgsage:label=([\w.:-]{1,64})\s*\*/")
+
+
+def _label(sql: str) -> str | None:
+    """The workload simulator marks injected executions with /* pgsage:label=KIND:ID */."""
+    m = _LABEL.search(sql)
+    return m.group(1) if m else None
 
 
 def _copy_direction(sql: str | None) -> str | None:
@@ -207,6 +218,7 @@ class QueryLogRecorder:
         suspensions = 0
         out = []
         fromtimestamp = datetime.fromtimestamp
+        epoch = CLOCK.epoch
         for rec in batch:
             ex = rec.execution
             info = rec.session
@@ -242,8 +254,8 @@ class QueryLogRecorder:
                 message = _QUOTED.sub('"?"', message)
             out.append(
                 (
-                    fromtimestamp(ex.start + WALL_OFFSET, UTC),
-                    fromtimestamp(ex.end + WALL_OFFSET, UTC),
+                    fromtimestamp(epoch(ex.start), UTC),
+                    fromtimestamp(epoch(ex.end), UTC),
                     seconds * 1000.0,
                     fp.id,
                     sql if keep_text else None,
@@ -268,6 +280,7 @@ class QueryLogRecorder:
                     ex.transaction_status,
                     ex.suspensions,
                     instance,
+                    _label(sql) if sql is not None and "pgsage:label=" in sql else None,
                 )
             )
         self.executed += len(batch)
@@ -299,7 +312,7 @@ class QueryLogRecorder:
     def _aggregate(
         self, by_fp: dict[str, tuple[Any, list[float], list[Any]]], batch: list[StatementRecord]
     ) -> None:
-        at = batch[-1].execution.start + WALL_OFFSET if batch else time.time()
+        at = CLOCK.epoch(batch[-1].execution.start) if batch else time.time()
         stats_get = self.stats.get
         for fid, (fp, durations, extra) in by_fp.items():
             st = stats_get(fid, fp.normalized, fp.command, fp.is_catalog)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import psutil
 from prometheus_client import Gauge
 
+from ..clock import CLOCK
 from ..log import get_logger
 from ..settings import Settings
 from .metrics import ProxyMetrics
@@ -120,7 +120,7 @@ class SystemSampler:
         qps = (executed - self._last_executed) / max(now - self._last_at, 1e-6)
         self._last_executed, self._last_at = executed, now
         s: dict[str, Any] = {
-            "sampled_at": datetime.now(UTC),
+            "sampled_at": CLOCK.now(),
             "cpu_percent": psutil.cpu_percent(None),
             "memory_used_bytes": int(mem.used),
             "memory_percent": float(mem.percent),
@@ -171,7 +171,7 @@ class SystemSampler:
 
     async def sample_indexes(self, conn: Any) -> int:
         rows = await conn.fetch(_INDEX_SQL)
-        at = datetime.now(UTC)
+        at = CLOCK.now()
         await conn.executemany(
             "INSERT INTO metadata.index_usage_stats (sampled_at, schema_name, table_name,"
             " index_name, idx_scan, idx_tup_read, idx_tup_fetch, size_bytes)"

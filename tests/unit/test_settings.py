@@ -76,3 +76,32 @@ def test_shipped_config_file_is_valid() -> None:
     s = load_settings(root / "config" / "pgsage.toml")
     assert s.listen == "127.0.0.1:6432"
     assert s.http == "127.0.0.1:9930"
+
+
+def test_reloadable_set_and_refusals() -> None:
+    from proxy.reload import set_setting
+
+    s = load_settings()
+    assert set_setting(s, "idle_timeout", "12.5") is None
+    assert s.idle_timeout == 12.5
+    assert "idle_timeout" in (set_setting(s, "idle_timeout", "-1") or "")
+    assert "restart" in (set_setting(s, "listen", "127.0.0.1:1") or "")
+    assert "unknown" in (set_setting(s, "nope", "1") or "")
+    assert set_setting(s, "admin_users", "alice, bob") is None
+    assert s.admin_users == ["alice", "bob"]
+
+
+def test_simulated_clock_maps_monotonic_to_simulated_epoch() -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from proxy.clock import SimClock
+
+    start = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    clock = SimClock(speed=2000, start=start)
+    t0 = time.monotonic()
+    assert abs(clock.epoch(t0) - start.timestamp()) < 2000 * 0.05
+    # one real second is 2000 simulated seconds
+    assert clock.epoch(t0 + 1.0) - clock.epoch(t0) == pytest.approx(2000.0)
+    assert clock.simulated
+    assert not SimClock().simulated

@@ -37,8 +37,7 @@ CREATE TABLE IF NOT EXISTS metadata.query_logs (
     hint_set          text,
     rewrite_rule      text,
     cache_hit         boolean NOT NULL DEFAULT false,
-    -- the workload simulator's clock and labels (NULL for real traffic)
-    simulated_at      timestamptz,
+    -- the workload simulator's ground-truth label, from a /* pgsage:label=... */ comment
     label             text
 ) PARTITION BY RANGE (started_at);
 
