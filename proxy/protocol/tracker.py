@@ -177,6 +177,10 @@ class SessionTracker:
     parameters: dict[str, str] = field(default_factory=dict)
     statements: dict[str, str] = field(default_factory=dict)
     portals: dict[str, str | None] = field(default_factory=dict)
+    #: the text each portal was bound from (a portal outlives a re-Parse or Close of its statement)
+    portal_sql: dict[str, str | None] = field(default_factory=dict)
+    #: the last extended Execution completed since the last ReadyForQuery (see _on_error)
+    group_last: Execution | None = None
     suspended: dict[str, Execution] = field(default_factory=dict)
     pending: deque[Execution | _Query | _Sync | _Parse] = field(default_factory=deque)
     #: last fatal error seen during startup (authentication failure and the like)
@@ -220,6 +224,10 @@ class SessionTracker:
         if self.group_start is None:
             self.group_start = now
         if payload is None:
+            # too large to read: which portal it binds is unknown, so no portal's text is
+            # trustworthy any more (better no text than another statement's)
+            self.portals.clear()
+            self.portal_sql.clear()
             return
         portal, statement = bind_names(payload)
         old = self.suspended.pop(portal, None)
@@ -228,6 +236,7 @@ class SessionTracker:
         # bounded memory for named portals; the unnamed one is always tracked
         if not portal or portal in self.portals or len(self.portals) < self.max_statements:
             self.portals[portal] = statement
+            self.portal_sql[portal] = self.statements.get(statement)
 
     def _on_execute(self, payload: bytes | None, now: float) -> None:
         portal, max_rows = "", 0
@@ -243,10 +252,14 @@ class SessionTracker:
             self.pending.append(resumed)
         else:
             statement = self.portals.get(portal)
-            sql = self.statements.get(statement) if statement is not None else None
+            sql = self.portal_sql.get(portal)
             self.pending.append(
                 Execution(
-                    Protocol.EXTENDED, sql, start, statement=statement, portal=portal,
+                    Protocol.EXTENDED,
+                    sql,
+                    start,
+                    statement=statement,
+                    portal=portal,
                     max_rows=max_rows,
                 )
             )
@@ -261,6 +274,7 @@ class SessionTracker:
             self.statements.pop(name, None)
         elif kind == b"P":
             self.portals.pop(name, None)
+            self.portal_sql.pop(name, None)
             old = self.suspended.pop(name, None)
             if old is not None:
                 self.finished.append(old)  # it ended at its last PortalSuspended
@@ -334,6 +348,7 @@ class SessionTracker:
             if error is not None:
                 self._fail(ex, error)
             self.finished.append(ex)
+            self.group_last = ex
 
     def _simple_statement(
         self, q: _Query, now: float, tag: str | None, error: tuple[str | None, str | None] | None
@@ -394,6 +409,23 @@ class SessionTracker:
         # otherwise the first Execute before the next Sync failed (whichever message did)
         for i, item in enumerate(self.pending):
             if isinstance(item, _Sync):
+                last = self.group_last
+                if last is not None and self.transaction_status == "I":
+                    # no Execute left before the Sync: the implicit transaction's COMMIT at
+                    # Sync failed (deferred constraint, serialization failure ...), undoing the
+                    # statements of the group; record it as a failure of the last one
+                    ex = Execution(
+                        Protocol.EXTENDED,
+                        last.sql,
+                        last.end,
+                        now,
+                        statement=last.statement,
+                        portal=last.portal,
+                        tag="COMMIT",
+                    )
+                    self._fail(ex, (code, message))
+                    self.finished.append(ex)
+                    self.group_last = None
                 return
             if isinstance(item, Execution):
                 del self.pending[i]
@@ -432,6 +464,7 @@ class SessionTracker:
     def _on_ready(self, payload: bytes | None, now: float) -> None:
         status = payload.decode("ascii", "replace") if payload else "I"
         self.transaction_status = status
+        self.group_last = None
         # pop through the first Sync / Query / FunctionCall; Executes before it were skipped
         while self.pending:
             item = self.pending.popleft()
@@ -445,9 +478,12 @@ class SessionTracker:
             self.suspended.clear()
             if len(self.portals) > 1 or (self.portals and "" not in self.portals):
                 unnamed = self.portals.get("")
+                unnamed_sql = self.portal_sql.get("")
                 self.portals.clear()
+                self.portal_sql.clear()
                 if unnamed is not None:
                     self.portals[""] = unnamed
+                    self.portal_sql[""] = unnamed_sql
 
     def _on_key(self, payload: bytes | None, now: float) -> None:
         if payload is not None and len(payload) >= 8:

@@ -338,7 +338,12 @@ def test_error_at_sync_is_not_charged_to_the_next_group() -> None:
     client(tracker, 1.0, fe.Parse("", "INSERT 2"), fe.Bind("", ""), fe.Execute(), fe.Sync())
     out = server(tracker, 2.0, be.CommandComplete("INSERT 0 1"), error("23503", "fk"), IDLE)
     out += server(tracker, 3.0, be.CommandComplete("INSERT 0 1"), IDLE)
-    assert [(ex.sql, ex.status) for ex in out] == [("INSERT 1", Status.OK), ("INSERT 2", Status.OK)]
+    # the failed implicit COMMIT is its own error record; the next group is untouched
+    assert [(ex.sql, ex.tag, ex.status) for ex in out] == [
+        ("INSERT 1", "INSERT 0 1", Status.OK),
+        ("INSERT 1", "COMMIT", Status.ERROR),
+        ("INSERT 2", "INSERT 0 1", Status.OK),
+    ]
 
 
 def test_cancelled_extended_query() -> None:
