@@ -6,7 +6,16 @@ updated by the query log recorder in batches, off the relay's hot path.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 from prometheus_client import disable_created_metrics as _disable_created
 
 from ..records import SessionInfo
@@ -17,12 +26,24 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 _disable_created()
 
+ERROR_REASONS = (
+    "auth_failed",
+    "upstream_unreachable",
+    "protocol_error",
+    "tls_error",
+    "timeout",
+    "too_many_connections",
+)
+
 
 class ProxyMetrics:
     """All of pgsage's metrics, on one registry per server."""
 
     def __init__(self, registry: CollectorRegistry | None = None, version: str = "") -> None:
         self.registry = r = registry or CollectorRegistry()
+        if registry is None:
+            for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(default)
         # ---- connections
         self.client_connections_active = Gauge(
             "pgsage_client_connections_active",
@@ -131,6 +152,42 @@ class ProxyMetrics:
             OVERHEAD_BUCKETS,
         )
         r.register(self.proxy_overhead)
+        self.transactions = Counter(
+            "pgsage_transactions",
+            "Transactions, from ReadyForQuery status changes",
+            ["database", "outcome"],
+            registry=r,
+        )
+        self.transaction_duration = Histogram(
+            "pgsage_transaction_duration_seconds",
+            "Transaction blocks, BEGIN to COMMIT/ROLLBACK",
+            buckets=QUERY_BUCKETS,
+            registry=r,
+        )
+        self.prepared_statements = Counter(
+            "pgsage_prepared_statements_parsed",
+            "Parse messages, by statement kind",
+            ["kind"],
+            registry=r,
+        )
+        # known label values start at 0, so the first occurrence is a visible increase
+        for reason in ERROR_REASONS:
+            self.client_connection_errors.labels(reason)
+        for reason in ("queue_full", "db_error", "db_unavailable"):
+            self.querylog_dropped.labels(reason)
+        for kind in ("named", "unnamed"):
+            self.prepared_statements.labels(kind)
+        for kind in (
+            "ssl",
+            "ssl_accepted",
+            "ssl_refused",
+            "gssenc_refused",
+            "direct_tls",
+            "cancel",
+        ):
+            self.startup_requests.labels(kind)
+        for result in ("forwarded", "unknown_key"):
+            self.cancel_requests.labels(result)
 
     # ---- connection events (called by the session; rare)
 
