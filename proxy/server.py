@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from optimizer.sqltext import split_statements
 
@@ -107,7 +108,7 @@ class ProxyServer:
             self.metrics.cancel("unknown_key")
             return
         self.metrics.cancel("forwarded")
-        self._spawn(self._send_cancel(raw))
+        self.spawn(self._send_cancel(raw))
 
     def cancel_upstream(self, tracker: SessionTracker) -> None:
         """Cancel whatever the upstream backend of a session runs (the client went away)."""
@@ -120,14 +121,14 @@ class ProxyServer:
             + tracker.backend_pid.to_bytes(4, "big", signed=True)
             + secret
         )
-        self._spawn(self._send_cancel(raw))
+        self.spawn(self._send_cancel(raw))
 
     async def _send_cancel(self, raw: bytes) -> None:
         try:
             reader, writer = await asyncio.wait_for(
                 self.upstream.open_stream(), self.settings.connect_timeout
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.log.warning("cancel request not delivered", error=str(exc))
             return
         try:
@@ -135,13 +136,14 @@ class ProxyServer:
             await writer.drain()
             # the server closes the connection once it has processed the request
             await asyncio.wait_for(reader.read(), self.settings.connect_timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         finally:
             writer.close()
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task, keeping a reference (the loop holds only weak ones)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -168,7 +170,9 @@ class ProxyServer:
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Graceful stop; see the module docstring for the order."""
-        deadline = time.monotonic() + (self.settings.shutdown_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + (
+            self.settings.shutdown_timeout if timeout is None else timeout
+        )
         self.shutting_down = True
         if self._server is not None:
             self._server.close()

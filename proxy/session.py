@@ -32,11 +32,13 @@ from .protocol import (
 )
 from .protocol.errors import (
     ADMIN_SHUTDOWN,
+    CANNOT_CONNECT_NOW,
     CONNECTION_FAILURE,
     PROTOCOL_VIOLATION,
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
+from .protocol.tracker import _Query
 from .records import SessionInfo, StatementRecord
 
 if TYPE_CHECKING:
@@ -70,6 +72,7 @@ class ClientConnection(asyncio.Protocol):
         self.counted = False  # counts against max_client_connections
         self.closed = False
         self._early: list[bytes] = []  # client bytes that arrive while upstream connects
+        self._tls_handshake = False  # 'S' sent, TLS not yet up: no plaintext may be written
         self._cancel_key: tuple[int, bytes] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -86,14 +89,14 @@ class ClientConnection(asyncio.Protocol):
         if up is not None:
             try:
                 frames = self.scanner.receive_data(data)
+                if frames:
+                    tracker = self.tracker
+                    tracker.client_frames(frames, now)
+                    if tracker.finished:
+                        self.emit(tracker.take_finished())
             except ProtocolViolation as exc:
                 self.protocol_error(exc)
                 return
-            if frames:
-                tracker = self.tracker
-                tracker.client_frames(frames, now)
-                if tracker.finished:
-                    self.emit(tracker.take_finished())
             up.transport.write(data)
         elif self.reader is not None:
             self._startup_data(data)
@@ -101,6 +104,12 @@ class ClientConnection(asyncio.Protocol):
             self._early.append(data)
 
     def eof_received(self) -> bool:
+        # the client half-closed; a message (or startup packet) it began will never be complete
+        if self.upstream is not None:
+            if not self.scanner.at_boundary:
+                self.protocol_error(ProtocolViolation("incomplete message from client"))
+        elif self.reader is not None and self.reader.remaining:
+            self.protocol_error(ProtocolViolation("incomplete startup packet"))
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,9 +123,11 @@ class ClientConnection(asyncio.Protocol):
             if tracker.in_flight and tracker.phase is not Phase.STARTUP:
                 self.server.cancel_upstream(tracker)
                 self._abandon_pending()
-            else:
+            elif self.scanner.at_boundary:
                 up.transport.write(TERMINATE)
+            # else: the client left mid-message; a Terminate would land inside that message
             up.transport.close()
+        self._end_suspended()
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -142,10 +153,14 @@ class ClientConnection(asyncio.Protocol):
                     if reader.remaining:
                         # bytes after SSLRequest before the handshake: refuse (CVE-2021-23222)
                         raise ProtocolViolation("received unencrypted data after SSL request")
-                    self.server.metrics.startup_request("ssl")
                     if self.server.ssl_context is not None and not self.info.tls:
+                        self.server.metrics.startup_request("ssl_accepted")
                         self._write(b"S")
-                        asyncio.ensure_future(self._start_tls())
+                        # no plaintext byte may reach us between 'S' and the TLS layer
+                        assert self.transport is not None
+                        self.transport.pause_reading()
+                        self._tls_handshake = True
+                        self.server.spawn(self._start_tls())
                         return
                     self.server.metrics.startup_request("ssl_refused")
                     self._write(b"N")
@@ -176,11 +191,20 @@ class ClientConnection(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.server.settings.startup_timeout,
             )
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             self.server.metrics.connection_error("tls_error")
-            self.server.log.info("tls handshake failed", client=self.info.client_addr, error=str(exc))
-            self._close()
-            return
+            self.server.log.info(
+                "tls handshake failed", client=self.info.client_addr, error=str(exc)
+            )
+            tls_transport = None
+        except Exception as exc:  # e.g. the transport was closed under the handshake
+            self.server.metrics.connection_error("tls_error")
+            self.server.log.warning(
+                "tls handshake aborted", client=self.info.client_addr, error=repr(exc)
+            )
+            tls_transport = None
+        finally:
+            self._tls_handshake = False
         if tls_transport is None:
             self._close()
             return
@@ -194,12 +218,20 @@ class ClientConnection(asyncio.Protocol):
         info.application_name = startup.parameters.get("application_name")
         if early:
             self._early.append(early)
+        if self.server.shutting_down:
+            self.server.metrics.connection_error("shutting_down")
+            self.fatal(CANNOT_CONNECT_NOW, "the database system is shutting down")
+            return
         if not self.server.admit(self):
             self.server.metrics.connection_error("too_many_connections")
             self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
             return
         self.server.metrics.client_opened(info.tls)
-        asyncio.ensure_future(self._connect_upstream(raw))
+        # nothing more is read from the client until its bytes have somewhere to go: without
+        # this, a client could pile up unbounded data in `_early` while the upstream connects
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.server.spawn(self._connect_upstream(raw))
 
     async def _connect_upstream(self, startup_packet: bytes) -> None:
         server = self.server
@@ -209,7 +241,7 @@ class ClientConnection(asyncio.Protocol):
                 server.upstream.connect(lambda: UpstreamConnection(self)),
                 server.settings.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             server.metrics.connection_error("upstream_unreachable")
             reason = str(exc) or type(exc).__name__
             self.fatal(
@@ -217,16 +249,25 @@ class ClientConnection(asyncio.Protocol):
                 f"pgsage could not connect to the upstream server at {server.upstream}: {reason}",
             )
             return
+        except Exception as exc:  # a bug of ours must not leave the client waiting for startup
+            server.metrics.connection_error("upstream_unreachable")
+            server.log.error("upstream connect failed", error=repr(exc))
+            self.fatal(
+                CONNECTION_FAILURE, f"pgsage could not connect to the upstream server: {exc}"
+            )
+            return
         server.metrics.server_connected(monotonic() - started)
         if self.closed:
-            transport.write(TERMINATE)
-            transport.close()
+            transport.close()  # nothing sent yet: a Terminate would be read as a startup packet
             return
         self.upstream = up
         transport.write(startup_packet)
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
+        client = self.transport
+        if client is not None and not client.is_closing() and not up.write_paused:
+            client.resume_reading()  # unless the replay above filled the upstream's buffer
 
     def after_server_startup_frames(self) -> None:
         """Called while the session is in STARTUP after the server's frames were tracked."""
@@ -253,17 +294,42 @@ class ClientConnection(asyncio.Protocol):
         for ex in executions:
             sink(StatementRecord(info, ex))
 
-    def _abandon_pending(self) -> None:
-        """The client left with requests outstanding: record them as cancelled."""
+    def _abandon_pending(
+        self, sqlstate: str = QUERY_CANCELED, message: str = "client disconnected"
+    ) -> None:
+        """The session ends with requests outstanding: record what was running as ended.
+
+        The client left (57014, cancelled: the proxy cancels it upstream) or the upstream
+        connection was lost (an error). Each statement is recorded once: a simple Query whose
+        statements all ended already (e.g. on the server's FATAL) gives no record.
+        """
         now = monotonic()
-        done = [item for item in self.tracker.pending if isinstance(item, Execution)]
-        for ex in done:
-            ex.end = now
-            ex.status = Status.CANCELLED
-            ex.sqlstate = QUERY_CANCELED
-            ex.error_message = "client disconnected"
-        self.tracker.pending.clear()
+        tracker = self.tracker
+        status = Status.CANCELLED if sqlstate == QUERY_CANCELED else Status.ERROR
+        done: list[Execution] = []
+        for item in tracker.pending:
+            if isinstance(item, Execution):
+                item.end = now
+                item.status = status
+                item.sqlstate = sqlstate
+                item.error_message = message
+                done.append(item)
+            elif isinstance(item, _Query) and (
+                item.statements is None or item.index < len(item.statements)
+            ):
+                # the statement of the Query string that was running; later ones never ran
+                done.append(tracker._simple_statement(item, now, None, (sqlstate, message)))
+        tracker.pending.clear()
         if done:
+            self.emit(done)
+        self._end_suspended()
+
+    def _end_suspended(self) -> None:
+        """The session is over: portals still suspended ended at their last PortalSuspended."""
+        suspended = self.tracker.suspended
+        if suspended:
+            done = list(suspended.values())
+            suspended.clear()
             self.emit(done)
 
     def _write(self, data: bytes) -> None:
@@ -275,9 +341,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def can_inject(self) -> bool:
-        """True if a message of ours can go to the client without splitting a server message."""
+        """True if a message of ours can go to the client without splitting a server message
+        (nor land as plaintext in the middle of a TLS handshake)."""
         up = self.upstream
-        return up is None or up.scanner.at_boundary
+        return not self._tls_handshake and (up is None or up.scanner.at_boundary)
 
     def fatal(self, sqlstate: str, message: str) -> None:
         """Send a FATAL ErrorResponse (if the stream allows it) and close the session."""
@@ -302,7 +369,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if self.tracker.phase is not Phase.CLOSED:
-            self._abandon_pending()
+            self._abandon_pending(CONNECTION_FAILURE, "upstream connection lost")
             self.fatal(
                 CONNECTION_FAILURE,
                 "server closed the connection unexpectedly (pgsage lost its upstream connection)",
@@ -325,6 +392,8 @@ class UpstreamConnection(asyncio.Protocol):
             "backend",
             settings.max_read_size,
         )
+        #: our writes to the server are paused (its buffer is full): the client must not read
+        self.write_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -333,20 +402,20 @@ class UpstreamConnection(asyncio.Protocol):
         client = self.client
         try:
             frames = self.scanner.receive_data(data)
+            if frames:
+                now = client.last_activity = monotonic()
+                tracker = client.tracker
+                in_startup = tracker.phase is Phase.STARTUP
+                executions = tracker.server_frames(frames, now)
+                if in_startup:
+                    client.after_server_startup_frames()
+                if executions:
+                    client.emit(executions)
         except ProtocolViolation as exc:
             client.server.log.error("upstream protocol violation", error=exc.message)
             self.transport.close()
             client.fatal(CONNECTION_FAILURE, f"upstream server broke the protocol: {exc.message}")
             return
-        if frames:
-            now = client.last_activity = monotonic()
-            tracker = client.tracker
-            in_startup = tracker.phase is Phase.STARTUP
-            executions = tracker.server_frames(frames, now)
-            if in_startup:
-                client.after_server_startup_frames()
-            if executions:
-                client.emit(executions)
         transport = client.transport
         if transport is not None:
             transport.write(data)
@@ -358,10 +427,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.client.upstream_lost()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.client.transport is not None:
             self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         t = self.client.transport
         if t is not None and not t.is_closing():
             t.resume_reading()
