@@ -26,6 +26,25 @@ from .telemetry.metrics import ProxyMetrics
 from .upstream import Upstream
 
 SWEEP_INTERVAL = 0.5
+TRAFFIC_KEYS = (
+    "client_received",
+    "client_sent",
+    "server_received",
+    "server_sent",
+    "parse_named",
+    "parse_unnamed",
+)
+
+
+def _add_session(totals: dict[str, int], c: ClientConnection) -> None:
+    totals["client_received"] += c.rx
+    totals["client_sent"] += c.tx
+    up = c.upstream
+    if up is not None:
+        totals["server_received"] += up.rx
+        totals["server_sent"] += up.tx
+    totals["parse_named"] += c.tracker.parses_named
+    totals["parse_unnamed"] += c.tracker.parses_unnamed
 
 
 class ProxyServer:
@@ -56,6 +75,14 @@ class ProxyServer:
         self._background: set[asyncio.Task[None]] = set()
         self.host, self.port = settings.listen_address
         self.shutting_down = False
+        #: PAUSE in the admin console: no new statements start until RESUME
+        self.paused = False
+        self.resumed = asyncio.Event()
+        self.resumed.set()
+        #: what the admin console talks to (the Service); None for a bare proxy
+        self.admin_context: Any = None
+        #: traffic and Parse counts of sessions that ended (live ones are summed at scrape)
+        self.closed_totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -90,7 +117,30 @@ class ProxyServer:
         self.admitted.add(client)
         return True
 
+    def pause(self) -> None:
+        self.paused = True
+        self.resumed.clear()
+        for c in self.clients:
+            if not c.is_admin:
+                c.hold()
+
+    def resume(self) -> None:
+        self.paused = False
+        self.resumed.set()
+        for c in self.clients:
+            if not c.is_admin:
+                c.release()
+
+    def traffic(self) -> dict[str, int]:
+        """Totals since start: bytes both ways on both sides, Parse messages by kind."""
+        totals = dict(self.closed_totals)
+        for c in self.clients:
+            _add_session(totals, c)
+        return totals
+
     def forget(self, client: ClientConnection) -> None:
+        if client in self.clients:
+            _add_session(self.closed_totals, client)
         self.clients.discard(client)
         if client.counted:
             self.admitted.discard(client)

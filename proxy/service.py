@@ -18,7 +18,7 @@ from .http import create_app, make_http_server
 from .log import get_logger
 from .server import ProxyServer
 from .settings import Settings
-from .telemetry.collectors import TopFingerprints
+from .telemetry.collectors import TopFingerprints, TrafficCollector
 from .telemetry.metrics import ProxyMetrics
 from .telemetry.querylog import QueryLogRecorder
 from .telemetry.sampler import SystemSampler
@@ -45,6 +45,7 @@ class Service:
             settings, upstream=upstream, sink=self.recorder, metrics=self.metrics
         )
         self.proxy.admin_context = self
+        self.metrics.registry.register(TrafficCollector(self.proxy.traffic))
         self.sampler = SystemSampler(
             settings,
             self.metrics,

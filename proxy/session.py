@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from time import perf_counter
 from typing import TYPE_CHECKING
 
+from .admin import AdminConsole
+from .admin.results import admin_simple_only, admin_unavailable
 from .protocol import (
     BACKEND_TYPE_BYTES,
     CLIENT_INTERESTING,
@@ -34,6 +37,7 @@ from .protocol.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
     CONNECTION_FAILURE,
+    INVALID_AUTHORIZATION,
     PROTOCOL_VIOLATION,
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 monotonic = time.monotonic
 TERMINATE = b"X\x00\x00\x00\x04"
 IDLE_SESSION_TIMEOUT = "57P05"
+#: the proxy's own time is measured on one chunk in 64 (keeps the hot path lean)
+OVERHEAD_SAMPLE_MASK = 63
 
 
 class ClientConnection(asyncio.Protocol):
@@ -74,6 +80,13 @@ class ClientConnection(asyncio.Protocol):
         self._early: list[bytes] = []  # client bytes that arrive while upstream connects
         self._tls_handshake = False  # 'S' sent, TLS not yet up: no plaintext may be written
         self._cancel_key: tuple[int, bytes] | None = None
+        self.rx = 0  # bytes received from the client
+        self.tx = 0  # bytes sent to the client
+        self.is_admin = False
+        self.admin_mode = False  # authenticated admin: the proxy answers its queries
+        self.admin: AdminConsole | None = None
+        self.txn_started: float | None = None
+        self._chunks = 0  # for sampling the proxy's own time per chunk
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -87,6 +100,10 @@ class ClientConnection(asyncio.Protocol):
         now = self.last_activity = monotonic()
         up = self.upstream
         if up is not None:
+            self._chunks += 1
+            sampled = not self._chunks & OVERHEAD_SAMPLE_MASK
+            if sampled:
+                t0 = perf_counter()
             try:
                 frames = self.scanner.receive_data(data)
                 if frames:
@@ -97,7 +114,14 @@ class ClientConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self.protocol_error(exc)
                 return
+            n = len(data)
+            self.rx += n
+            up.tx += n
             up.transport.write(data)
+            if sampled:
+                self.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
+        elif self.admin_mode:
+            self._admin_data(data)
         elif self.reader is not None:
             self._startup_data(data)
         else:
@@ -136,6 +160,27 @@ class ClientConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.upstream is not None and not self.upstream.transport.is_closing():
             self.upstream.transport.resume_reading()
+
+    @property
+    def state(self) -> str:
+        """For SHOW CLIENTS: startup, active (a request outstanding), idle or paused."""
+        if not self.started:
+            return "startup"
+        if self.tracker.in_flight:
+            return "active"
+        return "paused" if self.server.paused else "idle"
+
+    def hold(self) -> None:
+        """PAUSE: read nothing more from this client (a COPY IN in progress is left to end)."""
+        t = self.transport
+        if t is not None and not t.is_closing() and self.tracker.phase is not Phase.COPY_IN:
+            t.pause_reading()
+
+    def release(self) -> None:
+        t = self.transport
+        up = self.upstream
+        if t is not None and not t.is_closing() and (up is None or not up.write_paused):
+            t.resume_reading()
 
     # ------------------------------------------------------------------ startup phase
 
@@ -222,6 +267,20 @@ class ClientConnection(asyncio.Protocol):
             self.server.metrics.connection_error("shutting_down")
             self.fatal(CANNOT_CONNECT_NOW, "the database system is shutting down")
             return
+        settings = self.server.settings
+        if info.database == settings.admin_database:
+            if info.user not in settings.admin_users:
+                self.server.metrics.connection_error("auth_failed")
+                self.fatal(
+                    INVALID_AUTHORIZATION,
+                    f'pgsage admin console: user "{info.user}" is not an admin user '
+                    "(admin_users in the configuration)",
+                )
+                return
+            self.is_admin = True
+            # authenticate with the upstream's own methods, against a real database
+            params = {**startup.parameters, "database": settings.admin_auth_database}
+            raw = StartupMessage(startup.protocol, params).encode()
         if not self.server.admit(self):
             self.server.metrics.connection_error("too_many_connections")
             self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
@@ -257,6 +316,8 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         server.metrics.server_connected(monotonic() - started)
+        if server.paused and not self.is_admin:
+            await server.resumed.wait()  # PAUSE holds new sessions too
         if self.closed:
             transport.close()  # nothing sent yet: a Terminate would be read as a startup packet
             return
@@ -278,13 +339,64 @@ class ClientConnection(asyncio.Protocol):
             self.server.cancel_keys[self._cancel_key] = self
         if tracker.phase is not Phase.STARTUP and not self.started:
             self.started = True
+            if self.is_admin:
+                self._become_admin()
+                return
             self.server.metrics.session_started(self.info)
         elif tracker.startup_error is not None and not self.started:
             code = tracker.startup_error[0] or ""
             if code.startswith("28"):
                 self.server.metrics.connection_error("auth_failed")
 
+    # ------------------------------------------------------------------ admin console
+
+    def _become_admin(self) -> None:
+        """The upstream accepted the admin's credentials: from now on the proxy answers."""
+        up = self.upstream
+        if up is not None:
+            up.detached = True
+            up.transport.write(TERMINATE)
+            up.transport.close()
+        self.upstream = None
+        context = self.server.admin_context
+        self.admin = AdminConsole(context) if context is not None else None
+        self.admin_mode = True
+
+    def _admin_data(self, data: bytes) -> None:
+        self.last_activity = monotonic()
+        try:
+            frames = self.scanner.receive_data(data)
+        except ProtocolViolation as exc:
+            self.protocol_error(exc)
+            return
+        for t, payload in frames:
+            if t == 0x51:  # Query
+                sql = (payload or b"").split(b"\x00", 1)[0].decode("utf-8", "replace")
+                if self.admin is None:
+                    self._write(admin_unavailable())
+                else:
+                    self._write(self.admin.run(sql))
+            elif t == 0x53:  # Sync: the extended protocol is not served here
+                self._write(admin_simple_only())
+            elif t == 0x58:  # Terminate
+                self._close()
+                return
+
     # ------------------------------------------------------------------ relay helpers
+
+    def transaction_edge(self, before: str, after: str, now: float) -> None:
+        """ReadyForQuery changed the transaction status: a block began or ended."""
+        if before == "I":
+            self.txn_started = now
+            return
+        if after != "I":
+            return  # T -> E: the block failed; it ends with the ROLLBACK
+        metrics = self.server.metrics
+        outcome = "rollback" if before == "E" else "commit"
+        metrics.transactions.labels(self.info.database or "", outcome).inc()
+        if self.txn_started is not None:
+            metrics.transaction_duration.observe(now - self.txn_started)
+            self.txn_started = None
 
     def emit(self, executions: list[Execution]) -> None:
         sink = self.server.sink
@@ -366,7 +478,7 @@ class ClientConnection(asyncio.Protocol):
         self.fatal(IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout")
 
     def upstream_lost(self) -> None:
-        if self.closed:
+        if self.closed or self.admin_mode:
             return
         if self.tracker.phase is not Phase.CLOSED:
             self._abandon_pending(CONNECTION_FAILURE, "upstream connection lost")
@@ -394,23 +506,44 @@ class UpstreamConnection(asyncio.Protocol):
         )
         #: our writes to the server are paused (its buffer is full): the client must not read
         self.write_paused = False
+        #: closed on purpose (the admin console authenticated through it)
+        self.detached = False
+        self.rx = 0  # bytes received from the server
+        self.tx = 0  # bytes sent to the server
+        self._mark = 0  # rx when the last statement completed (bytes per statement)
+        self._chunks = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         client = self.client
+        n = len(data)
+        self.rx += n
+        self._chunks += 1
+        sampled = not self._chunks & OVERHEAD_SAMPLE_MASK
+        if sampled:
+            t0 = perf_counter()
         try:
             frames = self.scanner.receive_data(data)
             if frames:
                 now = client.last_activity = monotonic()
                 tracker = client.tracker
                 in_startup = tracker.phase is Phase.STARTUP
+                status = tracker.transaction_status
                 executions = tracker.server_frames(frames, now)
                 if in_startup:
                     client.after_server_startup_frames()
+                    if self.detached:
+                        client.tx += n
+                        client._write(data)  # the server's welcome reaches the admin client
+                        return
                 if executions:
+                    executions[0].bytes_sent = self.rx - self._mark
+                    self._mark = self.rx
                     client.emit(executions)
+                if tracker.transaction_status != status:
+                    client.transaction_edge(status, tracker.transaction_status, now)
         except ProtocolViolation as exc:
             client.server.log.error("upstream protocol violation", error=exc.message)
             self.transport.close()
@@ -418,7 +551,10 @@ class UpstreamConnection(asyncio.Protocol):
             return
         transport = client.transport
         if transport is not None:
+            client.tx += n
             transport.write(data)
+        if sampled:
+            client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
 
     def eof_received(self) -> bool:
         return False
@@ -434,5 +570,5 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         t = self.client.transport
-        if t is not None and not t.is_closing():
+        if t is not None and not t.is_closing() and not self.client.server.paused:
             t.resume_reading()

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"
     admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
+    #: admins authenticate against this upstream database with the upstream's own methods
+    admin_auth_database: str = "postgres"
 
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -31,11 +31,14 @@ class RunningService:
         if self.own_db:
             settings["warehouse_database"] = create_database("pgsage_wh")
         self.settings = Settings(**settings)
+        self.overrides = dict(settings)
         self.loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.stop_event: asyncio.Event = self.call(self._make_event())
-        self.service = Service(self.settings, Upstream.parse(self.settings.upstream))
+        self.service = Service(
+            self.settings, Upstream.parse(self.settings.upstream), cli_overrides=self.overrides
+        )
         self.service._stop_event = self.stop_event
         self.call(self.service.start())
         self.host, self.port = self.service.proxy.host, self.service.proxy.port

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from .results import command_complete, error, result_set
+from .results import command_complete, error, notice, result_set
 
 if TYPE_CHECKING:
     from .console import AdminContext
@@ -212,9 +212,10 @@ def set_setting(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 
 def reload(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     problem = ctx.reload()
-    if problem:
+    if problem and problem.startswith("configuration not reloaded"):
         return error("F0000", problem)
-    return command_complete("RELOAD")
+    # keys that need a restart are reported, not refused (as PgBouncer logs them)
+    return (notice(problem) if problem else b"") + command_complete("RELOAD")
 
 
 def pause(ctx: AdminContext, args: dict[str, Any]) -> bytes:

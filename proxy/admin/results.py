@@ -69,3 +69,26 @@ def notice(message: str) -> bytes:
 
 def error(sqlstate: str, message: str, detail: str | None = None) -> bytes:
     return error_response("ERROR", sqlstate, message, detail)
+
+
+def admin_simple_only() -> bytes:
+    """Answer to a Sync: the console speaks the simple query protocol only."""
+    from ..protocol.backend import ReadyForQuery
+
+    return (
+        error(
+            "0A000",
+            "the pgsage admin console supports the simple query protocol only",
+            "use psql, or a driver's simple-query mode",
+        )
+        + ReadyForQuery("I").encode()
+    )
+
+
+def admin_unavailable() -> bytes:
+    from ..protocol.backend import ReadyForQuery
+
+    return (
+        error("55000", "the admin console is not available in this process")
+        + ReadyForQuery("I").encode()
+    )

@@ -73,7 +73,9 @@ class StartupMessage:
 
     def encode(self) -> bytes:
         body = b"".join(
-            k.encode("utf-8", "surrogateescape") + b"\x00" + v.encode("utf-8", "surrogateescape")
+            k.encode("utf-8", "surrogateescape")
+            + b"\x00"
+            + v.encode("utf-8", "surrogateescape")
             + b"\x00"
             for k, v in self.parameters.items()
         )

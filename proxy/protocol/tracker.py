@@ -189,6 +189,9 @@ class SessionTracker:
     fatal: bool = False
     #: the server is in copy-in mode and the client has not sent CopyDone / CopyFail yet
     copy_in: bool = False
+    #: Parse messages seen, by kind (pgsage_prepared_statements_parsed_total)
+    parses_named: int = 0
+    parses_unnamed: int = 0
     #: the first frame of the extended-protocol statement being assembled (Parse/Bind)
     group_start: float | None = None
     #: executions finished but not yet handed out
@@ -216,6 +219,10 @@ class SessionTracker:
         name, pos = _cstr(payload)
         sql, _ = _cstr(payload, pos)
         self.pending.append(_Parse(name, sql, now))
+        if name:
+            self.parses_named += 1
+        else:
+            self.parses_unnamed += 1
         if name and name not in self.statements and len(self.statements) >= self.max_statements:
             return  # bounded memory: the server still has it; we only lose its text
         self.statements[name] = sql

@@ -145,3 +145,33 @@ class TopFingerprints(Collector):
             "Fingerprints evicted from memory",
             value=self.stats.evicted,
         )
+
+
+class TrafficCollector(Collector):
+    """Bytes relayed and Parse messages, summed over live and ended sessions at scrape time.
+
+    The relay only adds to plain integer fields per chunk; no metric object on the hot path.
+    """
+
+    NAMES = (
+        ("client_received", "pgsage_client_received_bytes", "Bytes received from clients"),
+        ("client_sent", "pgsage_client_sent_bytes", "Bytes sent to clients"),
+        ("server_received", "pgsage_server_received_bytes", "Bytes received from the upstream"),
+        ("server_sent", "pgsage_server_sent_bytes", "Bytes sent to the upstream"),
+    )
+
+    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        t = self.totals()
+        for key, name, doc in self.NAMES:
+            yield CounterMetricFamily(name, doc, value=t.get(key, 0))
+        parsed = CounterMetricFamily(
+            "pgsage_prepared_statements_parsed",
+            "Parse messages, by statement kind",
+            labels=["kind"],
+        )
+        parsed.add_metric(["named"], t.get("parse_named", 0))
+        parsed.add_metric(["unnamed"], t.get("parse_unnamed", 0))
+        yield parsed

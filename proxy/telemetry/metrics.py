@@ -110,19 +110,6 @@ class ProxyMetrics:
         self.copy_operations = Counter(
             "pgsage_copy_operations", "COPY statements", ["direction"], registry=r
         )
-        # ---- traffic
-        self.client_received_bytes = Counter(
-            "pgsage_client_received_bytes", "Bytes received from clients", registry=r
-        )
-        self.client_sent_bytes = Counter(
-            "pgsage_client_sent_bytes", "Bytes sent to clients", registry=r
-        )
-        self.server_received_bytes = Counter(
-            "pgsage_server_received_bytes", "Bytes received from the upstream", registry=r
-        )
-        self.server_sent_bytes = Counter(
-            "pgsage_server_sent_bytes", "Bytes sent to the upstream", registry=r
-        )
         # ---- query log
         self.querylog_written = Counter(
             "pgsage_querylog_written", "Query log rows written to metadata.query_logs", registry=r
@@ -164,19 +151,11 @@ class ProxyMetrics:
             buckets=QUERY_BUCKETS,
             registry=r,
         )
-        self.prepared_statements = Counter(
-            "pgsage_prepared_statements_parsed",
-            "Parse messages, by statement kind",
-            ["kind"],
-            registry=r,
-        )
         # known label values start at 0, so the first occurrence is a visible increase
         for reason in ERROR_REASONS:
             self.client_connection_errors.labels(reason)
         for reason in ("queue_full", "db_error", "db_unavailable"):
             self.querylog_dropped.labels(reason)
-        for kind in ("named", "unnamed"):
-            self.prepared_statements.labels(kind)
         for kind in (
             "ssl",
             "ssl_accepted",
