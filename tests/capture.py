@@ -6,6 +6,7 @@ records `direction (1 byte: 'F' frontend, 'B' backend) + int32 length + bytes`.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -76,10 +77,8 @@ class RecordingRelay:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.sock.close()
