@@ -375,8 +375,8 @@ class SessionTracker:
     def _split(self, sql: str | None) -> list[str]:
         if sql is None:
             return []
-        if self.splitter is None or ";" not in sql:
-            return [sql]
+        if self.splitter is None or ";" not in sql.rstrip().rstrip(";"):
+            return [sql]  # one statement (a trailing semicolon is common): no need to lex
         try:
             parts = self.splitter(sql)
         except Exception:  # unsplittable text is still one statement to log
