@@ -109,10 +109,7 @@ _LITERAL = re.compile(
     r"""|(?<![\w$.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"""  # number
 )
 # the common case (no quoted identifiers) needs no callback, which is several times faster
-_LITERAL_FAST = re.compile(
-    r"""'(?:[^']|'')*'|(?<![\w$.])(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"""
-)
-_UNSAFE = re.compile(r"\$\w*\$|\\")
+_LITERAL_FAST = re.compile(r"'(?:[^']|'')*'|\b\d+\b")
 _IN_LIST = re.compile(r"(?i)\bin\s*\(\s*\?(?:\s*,\s*\?)*\s*\)")
 _SPACE = re.compile(r"\s+")
 
@@ -123,7 +120,7 @@ def _mask(match: re.Match[str]) -> str:
 
 def literal_key(sql: str) -> str:
     """The text with literals masked, or the text itself where masking could be unsafe."""
-    if _UNSAFE.search(sql):
+    if "$" in sql or "\\" in sql:
         return sql
     masked = _LITERAL.sub(_mask, sql) if '"' in sql else _LITERAL_FAST.sub("?", sql)
     return _IN_LIST.sub("in (?)", masked) if "(" in masked else masked

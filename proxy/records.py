@@ -22,6 +22,8 @@ class SessionInfo:
     user: str | None = None
     application_name: str | None = None
     tls: bool = False
+    #: application_name mapped to a closed set (a label value), set once per session
+    app: str = "other"
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ from .protocol.errors import (
 )
 from .protocol.tracker import _Query
 from .records import SessionInfo, StatementRecord
+from .telemetry.apps import app_class
 
 if TYPE_CHECKING:
     from .server import ProxyServer
@@ -261,6 +262,7 @@ class ClientConnection(asyncio.Protocol):
         info.user = startup.user
         info.database = startup.database
         info.application_name = startup.parameters.get("application_name")
+        info.app = app_class(info.application_name)
         if early:
             self._early.append(early)
         if self.server.shutting_down:

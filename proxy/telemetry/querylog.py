@@ -26,7 +26,6 @@ from ..clock import CLOCK
 from ..log import get_logger
 from ..records import StatementRecord
 from ..settings import Settings
-from .apps import app_class
 from .metrics import ProxyMetrics
 from .stats import StatsTable
 
@@ -185,8 +184,12 @@ class QueryLogRecorder:
             self.dropped_full = 0
         q = self.queue
         self.metrics.querylog_queue.set(len(q))
-        while q:
-            n = min(len(q), self.batch_size * 4)
+        # only what is queued now: records that arrive during the COPY wait for the next
+        # round, or the writer would spin on tiny COPYs under steady traffic
+        remaining = len(q)
+        while remaining:
+            n = min(remaining, self.batch_size * 4)
+            remaining -= n
             batch = [q.popleft() for _ in range(n)]
             rows: list[tuple[Any, ...]] = []
             for i in range(0, n, SLICE):
@@ -209,9 +212,8 @@ class QueryLogRecorder:
         fp_of = self.fingerprinter.fingerprint
         keep_text = self.settings.log_parameters
         instance = self.settings.instance_name
-        queries: Counter[tuple[str, str, str, str, str]] = Counter()
+        groups: dict[tuple[str, str, str, str, str], list[float]] = {}
         by_fp: dict[str, tuple[Any, list[float], list[Any]]] = {}
-        by_label: dict[tuple[str, str], list[float]] = {}
         rows_by: Counter[tuple[str, str]] = Counter()
         errors: Counter[str] = Counter()
         copies: Counter[str] = Counter()
@@ -225,21 +227,19 @@ class QueryLogRecorder:
             sql = ex.sql
             fp = fp_of(sql if sql is not None else "")
             seconds = ex.end - ex.start
-            db = info.database or ""
             status = ex.status
             command = fp.command
-            app = app_class(info.application_name)
-            queries[(db, command, ex.protocol, status, app)] += 1
+            key = (info.database or "", command, ex.protocol, status, info.app)
+            durations = groups.get(key)
+            if durations is None:
+                durations = groups[key] = []
+            durations.append(seconds)
             group = by_fp.get(fp.id)
             if group is None:
                 group = by_fp[fp.id] = (fp, [], [])
             group[1].append(seconds)
-            lbl = by_label.get((db, command))
-            if lbl is None:
-                lbl = by_label[(db, command)] = []
-            lbl.append(seconds)
             if ex.rows:
-                rows_by[(db, command)] += ex.rows
+                rows_by[(key[0], command)] += ex.rows
                 group[2].append(ex.rows)
             if status != "ok":
                 group[2].append(None)
@@ -267,7 +267,7 @@ class QueryLogRecorder:
                     info.database,
                     info.user,
                     info.application_name,
-                    app,
+                    info.app,
                     info.client_addr,
                     ex.protocol,
                     ex.statement,
@@ -287,18 +287,19 @@ class QueryLogRecorder:
         self._aggregate(by_fp, batch)
         m = self.metrics
         db_stats = self.db_stats
-        for labels, durations in by_label.items():
-            m.query_duration.observe_many(labels, durations)
-            d = db_stats.get(labels[0])
+        by_label: dict[tuple[str, str], list[float]] = {}
+        for qlabels, durations in groups.items():
+            m.queries.labels(*qlabels).inc(len(durations))
+            by_label.setdefault((qlabels[0], qlabels[1]), []).extend(durations)
+            d = db_stats.get(qlabels[0])
             if d is None:
-                d = db_stats[labels[0]] = {"queries": 0, "seconds": 0.0, "errors": 0}
+                d = db_stats[qlabels[0]] = {"queries": 0, "seconds": 0.0, "errors": 0}
             d["queries"] += len(durations)
             d["seconds"] += float(sum(durations))
-        for (db, _c, _p, status, _a), n in queries.items():
-            if status != "ok":
-                db_stats[db]["errors"] += n
-        for qlabels, n in queries.items():
-            m.queries.labels(*qlabels).inc(n)
+            if qlabels[3] != "ok":
+                d["errors"] += len(durations)
+        for labels, durations in by_label.items():
+            m.query_duration.observe_many(labels, durations)
         for labels, n in rows_by.items():
             m.rows_returned.labels(*labels).inc(n)
         for cls, n in errors.items():
