@@ -47,7 +47,10 @@ from rich.progress import (
 from rich.table import Table
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TARGETS = ("direct", "pgsage", "pgbouncer")
+#: pgsage-nolog is pgsage with per-statement records off: the pair prices the query log,
+#: fingerprints and per-statement metrics (issue "Query log ...": cost <= 5% of TPS)
+TARGETS = ("direct", "pgsage", "pgsage-nolog", "pgbouncer")
+NOLOG_ENV = {"PGSAGE_RECORD_STATEMENTS": "false"}
 MODES = ("simple", "extended", "prepared")
 #: (clients, threads) pairs
 CLIENT_LEVELS = ((1, 1), (8, 2))
@@ -301,6 +304,7 @@ def start_pgsage(
     warehouse_db: str,
     config: Path | None,
     extra_env: dict[str, str],
+    name: str = "pgsage",
 ) -> Child:
     env = dict(os.environ)
     # measure against the given upstream, never silently against an embedded server
@@ -319,7 +323,7 @@ def start_pgsage(
     if config is not None:
         cmd += ["--config", str(config.resolve())]
     # cwd is the scratch directory: a config/pgsage.toml lying around must not change the setup
-    return Child("pgsage", cmd, workdir / "pgsage.log", env=env, cwd=workdir)
+    return Child(name, cmd, workdir / f"{name}.log", env=env, cwd=workdir)
 
 
 # --------------------------------------------------------------------------- pgbench
@@ -458,6 +462,8 @@ def cell_json(mode: str, clients: int, threads: int, res: dict[str, TargetResult
             "pgsage_vs_direct": ratio(tps["pgsage"], tps["direct"]),
             "pgbouncer_vs_direct": ratio(tps["pgbouncer"], tps["direct"]),
             "pgsage_vs_pgbouncer": ratio(tps["pgsage"], tps["pgbouncer"]),
+            "pgsage_nolog_vs_pgbouncer": ratio(tps["pgsage-nolog"], tps["pgbouncer"]),
+            "logging_on_vs_off": ratio(tps["pgsage"], tps["pgsage-nolog"]),
         },
     }
     if (mode, clients) in GOAL_CELLS:
@@ -489,6 +495,7 @@ def render_table(doc: dict[str, Any]) -> Table:
     table.add_column("pgsage/\ndirect", justify="right")
     table.add_column("pgbouncer/\ndirect", justify="right")
     table.add_column("pgsage/\npgbouncer", justify="right")
+    table.add_column("log on/\nlog off", justify="right")
 
     def fmt(r: float | None) -> str:
         return "-" if r is None else f"{r:.2f}"
@@ -502,7 +509,12 @@ def render_table(doc: dict[str, Any]) -> Table:
         if "goal" in cell:
             style = "bold green" if cell["goal"]["met"] else "bold red"
             sb_text = f"[{style}]{sb_text}*[/{style}]"
-        row += [fmt(rt["pgsage_vs_direct"]), fmt(rt["pgbouncer_vs_direct"]), sb_text]
+        row += [
+            fmt(rt["pgsage_vs_direct"]),
+            fmt(rt["pgbouncer_vs_direct"]),
+            sb_text,
+            fmt(rt["logging_on_vs_off"]),
+        ]
         table.add_row(*row, end_section=i < len(doc["cells"]) - 1)
     return table
 
@@ -656,12 +668,27 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 args.pgsage_env,
             )
             children.append(pgsage)
+            nolog_port, nolog_http = free_port(), free_port()
+            say(f"starting pgsage-nolog on 127.0.0.1:{nolog_port} (records off)")
+            nolog = start_pgsage(
+                up,
+                workdir,
+                nolog_port,
+                nolog_http,
+                args.pgsage_bin,
+                args.pgsage_warehouse_db,
+                args.pgsage_config,
+                {**args.pgsage_env, **NOLOG_ENV},
+                name="pgsage-nolog",
+            )
+            children.append(nolog)
             say(f"starting pgbouncer on 127.0.0.1:{bouncer_port}")
             bouncer = start_pgbouncer(up, args.dbname, workdir, bouncer_port, args.pgbouncer_bin)
             children.append(bouncer)
             endpoints = {
                 "direct": Endpoint("direct", up.host, up.port),
                 "pgsage": Endpoint("pgsage", "127.0.0.1", pgsage_port),
+                "pgsage-nolog": Endpoint("pgsage-nolog", "127.0.0.1", nolog_port),
                 "pgbouncer": Endpoint("pgbouncer", "127.0.0.1", bouncer_port),
             }
             by_name = {child.name: child for child in children}
