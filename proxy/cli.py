@@ -108,6 +108,32 @@ def migrate(
     typer.echo(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
 
 
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    """Shared context for subcommands that talk to the metadata database (train, models)."""
+    try:
+        settings = load_settings()
+    except SettingsError:
+        return  # commands that load settings themselves report the problem
+    if not settings.upstream and not settings.metadata_dsn:
+        return
+    from .metadata import metadata_connect_args
+    from .upstream import Upstream
+
+    args = metadata_connect_args(settings, Upstream.parse(settings.upstream or "127.0.0.1:5432"))
+    ctx.obj = {"connect_args": args} if "dsn" not in args else {"dsn": args["dsn"]}
+
+
+def _mount_models() -> None:
+    from models.cli import models_app, train
+
+    app.command("train", help="Train models from the query log (MODEL or 'all').")(train)
+    app.add_typer(models_app, name="models", help="The model registry: list, show, activate.")
+
+
+_mount_models()
+
+
 @app.command()
 def version() -> None:
     """Print the version."""

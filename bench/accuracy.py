@@ -1,0 +1,125 @@
+"""Accuracy of the cost model against its baselines, on a logged workload.
+
+    python -m bench.accuracy --dsn postgresql://postgres@127.0.0.1:5432/warehouse
+    # generate a workload through a running pgsage first (serve with log_parameters = true):
+    python -m bench.accuracy --dsn ...:5432/warehouse \
+        --traffic-dsn postgresql://postgres@127.0.0.1:6432/warehouse --statements 3000
+
+Reads `metadata.query_logs` at --dsn, builds the features, fits the cost model (bounded random
+search, time split 70/15/15), and scores it beside the baselines (per-template median, EXPLAIN
+total cost fitted per template and globally, log-log) on the same test rows, then on held-out
+templates. Prints JSON (and writes it with --out) and a table. Nothing is registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import asyncpg
+
+from bench.costload import create_tables, run_traffic
+from models.cost import to_json
+from models.dataset import build_dataset
+from models.train import TrainConfig, fit_cost_model, library_versions
+
+KEYS = ("rows", "r2_log", "mae_share", "qerror_p50", "qerror_p90", "qerror_p99")
+TARGETS = {"r2_log": 0.9, "qerror_p50": 1.3, "qerror_p90": 2.5}
+
+
+async def _traffic(dsn: str, statements: int, scale: float, seed: int) -> float:
+    conn = await asyncpg.connect(dsn)
+    try:
+        started = time.perf_counter()
+        await create_tables(conn, scale)
+        await run_traffic(conn, statements, seed=seed, scale=scale)
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"bench": "accuracy", "libraries": library_versions()}
+    if args.traffic_dsn:
+        out["traffic_seconds"] = await _traffic(
+            args.traffic_dsn, args.statements, args.scale, args.seed
+        )
+        await asyncio.sleep(args.settle)  # the query log flushes in the background
+    conn = await asyncpg.connect(args.dsn)
+    try:
+        started = time.perf_counter()
+        data = await build_dataset(conn, max_rows=args.max_rows, store=False)
+        out["features_seconds"] = time.perf_counter() - started
+    finally:
+        await conn.close()
+    config = TrainConfig(n_iter=args.n_iter, seed=args.seed, n_jobs=args.jobs)
+    started = time.perf_counter()
+    _model, info = fit_cost_model(data, config)
+    out["fit_seconds"] = time.perf_counter() - started
+    out["data_window"] = data.window()
+    out["split"] = {k: v for k, v in info["split"].items() if k != "test_query_ids"}
+    out["params"] = info["params"]
+    out["time_split"] = _summary(info["metrics"])
+    out["held_out_templates"] = _summary(info["held_out_templates"])
+    out["held_out_templates"]["fingerprints"] = len(info["held_out_templates"]["fingerprints"])
+    out["feature_importance"] = dict(list(info["feature_importance"].items())[:10])
+    out["worst_fingerprints"] = info["metrics"].get("worst_fingerprints", [])[:5]
+    out["confusion"] = info["metrics"].get("confusion")
+    out["targets"] = TARGETS
+    return out
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    res: dict[str, Any] = {"cost_model": {k: m.get(k) for k in KEYS}}
+    for name, b in m.get("baselines", {}).items():
+        res[name] = {k: b.get(k) for k in KEYS}
+    return res
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    for split in ("time_split", "held_out_templates"):
+        rows = result[split]
+        table = Table(title=f"{split} ({rows['cost_model']['rows']} rows)")
+        for col in ("predictor", "R² log", "MAE share", "q p50", "q p90", "q p99"):
+            table.add_column(col, justify="right" if col != "predictor" else "left")
+        for name, m in rows.items():
+            if not isinstance(m, dict):
+                continue
+            cells = [m.get(k) for k in KEYS[1:]]
+            table.add_row(name, *("—" if v is None else f"{v:.3f}" for v in cells))
+        console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dsn", required=True, help="database holding metadata.query_logs")
+    parser.add_argument("--traffic-dsn", help="send a generated workload through this pgsage")
+    parser.add_argument("--statements", type=int, default=3000)
+    parser.add_argument("--scale", type=float, default=0.25)
+    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--max-rows", type=int, default=200_000)
+    parser.add_argument("--n-iter", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    result = asyncio.run(measure(args))
+    text = to_json(result)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    print_table(json.loads(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
