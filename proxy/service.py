@@ -19,6 +19,7 @@ from .log import get_logger
 from .server import ProxyServer
 from .settings import Settings
 from .telemetry.collectors import TopFingerprints, TrafficCollector
+from .telemetry.logclient import WorkerRecorder
 from .telemetry.metrics import ProxyMetrics
 from .telemetry.querylog import QueryLogRecorder
 from .telemetry.sampler import SystemSampler
@@ -35,9 +36,15 @@ class Service:
         self.log = get_logger("pgsage")
         self.metrics = ProxyMetrics(version=__version__)
         self.metadata_args = metadata.metadata_connect_args(settings, upstream)
-        self.recorder = QueryLogRecorder(
-            settings, self.metrics, partial(metadata.connect, self.metadata_args, "pgsage-querylog")
-        )
+        self.recorder: QueryLogRecorder | WorkerRecorder
+        if settings.querylog_worker:
+            self.recorder = WorkerRecorder(settings, self.metrics, self.metadata_args)
+        else:
+            self.recorder = QueryLogRecorder(
+                settings,
+                self.metrics,
+                partial(metadata.connect, self.metadata_args, "pgsage-querylog"),
+            )
         self.metrics.registry.register(
             TopFingerprints(self.recorder.stats, lambda: self.settings.top_k_fingerprints)
         )

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     #: persist the query log to metadata.query_logs
     querylog_enabled: bool = True
+    #: fingerprint, aggregate and write the log in a child process, off the relay's core
+    querylog_worker: bool = True
     #: store SQL with its literal values; by default only the normalised text ($n) is stored
     log_parameters: bool = False
     querylog_queue_size: int = Field(default=200_000, ge=100)

@@ -170,7 +170,7 @@ def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 round(s.min_time * 1000, 3),
                 round(s.max_time * 1000, 3),
                 round(s.stddev_time * 1000, 3),
-                round((s.sketch.quantile(0.95) or 0) * 1000, 3),
+                round(s.p95_time * 1000, 3),
                 s.rows,
                 s.errors,
                 s.command,

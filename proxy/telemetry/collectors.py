@@ -14,7 +14,7 @@ import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .stats import StatsTable
+from .stats import SnapshotTable, StatsTable
 
 QUERY_BUCKETS = (
     0.0005,
@@ -80,6 +80,20 @@ class BatchedHistogram(Collector):
                 counts[i] += c
         series[1][0] += float(sum(values))
 
+    def take_series(self) -> dict[tuple[str, ...], tuple[list[int], float]]:
+        """Hand over the counts observed so far and start from zero (worker -> parent)."""
+        out = {k: (v[0], v[1][0]) for k, v in self._series.items()}
+        self._series = {}
+        return out
+
+    def merge(self, labels: tuple[str, ...], counts: list[int], total: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = ([0] * (len(self.buckets) + 1), [0.0])
+        for i, c in enumerate(counts):
+            series[0][i] += c
+        series[1][0] += total
+
     def collect(self) -> Iterator[HistogramMetricFamily]:
         fam = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labelnames))
         for labels, (counts, total) in sorted(self._series.items()):
@@ -98,7 +112,7 @@ def _le(bound: float) -> str:
 class TopFingerprints(Collector):
     """pgsage_fingerprint_{calls,duration_seconds,rows}_total for the top K, plus 'other'."""
 
-    def __init__(self, stats: StatsTable, k: Callable[[], int]) -> None:
+    def __init__(self, stats: StatsTable | SnapshotTable, k: Callable[[], int]) -> None:
         self.stats = stats
         self.k = k
 
@@ -120,25 +134,19 @@ class TopFingerprints(Collector):
         )
         entries = list(self.stats.entries.values())
         top = sorted(entries, key=lambda s: s.total_time, reverse=True)[: self.k()]
-        chosen = {s.fingerprint for s in top}
-        o_calls = o_time = o_rows = 0.0
-        for s in entries:
-            if s.fingerprint in chosen:
-                calls.add_metric([s.fingerprint], s.calls)
-                seconds.add_metric([s.fingerprint], s.total_time)
-                rows.add_metric([s.fingerprint], s.rows)
-            else:
-                o_calls += s.calls
-                o_time += s.total_time
-                o_rows += s.rows
-        calls.add_metric(["other"], o_calls)
-        seconds.add_metric(["other"], o_time)
-        rows.add_metric(["other"], o_rows)
+        all_calls, all_time, all_rows = self.stats.totals()
+        for s in top:
+            calls.add_metric([s.fingerprint], s.calls)
+            seconds.add_metric([s.fingerprint], s.total_time)
+            rows.add_metric([s.fingerprint], s.rows)
+        calls.add_metric(["other"], max(all_calls - sum(s.calls for s in top), 0))
+        seconds.add_metric(["other"], max(all_time - sum(s.total_time for s in top), 0.0))
+        rows.add_metric(["other"], max(all_rows - sum(s.rows for s in top), 0))
         yield calls
         yield seconds
         yield rows
         yield GaugeMetricFamily(
-            "pgsage_fingerprints_tracked", "Fingerprints held in memory", value=len(entries)
+            "pgsage_fingerprints_tracked", "Fingerprints held in memory", value=self.stats.tracked
         )
         yield CounterMetricFamily(
             "pgsage_fingerprints_evicted",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from .sketch import QuantileSketch
 
@@ -90,6 +91,27 @@ class FingerprintStats:
         mean = self.mean_time
         return math.sqrt(max(self.sum_sq_time / self.calls - mean * mean, 0.0))
 
+    @property
+    def p95_time(self) -> float:
+        return self.sketch.quantile(0.95) or 0.0
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return (
+            self.fingerprint,
+            self.normalized,
+            self.command,
+            self.is_catalog,
+            self.calls,
+            self.errors,
+            self.rows,
+            self.total_time,
+            self.min_time,
+            self.max_time,
+            self.mean_time,
+            self.stddev_time,
+            self.p95_time,
+        )
+
     def reset_deltas(self) -> None:
         self.d_calls = self.d_errors = self.d_rows = 0
         self.d_time = self.d_sum_sq = 0.0
@@ -102,6 +124,10 @@ class StatsTable:
         self.max_fingerprints = max_fingerprints
         self.entries: dict[str, FingerprintStats] = {}
         self.evicted = 0
+
+    @property
+    def tracked(self) -> int:
+        return len(self.entries)
 
     def get(
         self, fingerprint: str, normalized: str, command: str, is_catalog: bool
@@ -127,3 +153,55 @@ class StatsTable:
 
     def dirty(self) -> list[FingerprintStats]:
         return [s for s in self.entries.values() if s.d_calls]
+
+    def totals(self) -> tuple[float, float, float]:
+        """Calls, seconds and rows over every fingerprint held."""
+        calls = time_ = rows = 0.0
+        for s in self.entries.values():
+            calls += s.calls
+            time_ += s.total_time
+            rows += s.rows
+        return calls, time_, rows
+
+
+@dataclass(slots=True)
+class StatSnapshot:
+    """A fingerprint's aggregates as the query log worker reported them."""
+
+    fingerprint: str
+    normalized: str
+    command: str
+    is_catalog: bool
+    calls: int
+    errors: int
+    rows: int
+    total_time: float
+    min_time: float
+    max_time: float
+    mean_time: float
+    stddev_time: float
+    p95_time: float
+
+
+class SnapshotTable:
+    """The top fingerprints and totals, refreshed from the worker after every batch."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, StatSnapshot] = {}
+        self.evicted = 0
+        self.tracked = 0
+        self._totals: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def update(self, top: list[tuple[Any, ...]], totals: tuple[float, float, float],
+               tracked: int, evicted: int) -> None:  # fmt: skip
+        self.entries = {t[0]: StatSnapshot(*t) for t in top}
+        self._totals = totals
+        self.tracked = tracked
+        self.evicted = evicted
+
+    def top(self, k: int, include_catalog: bool = True) -> list[StatSnapshot]:
+        pool = (s for s in self.entries.values() if include_catalog or not s.is_catalog)
+        return sorted(pool, key=lambda s: s.total_time, reverse=True)[:k]
+
+    def totals(self) -> tuple[float, float, float]:
+        return self._totals

@@ -194,3 +194,32 @@ def test_metrics_pass_promtool_under_traffic(service):
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+
+
+def test_a_killed_log_worker_is_replaced_and_traffic_goes_on(service):
+    rec = service.service.recorder
+    with psycopg.connect(service.dsn(), autocommit=True) as conn:
+        for i in range(50):
+            conn.execute("select %s::int", (i,))
+        service.flush()
+        first = rec._proc
+        assert first is not None and first.returncode is None
+        first.kill()
+        for i in range(50):
+            assert conn.execute("select %s::int + 1", (i,)).fetchone() == (i + 1,)
+        service.flush()  # the first attempt finds the worker dead: that batch is dropped
+        for i in range(50):
+            conn.execute("select %s::int + 2", (i,))
+        service.flush()
+    assert rec._proc is not None and rec._proc is not first
+    logged = dict(
+        _logged(
+            service,
+            "select normalized_text, count(*) from metadata.query_logs"
+            " where normalized_text like 'select $1::int + $2'"
+            " group by 1",
+        )  # fmt: skip
+    )
+    # the batch in flight when the worker died is lost and counted; nothing else is
+    assert logged.get("select $1::int + $2", 0) == 100 - rec.dropped["worker"]
+    assert rec.dropped["worker"] in (0, 50)

@@ -1,0 +1,185 @@
+"""The query log worker: a child process that fingerprints, aggregates and writes the log.
+
+The proxy's event loop only queues finished statements and, once per flush interval, pickles a
+batch down a pipe. This process turns it into `metadata.query_logs` rows (binary COPY), the
+per-fingerprint aggregates and the metric deltas, and answers each request with a summary the
+proxy applies to its Prometheus registry. So the relay's core spends about a microsecond per
+statement on logging, and the rest happens on another core.
+
+Frames both ways: int32 length + pickle. Requests: ("batch", clock, sessions, records, force),
+("stats",), ("stop",); a batch carries the identity of every session it mentions. Each request
+gets one ("done", summary) reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import struct
+import sys
+from collections import Counter
+from typing import Any
+
+from ..clock import CLOCK
+from ..protocol.tracker import Execution, Protocol, Status
+from ..records import SessionInfo, StatementRecord
+from ..settings import Settings
+from .collectors import QUERY_BUCKETS, BatchedHistogram
+from .querylog import QueryLogRecorder
+
+_LEN = struct.Struct("!I")
+TOP_SNAPSHOT = 300  # fingerprints sent back each time (top by total time)
+ENV_SETTINGS = "PGSAGE_LOGWORKER_SETTINGS"
+ENV_CONNECT = "PGSAGE_LOGWORKER_CONNECT"
+
+
+class _Bound:
+    __slots__ = ("counts", "labels")
+
+    def __init__(self, counts: Counter[tuple[str, ...]], labels: tuple[str, ...]) -> None:
+        self.counts = counts
+        self.labels = labels
+
+    def inc(self, n: float = 1) -> None:
+        self.counts[self.labels] += n
+
+
+class DeltaCounter:
+    """Quacks like a prometheus Counter; remembers increments to hand to the proxy."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, ...]] = Counter()
+
+    def labels(self, *labels: str) -> _Bound:
+        return _Bound(self.counts, tuple(str(v) for v in labels))
+
+    def inc(self, n: float = 1) -> None:
+        self.counts[()] += n
+
+    def set(self, value: float) -> None:  # gauges: the proxy knows its own queue
+        return None
+
+    def take(self) -> dict[tuple[str, ...], float]:
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+class DeltaMetrics:
+    """The subset of ProxyMetrics the recorder engine touches."""
+
+    COUNTERS = (
+        "queries",
+        "rows_returned",
+        "query_errors",
+        "portal_suspensions",
+        "copy_operations",
+        "querylog_dropped",
+        "querylog_written",
+    )
+
+    def __init__(self) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, DeltaCounter())
+        self.querylog_queue = DeltaCounter()
+        self.query_duration = BatchedHistogram("h", "", ("database", "command"), QUERY_BUCKETS)
+
+    def take(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name).take() for name in self.COUNTERS}
+        out["query_duration"] = self.query_duration.take_series()
+        return out
+
+
+def _records(sessions: dict[int, SessionInfo], rows: list[tuple[Any, ...]]) -> list[Any]:
+    out = []
+    for sid, proto, sql, statement, start, end, n, status, state, msg, susp, nbytes in rows:
+        ex = Execution(Protocol(proto), sql, start, end, statement=statement, rows=n,
+                       status=Status(status), sqlstate=state, error_message=msg,
+                       suspensions=susp, bytes_sent=nbytes)  # fmt: skip
+        info = sessions.get(sid) or SessionInfo(sid, "")
+        out.append(StatementRecord(info, ex))
+    return out
+
+
+class Worker:
+    def __init__(self, settings: Settings, connect_args: dict[str, Any]) -> None:
+        from .. import metadata
+
+        async def connect() -> Any:
+            return await metadata.connect(connect_args, "pgsage-querylog")
+
+        self.metrics = DeltaMetrics()
+        self.engine = QueryLogRecorder(settings, self.metrics, connect)  # type: ignore[arg-type]
+
+    async def handle(self, request: tuple[Any, ...]) -> dict[str, Any]:
+        kind = request[0]
+        engine = self.engine
+        written, dropped = engine.written, Counter(engine.dropped)
+        if kind == "batch":
+            _, clock, sessions, rows, force = request
+            CLOCK._anchor_mono, CLOCK._anchor_epoch, CLOCK.speed = clock
+            infos = {sid: SessionInfo(sid, *fields) for sid, fields in sessions.items()}
+            if force:
+                engine._retry_at = 0.0
+            engine.queue.extend(_records(infos, rows))
+            await engine.flush_once(force_stats=force)
+        elif kind == "stats":
+            engine._retry_at = 0.0
+            await engine.flush_stats()
+        summary = self.metrics.take()
+        stats = engine.stats
+        top = sorted(stats.entries.values(), key=lambda s: s.total_time, reverse=True)
+        summary.update(
+            written=engine.written - written,
+            dropped=dict(Counter(engine.dropped) - dropped),
+            db_stats=engine.db_stats,
+            top=[s.snapshot() for s in top[:TOP_SNAPSHOT]],
+            totals=stats.totals(),
+            tracked=stats.tracked,
+            evicted=stats.evicted,
+        )
+        return summary
+
+
+async def serve() -> None:
+    settings = Settings.model_validate_json(os.environ[ENV_SETTINGS])
+    from ..log import configure_logging
+
+    configure_logging("json", settings.log_level)  # stderr: stdout carries the replies
+    connect_args = json.loads(os.environ[ENV_CONNECT])
+    worker = Worker(settings, connect_args)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+    while True:
+        try:
+            header = await reader.readexactly(4)
+            body = await reader.readexactly(_LEN.unpack(header)[0])
+        except asyncio.IncompleteReadError:
+            break  # the proxy went away
+        request = pickle.loads(body)
+        if request[0] == "stop":
+            await worker.engine.stop()
+            out.write(_frame(("done", {})))
+            out.flush()
+            break
+        summary = await worker.handle(request)
+        out.write(_frame(("done", summary)))
+        out.flush()
+
+
+def _frame(obj: Any) -> bytes:
+    body = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(body)) + body
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.run(serve())
+    except ImportError:  # pragma: no cover
+        asyncio.run(serve())
