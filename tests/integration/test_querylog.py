@@ -218,7 +218,7 @@ def test_a_killed_log_worker_is_replaced_and_traffic_goes_on(service):
             "select normalized_text, count(*) from metadata.query_logs"
             " where normalized_text like 'select $1::int + $2'"
             " group by 1",
-        )  # fmt: skip
+        )
     )
     # the batch in flight when the worker died is lost and counted; nothing else is
     assert logged.get("select $1::int + $2", 0) == 100 - rec.dropped["worker"]
