@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     clock_speed: float = Field(default=1.0, gt=0)
     clock_start: datetime | None = None
 
+    # ---- the cost model in the proxy (predictions attached to logged executions)
+    cost_serving: bool = True
+    cost_cache_ttl: float = Field(default=120.0, gt=0)
+    cost_refresh_interval: float = Field(default=5.0, gt=0)
+    cost_explain_timeout_ms: int = Field(default=2000, ge=10)
+
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"
     admin_users: list[str] = Field(default_factory=lambda: ["postgres"])

@@ -182,6 +182,10 @@ class WorkerRecorder:
                 getattr(m, name).inc(n)
         for labels, (counts, total) in s.get("query_duration", {}).items():
             m.query_duration.merge(labels, counts, total)
+        for labels, (counts, total) in s.get("cost_prediction_log_ratio", {}).items():
+            m.cost_prediction_log_ratio.merge(labels, counts, total)
+        if s.get("cost_prediction_qerror") is not None:
+            m.cost_prediction_qerror.set(s["cost_prediction_qerror"])
         self.written += s.get("written", 0)
         for reason, n in s.get("dropped", {}).items():
             self.dropped[reason] += n

@@ -23,10 +23,11 @@ from collections import Counter
 from typing import Any
 
 from ..clock import CLOCK
+from ..log import get_logger
 from ..protocol.tracker import Execution, Protocol, Status
 from ..records import SessionInfo, StatementRecord
 from ..settings import Settings
-from .collectors import QUERY_BUCKETS, BatchedHistogram
+from .collectors import LOG_RATIO_BUCKETS, QUERY_BUCKETS, BatchedHistogram
 from .querylog import QueryLogRecorder
 
 _LEN = struct.Struct("!I")
@@ -85,11 +86,27 @@ class DeltaMetrics:
             setattr(self, name, DeltaCounter())
         self.querylog_queue = DeltaCounter()
         self.query_duration = BatchedHistogram("h", "", ("database", "command"), QUERY_BUCKETS)
+        self.cost_prediction_log_ratio = BatchedHistogram("r", "", (), LOG_RATIO_BUCKETS)
+        self.cost_prediction_qerror = _Gauge()
 
     def take(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name).take() for name in self.COUNTERS}
         out["query_duration"] = self.query_duration.take_series()
+        out["cost_prediction_log_ratio"] = self.cost_prediction_log_ratio.take_series()
+        out["cost_prediction_qerror"] = self.cost_prediction_qerror.value
         return out
+
+
+class _Gauge:
+    def __init__(self) -> None:
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
 
 
 def _records(sessions: dict[int, SessionInfo], rows: list[tuple[Any, ...]]) -> list[Any]:
@@ -112,6 +129,51 @@ class Worker:
 
         self.metrics = DeltaMetrics()
         self.engine = QueryLogRecorder(settings, self.metrics, connect)  # type: ignore[arg-type]
+        self.connect_args = connect_args
+        self.cost: Any = None
+        self._cost_task: asyncio.Task[None] | None = None
+        if settings.cost_serving:
+            from models.serve import CostServer
+
+            self.cost = CostServer(ttl=settings.cost_cache_ttl)
+            self.engine.predictor = self.cost.predicted
+            self._cost_task = asyncio.ensure_future(self._serve_cost(settings))
+
+    async def _serve_cost(self, settings: Settings) -> None:
+        """Keep the active model loaded and fill the prediction cache, in the background."""
+        from models.serve import History
+
+        from .. import metadata
+
+        conn: Any = None
+        log = get_logger("pgsage.cost")
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await metadata.connect(self.connect_args, "pgsage-cost")
+                    await conn.execute(
+                        f"SET statement_timeout = {int(settings.cost_explain_timeout_ms)}"
+                    )
+                if await self.cost.refresh_model(conn):
+                    log.info("cost model loaded", version=self.cost.version)
+                self.engine.model_version = self.cost.version
+                stats = self.engine.stats.entries
+                history = {
+                    fp: History(
+                        s.calls,
+                        _ms(s.sketch.quantile(0.5)),
+                        _ms(s.sketch.quantile(0.9)),
+                        _ms(s.mean_time),
+                    )
+                    for fp, s in stats.items()
+                }
+                await self.cost.fill(conn, history, CLOCK.now())
+            except Exception as exc:  # the log must go on without predictions
+                log.warning("cost model serving failed", error=repr(exc))
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+            await asyncio.sleep(settings.cost_refresh_interval)
 
     async def handle(self, request: tuple[Any, ...]) -> dict[str, Any]:
         kind = request[0]

@@ -19,7 +19,7 @@ from prometheus_client import (
 from prometheus_client import disable_created_metrics as _disable_created
 
 from ..records import SessionInfo
-from .collectors import OVERHEAD_BUCKETS, QUERY_BUCKETS, BatchedHistogram
+from .collectors import LOG_RATIO_BUCKETS, OVERHEAD_BUCKETS, QUERY_BUCKETS, BatchedHistogram
 
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -139,6 +139,19 @@ class ProxyMetrics:
             OVERHEAD_BUCKETS,
         )
         r.register(self.proxy_overhead)
+        # ---- the cost model, online
+        self.cost_prediction_log_ratio = BatchedHistogram(
+            "pgsage_cost_prediction_log_ratio",
+            "log(predicted / actual) latency of executions with a cost prediction",
+            (),
+            LOG_RATIO_BUCKETS,
+        )
+        r.register(self.cost_prediction_log_ratio)
+        self.cost_prediction_qerror = Gauge(
+            "pgsage_cost_prediction_qerror",
+            "Median q-error of the recent cost predictions (1 = perfect)",
+            registry=r,
+        )
         self.transactions = Counter(
             "pgsage_transactions",
             "Transactions, from ReadyForQuery status changes",

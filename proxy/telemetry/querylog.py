@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
 
 from optimizer.fingerprint import Fingerprinter
 
@@ -57,6 +60,8 @@ COLUMNS = (
     "portal_suspensions",
     "proxy_instance",
     "label",
+    "predicted_cost_ms",
+    "model_version",
 )
 
 SLICE = 1000  # records processed between yields to the event loop
@@ -118,6 +123,11 @@ class QueryLogRecorder:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        #: (fingerprint, command, text, normalized) -> predicted ms or None (cost model serving)
+        self.predictor: Callable[[str, str, str | None, str], float | None] | None = None
+        self.model_version: str | None = None
+        #: |log(predicted / actual)| of recent executions, for the online q-error gauge
+        self.recent_log_errors: deque[float] = deque(maxlen=2000)
 
     # ------------------------------------------------------------------ hot path
 
@@ -221,6 +231,9 @@ class QueryLogRecorder:
         out = []
         fromtimestamp = datetime.fromtimestamp
         epoch = CLOCK.epoch
+        predictor = self.predictor
+        version = self.model_version
+        log_ratios: list[float] = []
         for rec in batch:
             ex = rec.execution
             info = rec.session
@@ -249,6 +262,11 @@ class QueryLogRecorder:
                 suspensions += ex.suspensions
             if command == "COPY":
                 copies[_copy_direction(sql) or "file"] += 1
+            predicted = None
+            if predictor is not None:
+                predicted = predictor(fp.id, command, sql, fp.normalized)
+                if predicted is not None and status == "ok":
+                    log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))
             message = ex.error_message
             if message and not keep_text:
                 message = _QUOTED.sub('"?"', message)
@@ -281,6 +299,8 @@ class QueryLogRecorder:
                     ex.suspensions,
                     instance,
                     _label(sql) if sql is not None and "pgsage:label=" in sql else None,
+                    predicted,
+                    version if predicted is not None else None,
                 )
             )
         self.executed += len(batch)
@@ -306,6 +326,10 @@ class QueryLogRecorder:
             m.query_errors.labels(cls).inc(n)
         if suspensions:
             m.portal_suspensions.inc(suspensions)
+        if log_ratios:
+            m.cost_prediction_log_ratio.observe_many((), log_ratios)
+            self.recent_log_errors.extend(abs(r) for r in log_ratios)
+            m.cost_prediction_qerror.set(math.exp(float(np.median(self.recent_log_errors))))
         for direction, n in copies.items():
             m.copy_operations.labels(direction).inc(n)
         return out

@@ -1,0 +1,77 @@
+"""The cost model in the proxy: predictions attached to logged executions, accuracy online."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from bench.costload import create_tables, run_traffic
+from models.registry import Registry
+from models.train import TrainConfig, train_cost
+from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, direct_dsn
+
+SCALE = 0.1
+
+
+def test_predictions_are_attached_once_a_model_is_active(
+    make_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("PGSAGE_MODEL_DIR", str(tmp_path / "models"))
+    svc = make_service(cost_refresh_interval=0.3, log_parameters=True)
+
+    async def traffic(n: int, seed: int, setup: bool) -> None:
+        conn = await asyncpg.connect(host=svc.host, port=svc.port, user=PG_USER,
+                                     database=svc.database)  # fmt: skip
+        try:
+            if setup:
+                await create_tables(conn, SCALE)
+            await run_traffic(conn, n, seed=seed, scale=SCALE)
+        finally:
+            await conn.close()
+
+    async def train() -> str:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER,
+                                     database=svc.database)  # fmt: skip
+        try:
+            result = await train_cost(
+                conn, None, Registry(conn, tmp_path / "models"), TrainConfig(n_iter=2)
+            )
+            return result.status
+        finally:
+            await conn.close()
+
+    asyncio.run(traffic(800, seed=1, setup=True))
+    svc.flush()
+    assert asyncio.run(train()) == "active"
+
+    # the worker picks the active version up and fills its cache for what it sees
+    deadline = time.monotonic() + 60
+    predicted = 0
+    while time.monotonic() < deadline and predicted < 20:
+        asyncio.run(traffic(100, seed=2, setup=False))
+        svc.flush()
+        with psycopg.connect(direct_dsn(svc.database)) as conn:
+            predicted = conn.execute(
+                "select count(*) from metadata.query_logs"
+                " where predicted_cost_ms > 0 and model_version = 'cost:v1'"
+            ).fetchone()[0]
+    assert predicted >= 20, "no logged execution got a prediction from the active model"
+    with psycopg.connect(direct_dsn(svc.database)) as conn:
+        unmodelled = conn.execute(
+            "select count(*) from metadata.query_logs where predicted_cost_ms is not null"
+            " and command not in ('SELECT', 'INSERT', 'UPDATE', 'DELETE')"
+        ).fetchone()[0]
+    assert unmodelled == 0
+    metrics = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
+    # negative buckets: Prometheus histograms then carry no _sum/_count; +Inf is the count
+    count = [ln for ln in metrics.splitlines()
+             if ln.startswith('pgsage_cost_prediction_log_ratio_bucket{le="+Inf"}')]  # fmt: skip
+    assert count and float(count[0].split()[-1]) >= 20
+    qerror = [ln for ln in metrics.splitlines() if ln.startswith("pgsage_cost_prediction_qerror ")]
+    assert qerror and 1.0 <= float(qerror[0].split()[-1]) < 50
