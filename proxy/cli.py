@@ -129,6 +129,9 @@ def _mount_models() -> None:
 
     app.command("train", help="Train models from the query log (MODEL or 'all').")(train)
     app.add_typer(models_app, name="models", help="The model registry: list, show, activate.")
+    from bench.workload.cli import workload_app
+
+    app.add_typer(workload_app, name="workload", help="Simulated users, clock and anomalies.")
 
 
 _mount_models()

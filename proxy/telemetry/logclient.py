@@ -147,7 +147,7 @@ class WorkerRecorder:
             sid: (i.client_addr, i.database, i.user, i.application_name, i.tls, i.app)
             for sid, i in sessions.items()
         }
-        clock = (CLOCK._anchor_mono, CLOCK._anchor_epoch, CLOCK.speed)
+        clock = CLOCK.segments
         try:
             summary = await self._request(("batch", clock, fields, rows, force))
         except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:

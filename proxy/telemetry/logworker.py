@@ -181,7 +181,7 @@ class Worker:
         written, dropped = engine.written, Counter(engine.dropped)
         if kind == "batch":
             _, clock, sessions, rows, force = request
-            CLOCK._anchor_mono, CLOCK._anchor_epoch, CLOCK.speed = clock
+            CLOCK.load(clock)
             infos = {sid: SessionInfo(sid, *fields) for sid, fields in sessions.items()}
             if force:
                 engine._retry_at = 0.0

@@ -105,3 +105,20 @@ def test_simulated_clock_maps_monotonic_to_simulated_epoch() -> None:
     assert clock.epoch(t0 + 1.0) - clock.epoch(t0) == pytest.approx(2000.0)
     assert clock.simulated
     assert not SimClock().simulated
+
+
+def test_readings_before_a_reanchor_keep_their_segment() -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from proxy.clock import SimClock
+
+    clock = SimClock()
+    before = time.monotonic()
+    real = clock.epoch(before)
+    clock.set(3600.0, datetime(2026, 1, 5, tzinfo=UTC))
+    assert abs(clock.epoch(before) - real) < 1e-6  # stamped with the clock of its time
+    assert clock.epoch(time.monotonic()) >= datetime(2026, 1, 5, tzinfo=UTC).timestamp()
+    for _ in range(200):
+        clock.set(1.0, None)
+    assert len(clock.segments) <= 64
