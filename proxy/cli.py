@@ -124,6 +124,67 @@ def _main(ctx: typer.Context) -> None:
     ctx.obj = {"connect_args": args} if "dsn" not in args else {"dsn": args["dsn"]}
 
 
+warehouse_app = typer.Typer(help="The bundled warehouse: generate data, run the ETL.",
+                            no_args_is_help=True)  # fmt: skip
+
+
+def _warehouse_dsn(config: Path | None, upstream: str | None) -> tuple[Settings, str, object]:
+    """A libpq DSN for the upstream (starting the embedded server if that is what is used)."""
+    settings = _settings_or_exit(config, upstream=upstream)
+    from .runner import resolve_upstream
+
+    target, embedded = resolve_upstream(settings)
+    user = settings.metadata_user
+    if target.unix_socket is not None:
+        port = target.unix_socket.name.rsplit(".", 1)[-1]
+        dsn = f"postgresql://{user}@/postgres?host={target.unix_socket.parent}&port={port}"
+    else:
+        dsn = f"postgresql://{user}@{target.host}:{target.port}/postgres"
+    return settings, dsn, embedded
+
+
+@warehouse_app.command("init")
+def warehouse_init(
+    config: ConfigOpt = None,
+    scale: Annotated[float, typer.Option(help="1 = 10k customers, 100k sales; linear")] = 1.0,
+    seed: Annotated[int, typer.Option(help="same seed, same data")] = 42,
+    database: Annotated[str | None, typer.Option(help="default: warehouse_database")] = None,
+    upstream: Annotated[str | None, typer.Option(help="host:port or socket path")] = None,
+    reset: Annotated[bool, typer.Option(help="drop and rebuild the data")] = False,
+    etl: Annotated[bool, typer.Option(help="run the ETL after loading")] = True,
+) -> None:
+    """Create the warehouse database, apply migrations, generate and load data, run the ETL."""
+    from bench.warehouse import init_warehouse
+
+    settings, dsn, embedded = _warehouse_dsn(config, upstream)
+    try:
+        init_warehouse(dsn, scale, seed, database or settings.warehouse_database,
+                       etl=etl, reset=reset)  # fmt: skip
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+
+
+@warehouse_app.command("etl")
+def warehouse_etl(
+    config: ConfigOpt = None,
+    database: Annotated[str | None, typer.Option(help="default: warehouse_database")] = None,
+    upstream: Annotated[str | None, typer.Option(help="host:port or socket path")] = None,
+) -> None:
+    """Bronze -> silver -> gold, incrementally; prints the data-quality summary."""
+    from bench.warehouse import run_etl
+
+    settings, dsn, embedded = _warehouse_dsn(config, upstream)
+    try:
+        run_etl(dsn, database or settings.warehouse_database)
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+
+
+app.add_typer(warehouse_app, name="warehouse")
+
+
 def _mount_models() -> None:
     from models.cli import models_app, train
 
