@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import ProtocolViolation
 
@@ -151,3 +153,17 @@ class PayloadWriter:
 def frame(type_byte: bytes, payload: bytes = b"") -> bytes:
     """One message: type byte, int32 length (counting itself), payload."""
     return _HDR.pack(type_byte, len(payload) + 4) + payload
+
+
+def expect_empty(name: str, payload: bytes) -> None:
+    """Messages without a payload: any byte is the peer's protocol violation."""
+    if payload:
+        raise ProtocolViolation(f"invalid {name} message: {len(payload)} unexpected bytes")
+
+
+def decode_with(table: Mapping[bytes, Any], type_byte: int, payload: bytes, direction: str) -> Any:
+    """Decode one payload with the class the direction's table holds for its type byte."""
+    cls = table.get(bytes((type_byte,)))
+    if cls is None:
+        raise ProtocolViolation(f"invalid {direction} message type {type_byte!r}")
+    return cls.decode(payload)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from ._buffer import PayloadReader, PayloadWriter, frame
+from ._buffer import PayloadReader, PayloadWriter, decode_with, expect_empty, frame
 from .errors import ProtocolViolation
+from .frontend import CopyData, CopyDone
 
 
 class BackendMessage(Protocol):
@@ -86,7 +87,7 @@ class ParseComplete:
 
     @classmethod
     def decode(cls, payload: bytes) -> ParseComplete:
-        _no_payload("ParseComplete", payload)
+        expect_empty("ParseComplete", payload)
         return cls()
 
 
@@ -99,7 +100,7 @@ class BindComplete:
 
     @classmethod
     def decode(cls, payload: bytes) -> BindComplete:
-        _no_payload("BindComplete", payload)
+        expect_empty("BindComplete", payload)
         return cls()
 
 
@@ -112,7 +113,7 @@ class CloseComplete:
 
     @classmethod
     def decode(cls, payload: bytes) -> CloseComplete:
-        _no_payload("CloseComplete", payload)
+        expect_empty("CloseComplete", payload)
         return cls()
 
 
@@ -125,7 +126,7 @@ class NoData:
 
     @classmethod
     def decode(cls, payload: bytes) -> NoData:
-        _no_payload("NoData", payload)
+        expect_empty("NoData", payload)
         return cls()
 
 
@@ -138,7 +139,7 @@ class PortalSuspended:
 
     @classmethod
     def decode(cls, payload: bytes) -> PortalSuspended:
-        _no_payload("PortalSuspended", payload)
+        expect_empty("PortalSuspended", payload)
         return cls()
 
 
@@ -151,39 +152,8 @@ class EmptyQueryResponse:
 
     @classmethod
     def decode(cls, payload: bytes) -> EmptyQueryResponse:
-        _no_payload("EmptyQueryResponse", payload)
+        expect_empty("EmptyQueryResponse", payload)
         return cls()
-
-
-@dataclass(frozen=True, slots=True)
-class CopyDone:
-    type_byte: ClassVar[bytes] = b"c"
-
-    def encode(self) -> bytes:
-        return frame(self.type_byte)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> CopyDone:
-        _no_payload("CopyDone", payload)
-        return cls()
-
-
-def _no_payload(name: str, payload: bytes) -> None:
-    if payload:
-        raise ProtocolViolation(f"invalid {name} message: {len(payload)} unexpected bytes")
-
-
-@dataclass(frozen=True, slots=True)
-class CopyData:
-    type_byte: ClassVar[bytes] = b"d"
-    data: bytes
-
-    def encode(self) -> bytes:
-        return frame(self.type_byte, self.data)
-
-    @classmethod
-    def decode(cls, payload: bytes) -> CopyData:
-        return cls(bytes(payload))
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,8 +518,5 @@ BACKEND_TYPE_BYTES: frozenset[int] = frozenset(t[0] for t in BACKEND_TYPES)
 
 def decode_backend(type_byte: int, payload: bytes) -> BackendMessage:
     """Decode one backend message payload given its type byte."""
-    cls = BACKEND_TYPES.get(bytes((type_byte,)))
-    if cls is None:
-        raise ProtocolViolation(f"invalid backend message type {type_byte!r}")
-    decoded: BackendMessage = cls.decode(payload)  # type: ignore[attr-defined]
+    decoded: BackendMessage = decode_with(BACKEND_TYPES, type_byte, payload, "backend")
     return decoded

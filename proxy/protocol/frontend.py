@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from ._buffer import PayloadReader, PayloadWriter, frame
+from ._buffer import PayloadReader, PayloadWriter, decode_with, expect_empty, frame
 from .errors import ProtocolViolation
 
 
@@ -168,11 +168,6 @@ def _s32(oid: int) -> int:
     return oid - 2**32 if oid >= 2**31 else oid
 
 
-def _empty(cls_name: str, payload: bytes) -> None:
-    if payload:
-        raise ProtocolViolation(f"invalid {cls_name} message: {len(payload)} unexpected bytes")
-
-
 @dataclass(frozen=True, slots=True)
 class Sync:
     type_byte: ClassVar[bytes] = b"S"
@@ -182,7 +177,7 @@ class Sync:
 
     @classmethod
     def decode(cls, payload: bytes) -> Sync:
-        _empty("Sync", payload)
+        expect_empty("Sync", payload)
         return cls()
 
 
@@ -195,7 +190,7 @@ class Flush:
 
     @classmethod
     def decode(cls, payload: bytes) -> Flush:
-        _empty("Flush", payload)
+        expect_empty("Flush", payload)
         return cls()
 
 
@@ -208,7 +203,7 @@ class Terminate:
 
     @classmethod
     def decode(cls, payload: bytes) -> Terminate:
-        _empty("Terminate", payload)
+        expect_empty("Terminate", payload)
         return cls()
 
 
@@ -234,7 +229,7 @@ class CopyDone:
 
     @classmethod
     def decode(cls, payload: bytes) -> CopyDone:
-        _empty("CopyDone", payload)
+        expect_empty("CopyDone", payload)
         return cls()
 
 
@@ -349,8 +344,5 @@ FRONTEND_TYPE_BYTES: frozenset[int] = frozenset(t[0] for t in FRONTEND_TYPES)
 
 def decode_frontend(type_byte: int, payload: bytes) -> FrontendMessage:
     """Decode one frontend message payload given its type byte."""
-    cls = FRONTEND_TYPES.get(bytes((type_byte,)))
-    if cls is None:
-        raise ProtocolViolation(f"invalid frontend message type {type_byte!r}")
-    decoded: FrontendMessage = cls.decode(payload)  # type: ignore[attr-defined]
+    decoded: FrontendMessage = decode_with(FRONTEND_TYPES, type_byte, payload, "frontend")
     return decoded

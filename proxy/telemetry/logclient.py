@@ -8,62 +8,42 @@ the batch it had is dropped and counted (`reason="worker"`) and a new worker is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import pickle
 import struct
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import Any
 
 from ..clock import CLOCK
-from ..log import get_logger
 from ..records import StatementRecord
 from ..settings import Settings
 from .logworker import ENV_CONNECT, ENV_SETTINGS
 from .metrics import ProxyMetrics
+from .sink import BatchingSink
 from .stats import SnapshotTable
 
 _LEN = struct.Struct("!I")
 
 
-class WorkerRecorder:
+class WorkerRecorder(BatchingSink):
     def __init__(
         self, settings: Settings, metrics: ProxyMetrics, connect_args: dict[str, Any]
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.metrics = metrics
         self.connect_args = connect_args
-        self.queue: deque[StatementRecord] = deque()
-        self.max_queue = settings.querylog_queue_size
-        self.batch_size = settings.querylog_batch_size
-        self.wake = asyncio.Event()
-        self.log = get_logger("pgsage.querylog")
         self.stats = SnapshotTable()
         self.db_stats: dict[str, dict[str, float]] = {}
         self.written = 0
         self.dropped: Counter[str] = Counter()
         self.executed = 0
-        self.dropped_full = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
         self._shipped_at = time.monotonic()
         self._retry_at = 0.0  # kept for interface parity: a flush with force resets the worker's
-
-    # ------------------------------------------------------------------ hot path
-
-    def __call__(self, record: StatementRecord) -> None:
-        q = self.queue
-        if len(q) < self.max_queue:
-            q.append(record)
-            if len(q) == self.batch_size:
-                self.wake.set()
-        else:
-            self.dropped_full += 1
 
     # ------------------------------------------------------------------ worker process
 
@@ -98,20 +78,6 @@ class WorkerRecorder:
         self._proc = None
 
     # ------------------------------------------------------------------ background
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self.run())
-
-    async def run(self) -> None:
-        interval = self.settings.querylog_flush_interval
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), interval)
-            self.wake.clear()
-            try:
-                await self.flush_once()
-            except Exception:
-                self.log.exception("query log flush failed")
 
     async def flush_once(self, force_stats: bool = False) -> None:
         async with self._lock:
@@ -195,13 +161,7 @@ class WorkerRecorder:
             self.stats.update(s["top"], s["totals"], s["tracked"], s["evicted"])
 
     async def stop(self, timeout: float = 5.0) -> None:
-        self._stopping = True
-        self.wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+        await self._stop_loop(timeout)
         try:
             await asyncio.wait_for(self.flush_once(force_stats=True), timeout)
             async with self._lock:

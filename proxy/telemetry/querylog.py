@@ -12,7 +12,6 @@ clients never wait for any of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import re
 import time
@@ -26,10 +25,10 @@ import numpy as np
 from optimizer.fingerprint import Fingerprinter
 
 from ..clock import CLOCK
-from ..log import get_logger
 from ..records import StatementRecord
 from ..settings import Settings
 from .metrics import ProxyMetrics
+from .sink import BatchingSink
 from .stats import StatsTable
 
 COLUMNS = (
@@ -90,7 +89,7 @@ def _copy_direction(sql: str | None) -> str | None:
     return "file"
 
 
-class QueryLogRecorder:
+class QueryLogRecorder(BatchingSink):
     def __init__(
         self,
         settings: Settings,
@@ -99,17 +98,11 @@ class QueryLogRecorder:
         fingerprinter: Fingerprinter | None = None,
         stats: StatsTable | None = None,
     ) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.metrics = metrics
         self.connect = connect if settings.querylog_enabled else None
         self.fingerprinter = fingerprinter or Fingerprinter()
         self.stats = stats or StatsTable(settings.max_fingerprints)
-        self.queue: deque[StatementRecord] = deque()
-        self.max_queue = settings.querylog_queue_size
-        self.batch_size = settings.querylog_batch_size
-        self.wake = asyncio.Event()
-        self.log = get_logger("pgsage.querylog")
-        self.dropped_full = 0
         self.written = 0
         self.dropped: Counter[str] = Counter()
         self.executed = 0
@@ -120,8 +113,6 @@ class QueryLogRecorder:
         self._backoff = 0.5
         self._stats_flushed_at = time.monotonic()
         self._partitions_at = 0.0
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         #: (fingerprint, command, text, normalized) -> predicted ms or None (cost model serving)
         self.predictor: Callable[[str, str, str | None, str], float | None] | None = None
@@ -129,42 +120,11 @@ class QueryLogRecorder:
         #: |log(predicted / actual)| of recent executions, for the online q-error gauge
         self.recent_log_errors: deque[float] = deque(maxlen=2000)
 
-    # ------------------------------------------------------------------ hot path
-
-    def __call__(self, record: StatementRecord) -> None:
-        q = self.queue
-        if len(q) < self.max_queue:
-            q.append(record)
-            if len(q) == self.batch_size:
-                self.wake.set()
-        else:
-            self.dropped_full += 1
-
     # ------------------------------------------------------------------ background
-
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self.run())
-
-    async def run(self) -> None:
-        interval = self.settings.querylog_flush_interval
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), interval)
-            self.wake.clear()
-            try:
-                await self.flush_once()
-            except Exception:  # never let the logger's failure reach the relay
-                self.log.exception("query log flush failed")
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Flush what is queued (bounded by `timeout`) and close the connection."""
-        self._stopping = True
-        self.wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                self._task.cancel()
+        await self._stop_loop(timeout)
         try:
             await asyncio.wait_for(self._final_flush(), timeout)
         except TimeoutError:
