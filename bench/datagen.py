@@ -1014,6 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     progress = None if args.quiet else make_progress(err)
     started = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
     if progress is not None:
         progress.start()
     try:
@@ -1042,6 +1043,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_bytes": rss,
         "machine": {
             "cpus": os.cpu_count(),
+            # other work on the machine skews the timings: the 1-minute load around the run
+            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "platform": platform.platform(),
             "python": platform.python_version(),
             "numpy": np.__version__,

@@ -6,6 +6,7 @@ Each transform file starts with header comments the runner reads::
     -- source: bronze.sales_raw
     -- target: gold.sales_summary              (gold: aggregates)
     -- inputs: silver.sales_cleaned silver.product_cleaned
+    -- refresh: full                           (optional: rebuilt whole every time)
 
 and may use `${run_id}`; silver files `${lo}` / `${hi}`, the bronze `_row_id` range of
 this run, (last watermark, highest committed row]. The bounds are read under a SHARE lock on the
@@ -41,7 +42,7 @@ BULK_MIN_ROWS = 100_000
 #: a silver table that gained or changed this many rows is analyzed before the gold steps
 ANALYZE_MIN_ROWS = 10_000
 _FILE = re.compile(r"^(\d{2})_([a-z0-9_]+)\.sql$")
-_HEADER = re.compile(r"^--\s*(target|source|inputs):\s*(.+?)\s*$", re.MULTILINE)
+_HEADER = re.compile(r"^--\s*(target|source|inputs|refresh):\s*(.+?)\s*$", re.MULTILINE)
 _VAR = re.compile(r"\$\{([a-z_]+)\}")
 
 
@@ -54,6 +55,8 @@ class Transform:
     sql: str
     source: str | None = None
     inputs: tuple[str, ...] = ()
+    #: "full" for a gold table rebuilt whole on every refresh
+    refresh: str = "incremental"
 
     @property
     def layer(self) -> str:
@@ -88,6 +91,7 @@ def load_transforms() -> list[Transform]:
                 sql=sql,
                 source=header.get("source"),
                 inputs=tuple(header.get("inputs", "").split()),
+                refresh=header.get("refresh", "incremental"),
             )
         )
     found.sort(key=lambda t: t.name)
@@ -181,6 +185,20 @@ async def run_etl(
             await conn.execute("SELECT pg_advisory_unlock($1)", ETL_LOCK_KEY)
 
 
+@dataclass
+class _Run:
+    """What a run has done so far, as the steps go."""
+
+    run_id: int
+    bulk_rows: int
+    changed: set[str] = field(default_factory=set)  # silver tables with rows in or updated
+    mostly_new: set[str] = field(default_factory=set)  # ... where those are most of the table
+    tables: list[TableQuality] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
+    full_refreshes: list[str] = field(default_factory=list)
+    steps: dict[str, float] = field(default_factory=dict)
+
+
 async def _run(
     conn: Any,
     transforms: list[Transform],
@@ -198,45 +216,16 @@ async def _run(
         run_id, started_at = await conn.fetchrow(
             "INSERT INTO silver.etl_runs DEFAULT VALUES RETURNING run_id, started_at"
         )
-        changed: set[str] = set()
-        mostly_new: set[str] = set()
-        tables: list[TableQuality] = []
-        refreshed: list[str] = []
-        full_refreshes: list[str] = []
-        steps: dict[str, float] = {}
+        run = _Run(run_id, bulk_rows)
         for t in transforms:
             t0 = time.perf_counter()
             if t.layer == "silver":
-                assert t.source is not None
-                lo, hi = bounds[t.source]
-                restore = await _bulk_begin(conn, t.target, hi - lo, bulk_rows)
-                await conn.execute(t.render(run_id=run_id, lo=lo, hi=hi))
-                for statement in restore:
-                    await conn.execute(statement)
-                await conn.execute(
-                    "UPDATE silver.etl_watermarks SET last_row_id = $2, last_run_id = $3,"
-                    " updated_at = now() WHERE source_table = $1 AND last_row_id < $2",
-                    t.source,
-                    hi,
-                    run_id,
-                )
-                q = await _quality(conn, run_id, t.target)
-                tables.append(q)
-                if q.rows_out:
-                    changed.add(t.target)
-                await _analyze_and_size(conn, t.target, q.rows_out, bool(restore), mostly_new)
-            elif changed.intersection(t.inputs):
-                # a full refresh when most of an input is new: one parallel aggregation beats
-                # looking up every key (and the planner sees a literal, not a parameter)
-                full = int(bool(mostly_new.intersection(t.inputs)))
-                await conn.execute(t.render(run_id=run_id, full=full))
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, t.target)
-                refreshed.append(t.target)
-                if full:
-                    full_refreshes.append(t.target)
+                await _silver_step(conn, run, t, bounds[t.source or ""])
+            elif run.changed.intersection(t.inputs):
+                await _gold_step(conn, run, t)
             else:
                 continue
-            steps[t.name] = round(time.perf_counter() - t0, 3)
+            run.steps[t.name] = round(time.perf_counter() - t0, 3)
         gold_rows = {
             t.target: int(await conn.fetchval(f"SELECT count(*) FROM {t.target}"))
             for t in transforms
@@ -245,15 +234,14 @@ async def _run(
         summary = EtlSummary(
             run_id=run_id,
             started_at=started_at,
-            seconds=0.0,
-            tables=tables,
-            refreshed=refreshed,
-            full_refreshes=full_refreshes,
+            seconds=round(time.perf_counter() - started, 3),
+            tables=run.tables,
+            refreshed=run.refreshed,
+            full_refreshes=run.full_refreshes,
             gold_rows=gold_rows,
-            step_seconds=steps,
+            step_seconds=run.steps,
             watermarks=bounds,
         )
-        summary.seconds = round(time.perf_counter() - started, 3)
         await conn.execute(
             "UPDATE silver.etl_runs SET finished_at = clock_timestamp(), status = 'succeeded',"
             " summary = $2::jsonb WHERE run_id = $1",
@@ -261,6 +249,37 @@ async def _run(
             json.dumps(summary.as_dict()),
         )
     return summary
+
+
+async def _silver_step(conn: Any, run: _Run, t: Transform, bounds: tuple[int, int]) -> None:
+    lo, hi = bounds
+    restore = await _bulk_begin(conn, t.target, hi - lo, run.bulk_rows)
+    await conn.execute(t.render(run_id=run.run_id, lo=lo, hi=hi))
+    for statement in restore:
+        await conn.execute(statement)
+    await conn.execute(
+        "UPDATE silver.etl_watermarks SET last_row_id = $2, last_run_id = $3,"
+        " updated_at = now() WHERE source_table = $1 AND last_row_id < $2",
+        t.source,
+        hi,
+        run.run_id,
+    )
+    q = await _quality(conn, run.run_id, t.target)
+    run.tables.append(q)
+    if q.rows_out:
+        run.changed.add(t.target)
+    await _analyze_and_size(conn, t.target, q.rows_out, bool(restore), run.mostly_new)
+
+
+async def _gold_step(conn: Any, run: _Run, t: Transform) -> None:
+    # a full refresh when most of an input is new: one parallel aggregation beats looking up
+    # every key (and the planner sees a literal, not a parameter)
+    full = t.refresh == "full" or bool(run.mostly_new.intersection(t.inputs))
+    await conn.execute(t.render(run_id=run.run_id, full=int(full)))
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, t.target)
+    run.refreshed.append(t.target)
+    if full:
+        run.full_refreshes.append(t.target)
 
 
 async def _analyze_and_size(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -364,6 +365,19 @@ def test_sync_entry_points_for_the_cli(make_db: Callable[[], str]) -> None:
     assert summary.run_id == result.etl.run_id + 1 and summary.refreshed == []
     table = warehouse.render_etl_summary(result.etl)
     assert table.row_count == len(TABLES)
+
+
+async def test_unix_socket_dsn_as_the_embedded_server_gives(make_db: Callable[[], str]) -> None:
+    conn = await asyncpg.connect(URI)
+    try:
+        dirs = (await conn.fetchval("SHOW unix_socket_directories")).split(",")
+    finally:
+        await conn.close()
+    found = [d.strip() for d in dirs if Path(d.strip(), f".s.PGSQL.{PG_PORT}").exists()]
+    assert found, f"no PostgreSQL socket in {dirs}"
+    dsn = f"postgresql://{PG_USER}@/postgres?host={found[0]}&port={PG_PORT}"
+    result = await warehouse.init_warehouse_async(dsn, 0.02, 1, make_db(), progress=False)
+    assert result.etl is not None and result.etl.gold_rows["gold.customer_360"] == 200
 
 
 def test_dsn_forms() -> None:

@@ -1,9 +1,10 @@
 -- target: gold.inventory_insights
 -- inputs: silver.inventory_cleaned silver.sales_cleaned silver.product_cleaned
+-- refresh: full
 --
 -- Rebuilt whole (one row per warehouse and product, small): the latest snapshot of each pair
 -- against the units sold through that warehouse in the 90 days up to the snapshot.
--- Same shape as 20_gold_sales_summary.sql (${full} is not needed: every run is full).
+-- Same shape as 20_gold_sales_summary.sql.
 
 CREATE TEMP TABLE etl_gold_inventory_insights ON COMMIT DROP AS
 WITH latest AS (
