@@ -84,3 +84,24 @@ async def migrate(settings: Settings, upstream: Upstream) -> list[str]:
         return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(conn)]
     finally:
         await conn.close()
+
+
+#: extensions the learned parts use, and what is lost without them
+OPTIONAL_EXTENSIONS = {
+    "hypopg": "index what-if costs fall back to building indexes inside a rolled-back transaction",
+    "pg_stat_statements": "no server-side statement statistics to compare with pgsage's own",
+}
+
+
+async def capabilities(args: dict[str, Any]) -> dict[str, bool]:
+    """Which optional extensions the upstream can provide (installed or installable)."""
+    conn = await connect(args, "pgsage-capabilities")
+    try:
+        rows = await conn.fetch(
+            "SELECT name FROM pg_available_extensions WHERE name = ANY($1::text[])",
+            list(OPTIONAL_EXTENSIONS),
+        )
+    finally:
+        await conn.close()
+    present = {r["name"] for r in rows}
+    return {name: name in present for name in OPTIONAL_EXTENSIONS}

@@ -61,6 +61,7 @@ class Service:
             executed=lambda: self.recorder.executed,
         )
         self.migrations_applied: list[str] | None = None
+        self.capabilities: dict[str, bool] = {}
         self.http: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
@@ -84,6 +85,22 @@ class Service:
         self.migrations_applied = applied
         if applied:
             self.log.info("migrations applied", migrations=applied)
+        await self.check_capabilities()
+
+    async def check_capabilities(self) -> None:
+        """Report missing optional extensions once, as reduced capability (never an error)."""
+        try:
+            self.capabilities = await metadata.capabilities(self.metadata_args)
+        except Exception as exc:
+            self.log.warning("could not read the upstream's extensions", error=str(exc))
+            return
+        missing = [name for name, ok in self.capabilities.items() if not ok]
+        if missing:
+            self.log.warning(
+                "reduced capability: extensions not available on the upstream",
+                missing=missing,
+                effects={name: metadata.OPTIONAL_EXTENSIONS[name] for name in missing},
+            )
 
     async def start(self) -> None:
         if self.settings.clock_speed != 1.0 or self.settings.clock_start is not None:

@@ -77,50 +77,63 @@ class FrameScanner:
 
     def receive_data(self, data: bytes) -> list[Frame]:
         out: list[Frame] = []
+        n = len(data)
+        pos = 0
+        if self._skip or self._body is not None or self._hdr:
+            pos = self._carry_over(data, out)
+        # the common case: whole messages, walked with locals only
+        interesting = self.interesting
+        valid = self.valid_types
+        limit = self.max_message_size
+        readable = self.max_read_size
+        while n - pos >= 5:
+            t = data[pos]
+            (length,) = unpack_u32(data, pos + 1)
+            if t not in valid or length < 4 or length > limit:
+                self._check(t, length)
+            end = pos + 1 + length
+            if end > n:
+                self._start(t, length, out)
+                return self._continue(data, pos + 5, out)
+            if t in interesting:
+                out.append((t, data[pos + 5 : end] if length <= readable else None))
+            pos = end
+        if pos < n:
+            self._hdr = data[pos:]
+        return out
+
+    def _continue(self, data: bytes, pos: int, out: list[Frame]) -> list[Frame]:
+        """A message's body runs past this chunk: keep (or skip) what is here of it."""
+        self._carry_over(data[pos:], out)
+        return out
+
+    def _carry_over(self, data: bytes, out: list[Frame]) -> int:
+        """Finish the message left over from the previous chunk; returns where data resumes."""
         pos = 0
         n = len(data)
-        interesting = self.interesting
-        while pos < n:
+        while pos < n and (self._skip or self._body is not None or self._hdr):
             if self._skip:
                 take = min(self._skip, n - pos)
                 self._skip -= take
                 pos += take
-                continue
-            if self._body is not None:
+            elif self._body is not None:
                 take = min(self._body_len - len(self._body), n - pos)
                 self._body += data[pos : pos + take]
                 pos += take
                 if len(self._body) == self._body_len:
                     out.append((self._body_type, bytes(self._body)))
                     self._body = None
-                continue
-            if self._hdr:
+            else:
                 need = 5 - len(self._hdr)
                 self._hdr += data[pos : pos + need]
                 pos += min(need, n - pos)
                 if len(self._hdr) < 5:
-                    continue
+                    break
                 t = self._hdr[0]
                 (length,) = unpack_u32(self._hdr, 1)
                 self._hdr = b""
                 self._start(t, length, out)
-                continue
-            if n - pos < 5:
-                self._hdr = bytes(data[pos:])
-                break
-            t = data[pos]
-            (length,) = unpack_u32(data, pos + 1)
-            if t not in self.valid_types or length < 4 or length > self.max_message_size:
-                self._check(t, length)
-            end = pos + 1 + length
-            if end <= n:
-                if t in interesting:
-                    out.append((t, data[pos + 5 : end] if length <= self.max_read_size else None))
-                pos = end
-            else:
-                pos += 5
-                self._start(t, length, out)
-        return out
+        return pos
 
     def _start(self, t: int, length: int, out: list[Frame]) -> None:
         """A header is read and the body is not yet (fully) here."""

@@ -52,6 +52,14 @@ def test_serve_without_upstream_starts_embedded_postgres(tmp_path: Path) -> None
                 time.sleep(0.5)
         assert row is not None, "embedded PostgreSQL never became reachable through pgsage"
         assert Path(row[0]).resolve() == data_dir.resolve()
+        # the warehouse's metadata lives in the embedded server too
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user={PG_USER} dbname=warehouse", connect_timeout=5
+        ) as conn:
+            tables = conn.execute(
+                "select count(*) from pg_tables where schemaname in ('metadata', 'ml')"
+            ).fetchone()
+        assert tables is not None and tables[0] >= 5
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -60,5 +68,9 @@ def test_serve_without_upstream_starts_embedded_postgres(tmp_path: Path) -> None
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    # pgserver's build has no HypoPG: said once, as reduced capability, not as a failure
+    assert output.count("reduced capability") == 1, output
+    assert "hypopg" in output
     # the embedded server was stopped with pgsage
     assert not (data_dir / "postmaster.pid").exists()
