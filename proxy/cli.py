@@ -42,40 +42,33 @@ def serve(
     max_client_connections: Annotated[int | None, typer.Option()] = None,
     tls_cert: Annotated[Path | None, typer.Option()] = None,
     tls_key: Annotated[Path | None, typer.Option()] = None,
+    clock_speed: Annotated[
+        float | None, typer.Option(help="simulated seconds per real second (workload bench)")
+    ] = None,
+    clock_start: Annotated[str | None, typer.Option(help="simulated start, ISO 8601")] = None,
     log_format: Annotated[str | None, typer.Option(help="auto|json|console")] = None,
     log_level: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """Run the proxy in front of the configured upstream (or an embedded PostgreSQL)."""
-    settings = _settings_or_exit(
-        config,
-        listen=listen,
-        upstream=upstream,
-        http=http,
-        max_client_connections=max_client_connections,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        log_format=log_format,
-        log_level=log_level,
-    )
+    flags = {
+        "listen": listen,
+        "upstream": upstream,
+        "http": http,
+        "max_client_connections": max_client_connections,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "log_format": log_format,
+        "log_level": log_level,
+        "clock_speed": clock_speed,
+        "clock_start": clock_start,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    settings = _settings_or_exit(config, **overrides)
     from .log import configure_logging, get_logger
     from .runner import run_proxy
 
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("pgsage")
-    overrides = {
-        k: v
-        for k, v in {
-            "listen": listen,
-            "upstream": upstream,
-            "http": http,
-            "max_client_connections": max_client_connections,
-            "tls_cert": tls_cert,
-            "tls_key": tls_key,
-            "log_format": log_format,
-            "log_level": log_level,
-        }.items()
-        if v is not None
-    }
     try:
         run_proxy(settings, overrides)
     except RuntimeError as exc:

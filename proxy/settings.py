@@ -120,6 +120,21 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _clock_table(cls, data: Any) -> Any:
+        """`[clock] speed = ..., start = ...` in the TOML file means clock_speed / clock_start."""
+        if isinstance(data, dict) and isinstance(data.get("clock"), dict):
+            data = dict(data)
+            clock = data.pop("clock")
+            for key in ("speed", "start"):
+                if key in clock:
+                    data.setdefault(f"clock_{key}", clock[key])
+            unknown = set(clock) - {"speed", "start"}
+            if unknown:
+                raise ValueError(f"clock: unknown setting {sorted(unknown)[0]!r}")
+        return data
+
     @field_validator("listen", "http")
     @classmethod
     def _address(cls, value: str, info: Any) -> str:

@@ -122,3 +122,14 @@ def test_readings_before_a_reanchor_keep_their_segment() -> None:
     for _ in range(200):
         clock.set(1.0, None)
     assert len(clock.segments) <= 64
+
+
+def test_clock_table_in_toml(tmp_path: Path) -> None:
+    cfg = tmp_path / "pgsage.toml"
+    cfg.write_text('[clock]\nspeed = 2000\nstart = "2026-01-05T00:00:00Z"\n')
+    s = load_settings(cfg)
+    assert s.clock_speed == 2000
+    assert s.clock_start is not None and s.clock_start.year == 2026
+    cfg.write_text("[clock]\nsped = 2\n")
+    with pytest.raises(SettingsError, match="clock"):
+        load_settings(cfg)
