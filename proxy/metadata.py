@@ -105,3 +105,14 @@ async def capabilities(args: dict[str, Any]) -> dict[str, bool]:
         await conn.close()
     present = {r["name"] for r in rows}
     return {name: name in present for name in OPTIONAL_EXTENSIONS}
+
+
+def dsn_of(args: dict[str, Any]) -> str:
+    """A libpq URI for connect args (for child processes such as `pgsage train`)."""
+    if "dsn" in args:
+        return str(args["dsn"])
+    user, db = quote(str(args["user"])), quote(str(args["database"]))
+    host = str(args["host"])
+    if host.startswith("/"):
+        return f"postgresql://{user}@/{db}?host={quote(host)}&port={args['port']}"
+    return f"postgresql://{user}@{host}:{args['port']}/{db}"

@@ -27,6 +27,9 @@ RELOADABLE = frozenset(
         "querylog_retention_days",
         "admin_users",
         "clock_speed",
+        "retrain_interval",
+        "retrain_qerror_threshold",
+        "retrain_min_gap",
         "clock_start",
     )
 )

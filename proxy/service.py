@@ -16,6 +16,7 @@ from . import reload as reload_
 from .clock import CLOCK
 from .http import create_app, make_http_server
 from .log import get_logger
+from .retrain import Retrainer
 from .server import ProxyServer
 from .settings import Settings
 from .telemetry.collectors import TopFingerprints, TrafficCollector
@@ -60,6 +61,7 @@ class Service:
             clients=lambda: len(self.proxy.admitted),
             executed=lambda: self.recorder.executed,
         )
+        self.retrainer = Retrainer(settings, self.metrics, self.metadata_args)
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None
@@ -110,6 +112,7 @@ class Service:
         await self.proxy.start()
         self.recorder.start()
         self.sampler.start()
+        self.retrainer.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -127,6 +130,7 @@ class Service:
         await self.proxy.shutdown()
         await self.recorder.stop()
         await self.sampler.stop()
+        await self.retrainer.stop()
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)

@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     cost_cache_ttl: float = Field(default=120.0, gt=0)
     cost_refresh_interval: float = Field(default=5.0, gt=0)
     cost_explain_timeout_ms: int = Field(default=2000, ge=10)
+    #: retrain the cost model every this many seconds (0: never on a schedule)
+    retrain_interval: float = Field(default=6 * 3600.0, ge=0)
+    #: ... and when the online median q-error exceeds this (0: never on drift)
+    retrain_qerror_threshold: float = Field(default=3.0, ge=0)
+    retrain_min_gap: float = Field(default=600.0, ge=0)
 
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"
