@@ -56,10 +56,14 @@ def test_scheduled_runs_fail_without_data_then_activate_with_it(
         time.sleep(0.5)
     rows = registry()
     assert rows and rows[0][1] == "failed" and rows[0][2], rows
-    metrics = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
-    assert 'pgsage_model_training_runs_total{model="cost",status="failed",trigger="schedule"}' in (
-        metrics
-    )
+    # the run is counted once the child's answer is read (just after the row is written)
+    line = 'pgsage_model_training_runs_total{model="cost",status="failed",trigger="schedule"}'
+    deadline = time.monotonic() + 30
+    metrics = ""
+    while time.monotonic() < deadline and line not in metrics:
+        metrics = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
+        time.sleep(0.2)
+    assert line in metrics
 
     # with traffic logged, a run activates a model; the next ones must beat it
     svc.settings.retrain_interval = 0  # no more scheduled runs while we fill the log
