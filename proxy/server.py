@@ -83,6 +83,8 @@ class ProxyServer:
         self.admin_context: Any = None
         #: traffic and Parse counts of sessions that ended (live ones are summed at scrape)
         self.closed_totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
+        #: bytes from and to clients of ended sessions, per database (SHOW STATS)
+        self.closed_by_database: dict[str, list[int]] = {}
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -138,9 +140,20 @@ class ProxyServer:
             _add_session(totals, c)
         return totals
 
+    def traffic_by_database(self) -> dict[str, tuple[int, int]]:
+        """Bytes received from and sent to clients, per database, since start."""
+        out = {db: (rx, tx) for db, (rx, tx) in self.closed_by_database.items()}
+        for c in self.clients:
+            rx, tx = out.get(c.info.database or "", (0, 0))
+            out[c.info.database or ""] = (rx + c.rx, tx + c.tx)
+        return out
+
     def forget(self, client: ClientConnection) -> None:
         if client in self.clients:
             _add_session(self.closed_totals, client)
+            per_db = self.closed_by_database.setdefault(client.info.database or "", [0, 0])
+            per_db[0] += client.rx
+            per_db[1] += client.tx
         self.clients.discard(client)
         if client.counted:
             self.admitted.discard(client)

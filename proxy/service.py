@@ -145,11 +145,19 @@ class Service:
 
     _stop_event: asyncio.Event | None = None
 
+    @property
+    def admin_database(self) -> str:
+        return self.settings.admin_database
+
     def client_sessions(self) -> list[Any]:
         return [c for c in self.proxy.clients if not c.is_admin]
 
     def database_stats(self) -> dict[str, dict[str, float]]:
-        return self.recorder.db_stats
+        stats = {db: dict(v) for db, v in self.recorder.db_stats.items()}
+        for db, (rx, tx) in self.proxy.traffic_by_database().items():
+            entry = stats.setdefault(db, {"queries": 0, "seconds": 0.0, "errors": 0})
+            entry["received"], entry["sent"] = rx, tx
+        return stats
 
     def query_stats(self, limit: int) -> list[Any]:
         return self.recorder.stats.top(limit)

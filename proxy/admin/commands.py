@@ -49,6 +49,8 @@ def show_version(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     rows = []
     for db, s in sorted(ctx.database_stats().items()):
+        if db == ctx.admin_database:
+            continue
         count, seconds, errors = s["queries"], s["seconds"], s["errors"]
         rows.append(
             (

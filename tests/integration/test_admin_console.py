@@ -66,6 +66,8 @@ def test_show_stats_clients_servers(service):
             servers = a.execute("SHOW SERVERS").fetchall()
             pid = c.execute("select pg_backend_pid()").fetchone()[0]
     assert stats[service.database][1] >= 1
+    assert stats[service.database][5] > 0 and stats[service.database][6] > 0  # bytes in, out
+    assert "pgsage" not in stats  # the console's own connection is not a database's traffic
     mine = [r for r in clients if r[10] == "admin-test-client"]
     assert len(mine) == 1 and mine[0][0] == "C" and mine[0][8] == pid
     assert all(r[10] != "psql" or r[2] != "pgsage" for r in clients)  # the console is not listed
