@@ -192,6 +192,31 @@ _mount_models()
 
 
 @app.command()
+def demo(
+    config: ConfigOpt = None,
+    quick: Annotated[bool, typer.Option(help="small and short (about 3 minutes)")] = False,
+    scale: Annotated[float | None, typer.Option(help="warehouse scale")] = None,
+    duration: Annotated[float | None, typer.Option(help="real seconds of simulated users")] = None,
+    database: Annotated[str, typer.Option(help="demo warehouse database")] = "pgsage_demo",
+    wait: Annotated[bool, typer.Option(help="keep pgsage running until Ctrl-C")] = True,
+) -> None:
+    """The whole loop: warehouse, pgsage, simulated users, a trained model, a report."""
+    from rich.console import Console
+
+    from .demo import DemoConfig, run_demo
+
+    settings = _settings_or_exit(config)
+    cfg = DemoConfig(database=database, wait=wait)
+    if quick:
+        cfg.scale, cfg.duration, cfg.qps = 0.05, 60.0, 40.0
+    if scale is not None:
+        cfg.scale = scale
+    if duration is not None:
+        cfg.duration = duration
+    raise typer.Exit(run_demo(settings, cfg, Console()))
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)

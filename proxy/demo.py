@@ -1,0 +1,190 @@
+"""`pgsage demo`: the whole loop in one command, with what exists today.
+
+PostgreSQL (configured, or embedded) -> the bundled warehouse -> `pgsage serve` -> simulated
+users through it on a simulated clock with labelled anomalies -> the cost model trained from the
+proxy's own log -> a short report and where everything is. Ctrl-C stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from .settings import Settings
+from .upstream import Upstream
+
+
+@dataclass
+class DemoConfig:
+    scale: float = 0.2
+    duration: float = 240.0
+    qps: float = 60.0
+    database: str = "pgsage_demo"
+    seed: int = 7
+    wait: bool = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _libpq_dsn(upstream: Upstream, user: str, database: str) -> str:
+    if upstream.unix_socket is not None:
+        port = upstream.unix_socket.name.rsplit(".", 1)[-1]
+        return f"postgresql://{user}@/{database}?host={upstream.unix_socket.parent}&port={port}"
+    return f"postgresql://{user}@{upstream.host}:{upstream.port}/{database}"
+
+
+def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
+    from bench.warehouse import init_warehouse
+    from bench.workload.plan import PlanConfig
+    from bench.workload.runner import RunConfig, run_workload
+
+    from .runner import resolve_upstream
+
+    upstream, embedded = resolve_upstream(settings)
+    user = settings.metadata_user
+    listen, http = _free_port(), _free_port()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        console.rule("1/5 the warehouse")
+        init_warehouse(_libpq_dsn(upstream, user, "postgres"), cfg.scale, cfg.seed, cfg.database)
+
+        console.rule("2/5 pgsage serve")
+        env = {
+            **os.environ,
+            "PGSAGE_LISTEN": f"127.0.0.1:{listen}",
+            "PGSAGE_HTTP": f"127.0.0.1:{http}",
+            "PGSAGE_UPSTREAM": str(upstream),
+            "PGSAGE_WAREHOUSE_DATABASE": cfg.database,
+            "PGSAGE_LOG_LEVEL": "warning",
+            "PGSAGE_LOG_FORMAT": "json",
+            "PGSAGE_EMBEDDED_FALLBACK": "false",
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve"], env=env, stderr=subprocess.DEVNULL
+        )
+        _wait_ready(f"http://127.0.0.1:{http}/readyz", proc)
+        proxy_dsn = f"postgresql://{user}@127.0.0.1:{listen}/{cfg.database}"
+        console.print(f"pgsage is up: [bold]{proxy_dsn}[/]")
+
+        console.rule("3/5 simulated users")
+        plan = PlanConfig(seed=cfg.seed, start=datetime(2026, 1, 26, tzinfo=UTC),
+                          speed=2000.0, duration=cfg.duration, qps=cfg.qps)  # fmt: skip
+        result = run_workload(RunConfig(dsn=proxy_dsn, plan=plan), Console(stderr=True))
+        console.print(f"{result.executed:,} statements, {result.errors:,} errors, "
+                      f"{len(result.labels)} labelled anomalies, simulated "
+                      f"{result.sim_start:%a %d %b} to {result.sim_end:%a %d %b}")  # fmt: skip
+
+        console.rule("4/5 the cost model, from the proxy's own log")
+        meta_dsn = _libpq_dsn(upstream, user, cfg.database)
+        train = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "train", "cost", "--json", "--dsn", meta_dsn],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        trained = json.loads(train.stdout or "[]")
+        card = _card(meta_dsn) if trained and trained[0]["status"] != "failed" else {}
+
+        console.rule("5/5 report")
+        console.print(_report(meta_dsn, trained, card))
+        console.print(_where(user, listen, http, cfg.database))
+        if cfg.wait:
+            console.print("[dim]pgsage keeps running; Ctrl-C stops everything.[/]")
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pgsage serve exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("pgsage serve did not become ready")
+
+
+def _card(dsn: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "models", "show", "cost", "--json", "--dsn", dsn],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        return dict(json.loads(out.stdout))
+    except (json.JSONDecodeError, TypeError):
+        return {}
+
+
+def _report(dsn: str, trained: list[dict[str, Any]], card: dict[str, Any]) -> Table:
+    table = Table(title="what pgsage saw and learned", show_header=False)
+    with psycopg.connect(dsn) as conn:
+        logged, fps, errors, labelled = conn.execute(
+            "select count(*), count(distinct fingerprint), count(*) filter (where status <> 'ok'),"
+            " count(*) filter (where label is not null) from metadata.query_logs"
+        ).fetchone() or (0, 0, 0, 0)
+        top = conn.execute(
+            "select left(normalized_text, 70), calls, round(mean_time_ms::numeric, 2)"
+            " from metadata.query_stats where command <> 'CATALOG'"
+            " order by total_time_ms desc limit 3"
+        ).fetchall()
+    table.add_row("statements logged", f"{logged:,} ({fps} fingerprints, {errors:,} errors)")
+    table.add_row("labelled anomalous executions", f"{labelled:,}")
+    for text, calls, mean in top:
+        table.add_row("top by total time", f"{text} — {calls:,} calls, {mean} ms mean")
+    if trained:
+        t = trained[0]
+        table.add_row("cost model", f"v{t.get('version')} {t['status']}: {t.get('reason')}")
+    metrics = card.get("metrics", {})
+    if metrics:
+        row = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("r2_log", "qerror_p50", "qerror_p90")
+                        if isinstance(metrics.get(k), int | float))  # fmt: skip
+        table.add_row("model accuracy (held-out time split)", row)
+        for name, m in (metrics.get("baselines") or {}).items():
+            if isinstance(m.get("qerror_p90"), int | float):
+                table.add_row(f"baseline {name}", f"qerror_p90 {m['qerror_p90']:.2f}")
+    return table
+
+
+def _where(user: str, listen: int, http: int, database: str) -> Table:
+    table = Table(title="where everything is", show_header=False)
+    table.add_row("psql", f"psql 'host=127.0.0.1 port={listen} user={user} dbname={database}'")
+    table.add_row("admin console", f"psql -h 127.0.0.1 -p {listen} -U {user} pgsage")
+    table.add_row("metrics", f"http://127.0.0.1:{http}/metrics")
+    table.add_row("API docs", f"http://127.0.0.1:{http}/docs")
+    table.add_row(
+        "Grafana board",
+        "config/grafana/dashboards/pgsage.json (provisioned by config/grafana/provisioning; "
+        "or: docker compose -f config/docker-compose.yml up)",
+    )
+    return table
