@@ -22,6 +22,7 @@ from ..records import StatementRecord
 from ..settings import Settings
 from .logworker import ENV_CONNECT, ENV_SETTINGS
 from .metrics import ProxyMetrics
+from .querylog import flatten
 from .sink import BatchingSink
 from .stats import SnapshotTable
 
@@ -97,18 +98,7 @@ class WorkerRecorder(BatchingSink):
             await self._ship(batch, force_stats)
 
     async def _ship(self, batch: list[StatementRecord], force: bool) -> None:
-        sessions: dict[int, Any] = {}
-        rows = []
-        for rec in batch:
-            info = rec.session
-            sessions[info.id] = info
-            ex = rec.execution
-            rows.append(
-                (
-                    info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows,
-                    ex.status, ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent,
-                )
-            )  # fmt: skip
+        sessions, rows = flatten(batch)
         fields = {
             sid: (i.client_addr, i.database, i.user, i.application_name, i.tls, i.app)
             for sid, i in sessions.items()

@@ -24,8 +24,7 @@ from typing import Any
 
 from ..clock import CLOCK
 from ..log import get_logger
-from ..protocol.tracker import Execution, Protocol, Status
-from ..records import SessionInfo, StatementRecord
+from ..records import SessionInfo
 from ..settings import Settings
 from .collectors import LOG_RATIO_BUCKETS, QUERY_BUCKETS, BatchedHistogram
 from .querylog import QueryLogRecorder
@@ -109,17 +108,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def _records(sessions: dict[int, SessionInfo], rows: list[tuple[Any, ...]]) -> list[Any]:
-    out = []
-    for sid, proto, sql, statement, start, end, n, status, state, msg, susp, nbytes in rows:
-        ex = Execution(Protocol(proto), sql, start, end, statement=statement, rows=n,
-                       status=Status(status), sqlstate=state, error_message=msg,
-                       suspensions=susp, bytes_sent=nbytes)  # fmt: skip
-        info = sessions.get(sid) or SessionInfo(sid, "")
-        out.append(StatementRecord(info, ex))
-    return out
-
-
 class Worker:
     def __init__(self, settings: Settings, connect_args: dict[str, Any]) -> None:
         from .. import metadata
@@ -185,8 +173,7 @@ class Worker:
             infos = {sid: SessionInfo(sid, *fields) for sid, fields in sessions.items()}
             if force:
                 engine._retry_at = 0.0
-            engine.queue.extend(_records(infos, rows))
-            await engine.flush_once(force_stats=force)
+            await engine.ingest(infos, rows, force_stats=force)
         elif kind == "stats":
             engine._retry_at = 0.0
             await engine.flush_stats()

@@ -25,7 +25,7 @@ import numpy as np
 from optimizer.fingerprint import Fingerprinter
 
 from ..clock import CLOCK
-from ..records import StatementRecord
+from ..records import SessionInfo, StatementRecord
 from ..settings import Settings
 from .metrics import ProxyMetrics
 from .sink import BatchingSink
@@ -64,6 +64,30 @@ COLUMNS = (
 )
 
 SLICE = 1000  # records processed between yields to the event loop
+
+#: a finished statement, flat: session id, protocol, sql, statement name, start, end (monotonic),
+#: rows, status, sqlstate, error message, portal suspensions, bytes sent
+Row = tuple[
+    int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
+    int, int | None,
+]  # fmt: skip
+
+
+def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[Row]]:
+    """Records as flat rows plus the sessions they mention (what crosses to the log worker)."""
+    sessions: dict[int, SessionInfo] = {}
+    rows: list[Row] = []
+    for rec in batch:
+        info = rec.session
+        sessions[info.id] = info
+        ex = rec.execution
+        rows.append(
+            (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
+             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent)
+        )  # fmt: skip
+    return sessions, rows
+
+
 _QUOTED = re.compile(r'"[^"]*"')
 
 Connector = Callable[[], Awaitable[Any]]
@@ -160,21 +184,41 @@ class QueryLogRecorder(BatchingSink):
         while remaining:
             n = min(remaining, self.batch_size * 4)
             remaining -= n
-            batch = [q.popleft() for _ in range(n)]
-            rows: list[tuple[Any, ...]] = []
-            for i in range(0, n, SLICE):
-                rows.extend(self.process(batch[i : i + SLICE]))
-                await asyncio.sleep(0)
-            await self.write(rows)
+            sessions, rows = flatten([q.popleft() for _ in range(n)])
+            await self._process_and_write(sessions, rows)
         now = time.monotonic()
         if force_stats or now - self._stats_flushed_at >= self.settings.stats_flush_interval:
             self._stats_flushed_at = now
             await self._flush_stats_locked()
 
+    async def ingest(
+        self, sessions: dict[int, SessionInfo], rows: list[Row], force_stats: bool = False
+    ) -> None:
+        """Process and write flat rows (the log worker's entry point)."""
+        async with self._lock:
+            await self._process_and_write(sessions, rows)
+            now = time.monotonic()
+            if force_stats or now - self._stats_flushed_at >= self.settings.stats_flush_interval:
+                self._stats_flushed_at = now
+                await self._flush_stats_locked()
+
+    async def _process_and_write(self, sessions: dict[int, SessionInfo], rows: list[Row]) -> None:
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(rows), SLICE):
+            out.extend(self.process_rows(sessions, rows[i : i + SLICE]))
+            await asyncio.sleep(0)
+        await self.write(out)
+
     # ------------------------------------------------------------------ processing
 
     def process(self, batch: list[StatementRecord]) -> list[tuple[Any, ...]]:
-        """Fingerprint, aggregate and meter a batch; return its query_logs rows.
+        """Fingerprint, aggregate and meter a batch of records; return its query_logs rows."""
+        return self.process_rows(*flatten(batch))
+
+    def process_rows(
+        self, sessions: dict[int, SessionInfo], rows: list[Row]
+    ) -> list[tuple[Any, ...]]:
+        """The same for flat rows (see `flatten`), as the log worker receives them.
 
         The per-record loop only looks up the fingerprint and builds the row; durations are
         grouped and handed to the histogram and the per-fingerprint sketches in bulk.
@@ -194,15 +238,27 @@ class QueryLogRecorder(BatchingSink):
         predictor = self.predictor
         version = self.model_version
         log_ratios: list[float] = []
-        for rec in batch:
-            ex = rec.execution
-            info = rec.session
-            sql = ex.sql
+        last_start = 0.0
+        for (
+            sid,
+            protocol,
+            sql,
+            statement,
+            start,
+            end,
+            nrows,
+            status,
+            sqlstate,
+            msg,
+            susp,
+            nbytes,
+        ) in rows:
+            info = sessions[sid]
             fp = fp_of(sql if sql is not None else "")
-            seconds = ex.end - ex.start
-            status = ex.status
+            seconds = end - start
+            last_start = start
             command = fp.command
-            key = (info.database or "", command, ex.protocol, status, info.app)
+            key = (info.database or "", command, protocol, status, info.app)
             durations = groups.get(key)
             if durations is None:
                 durations = groups[key] = []
@@ -211,15 +267,15 @@ class QueryLogRecorder(BatchingSink):
             if group is None:
                 group = by_fp[fp.id] = (fp, [], [])
             group[1].append(seconds)
-            if ex.rows:
-                rows_by[(key[0], command)] += ex.rows
-                group[2].append(ex.rows)
+            if nrows:
+                rows_by[(key[0], command)] += nrows
+                group[2].append(nrows)
             if status != "ok":
                 group[2].append(None)
-                if ex.sqlstate:
-                    errors[ex.sqlstate[:2]] += 1
-            if ex.suspensions:
-                suspensions += ex.suspensions
+                if sqlstate:
+                    errors[sqlstate[:2]] += 1
+            if susp:
+                suspensions += susp
             if command == "COPY":
                 copies[_copy_direction(sql) or "file"] += 1
             predicted = None
@@ -227,13 +283,13 @@ class QueryLogRecorder(BatchingSink):
                 predicted = predictor(fp.id, command, sql, fp.normalized)
                 if predicted is not None and status == "ok":
                     log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))
-            message = ex.error_message
+            message = msg
             if message and not keep_text:
                 message = _QUOTED.sub('"?"', message)
             out.append(
                 (
-                    fromtimestamp(epoch(ex.start), UTC),
-                    fromtimestamp(epoch(ex.end), UTC),
+                    fromtimestamp(epoch(start), UTC),
+                    fromtimestamp(epoch(end), UTC),
                     seconds * 1000.0,
                     fp.id,
                     sql if keep_text else None,
@@ -247,24 +303,24 @@ class QueryLogRecorder(BatchingSink):
                     info.application_name,
                     info.app,
                     info.client_addr,
-                    ex.protocol,
-                    ex.statement,
-                    ex.rows,
+                    protocol,
+                    statement,
+                    nrows,
                     status,
-                    ex.sqlstate,
+                    sqlstate,
                     message,
-                    ex.bytes_sent,
-                    info.id,
-                    ex.transaction_status,
-                    ex.suspensions,
+                    nbytes,
+                    sid,
+                    None,
+                    susp,
                     instance,
                     _label(sql) if sql is not None and "pgsage:label=" in sql else None,
                     predicted,
                     version if predicted is not None else None,
                 )
             )
-        self.executed += len(batch)
-        self._aggregate(by_fp, batch)
+        self.executed += len(rows)
+        self._aggregate(by_fp, CLOCK.epoch(last_start) if rows else time.time())
         m = self.metrics
         db_stats = self.db_stats
         by_label: dict[tuple[str, str], list[float]] = {}
@@ -294,10 +350,7 @@ class QueryLogRecorder(BatchingSink):
             m.copy_operations.labels(direction).inc(n)
         return out
 
-    def _aggregate(
-        self, by_fp: dict[str, tuple[Any, list[float], list[Any]]], batch: list[StatementRecord]
-    ) -> None:
-        at = CLOCK.epoch(batch[-1].execution.start) if batch else time.time()
+    def _aggregate(self, by_fp: dict[str, tuple[Any, list[float], list[Any]]], at: float) -> None:
         stats_get = self.stats.get
         for fid, (fp, durations, extra) in by_fp.items():
             st = stats_get(fid, fp.normalized, fp.command, fp.is_catalog)

@@ -1,0 +1,283 @@
+"""The /api/v1 routes: query history and statistics, metrics history, models, admin.
+
+Every SQL statement here is a constant with `$n` parameters; filters that are not given are
+passed as NULL and switched off inside the statement, so no request text ever becomes SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from .. import __version__, metadata
+from .auth import make_auth
+
+APPLICATION_NAME = "pgsage-api"
+MAX_BUCKETS = 10_000
+STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
+
+# Parts of the API that land with later components: a clear 404 until they do.
+NOT_BUILT = {
+    "optimization": "the index advisor is not part of this build",
+    "queries/explain": "EXPLAIN through the API is not part of this build",
+    "ml/train": "training through the API is not part of this build",
+    "ml/predict": "cost prediction through the API is not part of this build",
+    "ml/forecast": "the workload forecaster is not part of this build",
+    "ml/recommend": "the index advisor is not part of this build",
+    "ml/anomalies": "the anomaly detector is not part of this build",
+    "metrics/stream": "the live metrics stream is not part of this build",
+}
+
+_LOG_COLUMNS = """query_id, started_at, finished_at, duration_ms, fingerprint, normalized_text,
+    command, is_catalog, tables_used, database_name, user_name, application_name, protocol,
+    rows_returned, status, sqlstate, predicted_cost_ms, model_version, label"""
+
+QUERIES_SQL = f"""
+SELECT {_LOG_COLUMNS}
+FROM metadata.query_logs
+WHERE ($1::timestamptz IS NULL OR started_at >= $1)
+  AND ($2::timestamptz IS NULL OR started_at < $2)
+  AND ($3::float8 IS NULL OR duration_ms >= $3)
+  AND ($4::text IS NULL OR command = upper($4))
+  AND ($5::text IS NULL OR status = $5)
+  AND ($6::text IS NULL OR $6 = ANY (tables_used))
+  AND ($7::text IS NULL OR strpos(lower(normalized_text), lower($7)) > 0)
+ORDER BY started_at DESC, query_id DESC
+LIMIT $8 OFFSET $9
+"""  # a constant: only the column list is interpolated, at import time
+
+QUERY_SQL = f"""
+SELECT {_LOG_COLUMNS}, query_text, error_message, client_addr, statement_name, bytes_sent,
+    session_id, transaction_status, portal_suspensions, hint_set, rewrite_rule, cache_hit
+FROM metadata.query_logs WHERE query_id = $1
+"""
+
+METRICS_HISTORY_SQL = """
+SELECT date_trunc($1, sampled_at) AS bucket, count(*) AS samples,
+    avg(cpu_percent) AS cpu_percent, avg(memory_percent) AS memory_percent,
+    max(memory_used_bytes) AS memory_used_bytes, avg(cache_hit_ratio) AS cache_hit_ratio,
+    avg(backends_active) AS backends_active, max(proxy_clients) AS proxy_clients,
+    avg(proxy_queries_per_second) AS proxy_queries_per_second
+FROM metadata.system_metrics
+WHERE sampled_at >= $2 AND sampled_at < $3
+GROUP BY 1 ORDER BY 1
+"""
+
+QUERY_COUNTS_SQL = """
+SELECT date_trunc($1, started_at) AS bucket, count(*) AS queries,
+    count(*) FILTER (WHERE status <> 'ok') AS errors,
+    avg(duration_ms) AS mean_ms,
+    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
+FROM metadata.query_logs
+WHERE started_at >= $2 AND started_at < $3 AND NOT is_catalog
+GROUP BY 1 ORDER BY 1
+"""
+
+_MODEL_COLUMNS = """model_name, version, model_id, status, is_active, created_at, activated_at,
+    training_start, training_end, row_count, reason, metrics, params"""
+MODELS_SQL = f"""
+SELECT DISTINCT ON (model_name) {_MODEL_COLUMNS}
+FROM ml.model_registry
+ORDER BY model_name, is_active DESC, version DESC
+"""
+MODEL_SQL = f"""
+SELECT {_MODEL_COLUMNS}, artifact_path, features, data_snapshot
+FROM ml.model_registry WHERE model_name = $1 ORDER BY version DESC
+"""
+
+STAT_FIELDS = (
+    "fingerprint", "normalized", "command", "calls", "total_time", "mean_time", "min_time",
+    "max_time", "stddev_time", "p95_time", "rows", "errors",
+)  # fmt: skip
+
+
+class ConfigChange(BaseModel):
+    key: str = Field(min_length=1, max_length=100)
+    value: str | int | float | bool
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / Infinity (an unseen min_time is +inf)
+    return value
+
+
+def make_router(service: Any) -> APIRouter:
+    """The /api/v1 router for a running `proxy.service.Service` (mount with prefix="/api/v1")."""
+    router = APIRouter(dependencies=[Depends(make_auth(service.settings))])
+
+    @asynccontextmanager
+    async def connection() -> AsyncIterator[asyncpg.Connection]:
+        try:
+            conn = await metadata.connect(service.metadata_args, APPLICATION_NAME)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise HTTPException(
+                503, f"metadata database unavailable: {type(exc).__name__}"
+            ) from None
+        try:
+            for typ in ("json", "jsonb"):
+                await conn.set_type_codec(
+                    typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                )
+            yield conn
+        finally:
+            await conn.close()
+
+    # ------------------------------------------------------------------ queries
+
+    @router.get("/queries", tags=["queries"])
+    async def list_queries(
+        start: datetime | None = None,
+        end: datetime | None = None,
+        min_duration_ms: float | None = Query(None, ge=0),
+        command: str | None = Query(None, pattern=r"^[A-Za-z_ ]{1,32}$"),
+        status: Literal["ok", "error", "cancelled"] | None = None,
+        table: str | None = Query(None, max_length=200),
+        q: str | None = Query(None, min_length=1, max_length=1000),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=10_000_000),
+    ) -> dict[str, Any]:
+        async with connection() as conn:
+            rows = await conn.fetch(
+                QUERIES_SQL, _aware(start), _aware(end), min_duration_ms, command, status,
+                table, q, limit, offset,
+            )  # fmt: skip
+        items = [dict(r) for r in rows]
+        return {
+            "items": items,
+            "limit": limit,
+            "offset": offset,
+            "next_offset": offset + limit if len(items) == limit else None,
+        }
+
+    @router.get("/queries/stats", tags=["queries"])
+    def query_stats(
+        limit: int = Query(20, ge=1, le=1000), include_catalog: bool = False
+    ) -> dict[str, Any]:
+        top = service.recorder.stats.top(limit, include_catalog=include_catalog)
+        items = [{f: _number(getattr(s, f, None)) for f in STAT_FIELDS} for s in top]
+        return {"items": items, "time_unit": "seconds"}
+
+    @router.get("/queries/explain", tags=["queries"], include_in_schema=False)
+    def explain_not_built() -> JSONResponse:
+        return _not_built("queries/explain")
+
+    @router.get("/queries/{query_id}", tags=["queries"])
+    async def one_query(query_id: int) -> dict[str, Any]:
+        async with connection() as conn:
+            row = await conn.fetchrow(QUERY_SQL, query_id)
+        if row is None:
+            raise HTTPException(404, f"no query with query_id {query_id}")
+        return dict(row)
+
+    # ------------------------------------------------------------------ metrics
+
+    @router.get("/metrics/history", tags=["metrics"])
+    async def metrics_history(
+        start: datetime | None = None,
+        end: datetime | None = None,
+        granularity: Literal["minute", "hour", "day"] = "minute",
+    ) -> dict[str, Any]:
+        end_at = _aware(end) or datetime.now(UTC)
+        start_at = _aware(start) or end_at - timedelta(hours=1)
+        if start_at >= end_at:
+            raise HTTPException(400, "start must be before end")
+        if (end_at - start_at) / STEP[granularity] > MAX_BUCKETS:
+            raise HTTPException(
+                400, f"too many {granularity} buckets (at most {MAX_BUCKETS}); widen granularity"
+            )
+        async with connection() as conn:
+            system = await conn.fetch(METRICS_HISTORY_SQL, granularity, start_at, end_at)
+            queries = await conn.fetch(QUERY_COUNTS_SQL, granularity, start_at, end_at)
+        return {
+            "start": start_at,
+            "end": end_at,
+            "granularity": granularity,
+            "system": [dict(r) for r in system],
+            "queries": [dict(r) for r in queries],
+        }
+
+    # ------------------------------------------------------------------ models
+
+    @router.get("/ml/models", tags=["ml"])
+    async def list_models() -> dict[str, Any]:
+        async with connection() as conn:
+            rows = await conn.fetch(MODELS_SQL)
+        return {"items": [dict(r) for r in rows]}
+
+    @router.get("/ml/models/{name}", tags=["ml"])
+    async def model_detail(name: str) -> dict[str, Any]:
+        async with connection() as conn:
+            rows = await conn.fetch(MODEL_SQL, name)
+        if not rows:
+            raise HTTPException(404, f"no model named {name!r} in ml.model_registry")
+        versions = [dict(r) for r in rows]
+        active = next((v for v in versions if v["is_active"]), None)
+        return {"model_name": name, "active": active, "versions": versions}
+
+    # ------------------------------------------------------------------ admin
+
+    @router.get("/admin/status", tags=["admin"])
+    def admin_status() -> dict[str, Any]:
+        recorder = service.recorder
+        return {
+            "version": __version__,
+            "ready": service.readiness(),
+            "paused": bool(service.proxy.paused),
+            "clients": len(service.client_sessions()),
+            "queries_logged": getattr(recorder, "executed", None),
+            "log_dropped": dict(getattr(recorder, "dropped", {}) or {}),
+            "databases": service.database_stats(),
+        }
+
+    @router.get("/admin/config", tags=["admin"])
+    def admin_config() -> dict[str, Any]:
+        items = [
+            {"key": k, "value": v, "default": d, "reloadable": r}
+            for k, v, d, r in service.config_items()
+        ]
+        return {"items": items}
+
+    @router.put("/admin/config", tags=["admin"])
+    def admin_set_config(change: ConfigChange) -> dict[str, Any]:
+        value = change.value
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        problem = service.set_setting(change.key, text)
+        if problem is not None:
+            raise HTTPException(400, problem)
+        shown = next((v for k, v, _d, _r in service.config_items() if k == change.key), text)
+        return {"key": change.key, "value": shown, "applied": True}
+
+    # ------------------------------------------------------------------ not built yet
+
+    @router.api_route(
+        "/{rest:path}",
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+        include_in_schema=False,
+    )
+    def not_found(rest: str) -> JSONResponse:
+        for prefix in sorted(NOT_BUILT, key=len, reverse=True):
+            if rest == prefix or rest.startswith(prefix + "/"):
+                return _not_built(prefix)
+        return JSONResponse({"detail": f"no such endpoint: /api/v1/{rest}"}, status_code=404)
+
+    return router
+
+
+def _not_built(prefix: str) -> JSONResponse:
+    return JSONResponse({"detail": f"not configured: {NOT_BUILT[prefix]}"}, status_code=404)
