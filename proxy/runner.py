@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from typing import Any
 
@@ -36,7 +37,17 @@ async def _serve(settings: Settings, upstream: Upstream, overrides: dict[str, An
         loop.add_signal_handler(sig, stop.set)
     service = Service(settings, upstream, overrides)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
+    tune_gc()
     await service.serve_until(stop)
+
+
+def tune_gc() -> None:
+    """The relay allocates a few short-lived objects per statement and keeps up to a second of
+    records queued: with the default thresholds the cyclic collector runs thousands of times a
+    second, walking those queues. Objects alive at start-up are frozen out of its sight, and it
+    runs after 50,000 allocations instead of 700; nothing here relies on it for memory."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def run_proxy(settings: Settings, overrides: dict[str, Any] | None = None) -> None:

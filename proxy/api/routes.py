@@ -118,7 +118,11 @@ def _number(value: Any) -> Any:
 
 
 def make_router(service: Any) -> APIRouter:
-    """The /api/v1 router for a running `proxy.service.Service` (mount with prefix="/api/v1")."""
+    """The /api/v1 router for a running `proxy.service.Service` (mount with prefix="/api/v1").
+
+    Every handler is `async def`: it runs on the proxy's event loop, never in a worker thread,
+    because the service's state (clients, transports, stats) belongs to that loop.
+    """
     router = APIRouter(dependencies=[Depends(make_auth(service.settings))])
 
     @asynccontextmanager
@@ -166,7 +170,7 @@ def make_router(service: Any) -> APIRouter:
         }
 
     @router.get("/queries/stats", tags=["queries"])
-    def query_stats(
+    async def query_stats(
         limit: int = Query(20, ge=1, le=1000), include_catalog: bool = False
     ) -> dict[str, Any]:
         top = service.recorder.stats.top(limit, include_catalog=include_catalog)
@@ -174,7 +178,7 @@ def make_router(service: Any) -> APIRouter:
         return {"items": items, "time_unit": "seconds"}
 
     @router.get("/queries/explain", tags=["queries"], include_in_schema=False)
-    def explain_not_built() -> JSONResponse:
+    async def explain_not_built() -> JSONResponse:
         return _not_built("queries/explain")
 
     @router.get("/queries/{query_id}", tags=["queries"])
@@ -233,7 +237,7 @@ def make_router(service: Any) -> APIRouter:
     # ------------------------------------------------------------------ admin
 
     @router.get("/admin/status", tags=["admin"])
-    def admin_status() -> dict[str, Any]:
+    async def admin_status() -> dict[str, Any]:
         recorder = service.recorder
         return {
             "version": __version__,
@@ -246,7 +250,7 @@ def make_router(service: Any) -> APIRouter:
         }
 
     @router.get("/admin/config", tags=["admin"])
-    def admin_config() -> dict[str, Any]:
+    async def admin_config() -> dict[str, Any]:
         items = [
             {"key": k, "value": v, "default": d, "reloadable": r}
             for k, v, d, r in service.config_items()
@@ -254,7 +258,7 @@ def make_router(service: Any) -> APIRouter:
         return {"items": items}
 
     @router.put("/admin/config", tags=["admin"])
-    def admin_set_config(change: ConfigChange) -> dict[str, Any]:
+    async def admin_set_config(change: ConfigChange) -> dict[str, Any]:
         value = change.value
         text = str(value).lower() if isinstance(value, bool) else str(value)
         problem = service.set_setting(change.key, text)
@@ -270,7 +274,7 @@ def make_router(service: Any) -> APIRouter:
         methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
         include_in_schema=False,
     )
-    def not_found(rest: str) -> JSONResponse:
+    async def not_found(rest: str) -> JSONResponse:
         for prefix in sorted(NOT_BUILT, key=len, reverse=True):
             if rest == prefix or rest.startswith(prefix + "/"):
                 return _not_built(prefix)

@@ -197,6 +197,10 @@ async def serve() -> None:
     from ..log import configure_logging
 
     configure_logging("json", settings.log_level)  # stderr: stdout carries the replies
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)  # batches of short-lived rows; see proxy.runner.tune_gc
     connect_args = json.loads(os.environ[ENV_CONNECT])
     worker = Worker(settings, connect_args)
     loop = asyncio.get_running_loop()
