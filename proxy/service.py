@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__, metadata
 from . import reload as reload_
+from .api import make_router
 from .clock import CLOCK
 from .http import create_app, make_http_server
 from .log import get_logger
@@ -116,7 +117,9 @@ class Service:
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
-            self.http = make_http_server(create_app(self.metrics, self.readiness), host, port)
+            app = create_app(self.metrics, self.readiness)
+            app.include_router(make_router(self), prefix="/api/v1")
+            self.http = make_http_server(app, host, port)
             self._http_task = asyncio.ensure_future(self.http.serve())
             while not self.http.started:
                 if self._http_task.done():

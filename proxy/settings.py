@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     #: ... and when the online median q-error exceeds this (0: never on drift)
     retrain_qerror_threshold: float = Field(default=3.0, ge=0)
     retrain_min_gap: float = Field(default=600.0, ge=0)
+
+    # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
+    # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it
+    admin_token: SecretStr | None = None
 
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"
