@@ -38,6 +38,11 @@ def _ts(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _at(monotonic: float) -> str | None:
+    """Wall-clock text of a `time.monotonic()` reading."""
+    return _ts(time.time() - (time.monotonic() - monotonic))
+
+
 def show_help(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("command", "description"), HELP)
 
@@ -78,8 +83,6 @@ def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 
 
 def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
-    now = time.monotonic()
-    wall = time.time()
     rows = []
     for c in ctx.client_sessions():
         addr, _, port = c.info.client_addr.rpartition(":")
@@ -91,8 +94,8 @@ def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 c.state,
                 addr,
                 int(port) if port.isdigit() else None,
-                _ts(wall - (now - c.connected_at)),
-                _ts(wall - (now - c.last_activity)),
+                _at(c.connected_at),
+                _at(c.last_activity),
                 c.tracker.backend_pid,
                 c.info.tls,
                 c.info.application_name,
@@ -119,8 +122,6 @@ def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 
 
 def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
-    now = time.monotonic()
-    wall = time.time()
     rows = []
     for c in ctx.client_sessions():
         up = c.upstream
@@ -138,7 +139,7 @@ def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 peer[1] if isinstance(peer, tuple) else None,
                 local[0] if isinstance(local, tuple) else None,
                 local[1] if isinstance(local, tuple) else None,
-                _ts(wall - (now - c.connected_at)),
+                _at(c.connected_at),
                 c.tracker.backend_pid,
             )
         )
