@@ -30,7 +30,6 @@ from .protocol import (
     SSLRequest,
     StartupMessage,
     StartupReader,
-    Status,
     error_response,
 )
 from .protocol.errors import (
@@ -42,7 +41,6 @@ from .protocol.errors import (
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
-from .protocol.tracker import _Query
 from .records import SessionInfo, StatementRecord
 from .telemetry.apps import app_class
 
@@ -417,33 +415,15 @@ class ClientConnection(asyncio.Protocol):
         connection was lost (an error). Each statement is recorded once: a simple Query whose
         statements all ended already (e.g. on the server's FATAL) gives no record.
         """
-        now = monotonic()
-        tracker = self.tracker
-        status = Status.CANCELLED if sqlstate == QUERY_CANCELED else Status.ERROR
-        done: list[Execution] = []
-        for item in tracker.pending:
-            if isinstance(item, Execution):
-                item.end = now
-                item.status = status
-                item.sqlstate = sqlstate
-                item.error_message = message
-                done.append(item)
-            elif isinstance(item, _Query) and (
-                item.statements is None or item.index < len(item.statements)
-            ):
-                # the statement of the Query string that was running; later ones never ran
-                done.append(tracker._simple_statement(item, now, None, (sqlstate, message)))
-        tracker.pending.clear()
+        done = self.tracker.abandon(monotonic(), sqlstate, message)
         if done:
             self.emit(done)
         self._end_suspended()
 
     def _end_suspended(self) -> None:
         """The session is over: portals still suspended ended at their last PortalSuspended."""
-        suspended = self.tracker.suspended
-        if suspended:
-            done = list(suspended.values())
-            suspended.clear()
+        done = self.tracker.end_suspended()
+        if done:
             self.emit(done)
 
     def _write(self, data: bytes) -> None:

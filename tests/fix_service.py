@@ -12,6 +12,7 @@ import uvloop
 
 from proxy.service import Service
 from proxy.settings import Settings
+from proxy.telemetry.querylog import QueryLogRecorder
 from proxy.upstream import Upstream
 from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, create_database, drop_database
 
@@ -75,7 +76,8 @@ class RunningService:
 
         async def _flush() -> None:
             rec = self.service.recorder
-            rec._retry_at = 0.0
+            if isinstance(rec, QueryLogRecorder):  # the worker resets its own on a forced flush
+                rec._retry_at = 0.0
             while rec.queue:
                 await rec.flush_once(force_stats=True)
             await rec.flush_stats()

@@ -519,6 +519,35 @@ class SessionTracker:
         self._drop_parsed()
         self.phase = Phase.COPY_OUT
 
+    def abandon(self, now: float, sqlstate: str, message: str) -> list[Execution]:
+        """The session ends with requests outstanding: what was running, ended at `now`.
+
+        57014 (the client left; the proxy cancels upstream) records them as cancelled, other
+        codes (the upstream was lost) as errors. A simple Query whose statements all ended
+        already gives no record; of one still running, only the running statement does.
+        """
+        status = Status.CANCELLED if sqlstate == QUERY_CANCELED else Status.ERROR
+        done: list[Execution] = []
+        for item in self.pending:
+            if isinstance(item, Execution):
+                item.end = now
+                item.status = status
+                item.sqlstate = sqlstate
+                item.error_message = message
+                done.append(item)
+            elif isinstance(item, _Query) and (
+                item.statements is None or item.index < len(item.statements)
+            ):
+                done.append(self._simple_statement(item, now, None, (sqlstate, message)))
+        self.pending.clear()
+        return done
+
+    def end_suspended(self) -> list[Execution]:
+        """Portals still suspended when the session ends (each ended at its last leg)."""
+        done = list(self.suspended.values())
+        self.suspended.clear()
+        return done
+
     @property
     def in_flight(self) -> bool:
         """A request is outstanding on the server (cancel it if the client goes away)."""

@@ -44,7 +44,6 @@ class WorkerRecorder(BatchingSink):
         self._proc: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
         self._shipped_at = time.monotonic()
-        self._retry_at = 0.0  # kept for interface parity: a flush with force resets the worker's
 
     # ------------------------------------------------------------------ worker process
 
