@@ -16,6 +16,7 @@ from typing import Any
 
 from optimizer.sqltext import split_statements
 
+from .cache import ResultCache
 from .log import get_logger
 from .protocol import CancelRequest, Phase, SessionTracker
 from .protocol.startup import CANCEL_REQUEST_CODE
@@ -85,6 +86,10 @@ class ProxyServer:
         self.closed_totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
         #: bytes from and to clients of ended sessions, per database (SHOW STATS)
         self.closed_by_database: dict[str, list[int]] = {}
+        #: the result cache (cache_enabled); sessions consult it per request batch
+        self.cache: ResultCache | None = (
+            ResultCache(settings, self.metrics.registry) if settings.cache_enabled else None
+        )
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         s = self.settings
@@ -204,6 +209,12 @@ class ProxyServer:
         finally:
             writer.close()
 
+    def disable_cache(self, reason: str) -> None:
+        """Stop serving from the cache (it may hold what a write changed): fail safe."""
+        if self.cache is not None:
+            self.log.error("result cache disabled", reason=reason)
+            self.cache = None
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background task, keeping a reference (the loop holds only weak ones)."""
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -255,6 +266,8 @@ class ProxyServer:
             await asyncio.wait(self._background, timeout=2)
         if self._server is not None:
             await self._server.wait_closed()
+        if self.cache is not None:
+            await self.cache.close()
         self.log.info("stopped")
 
     async def serve_until(self, stop: asyncio.Event) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from . import __version__, metadata
 from . import reload as reload_
 from .api import make_router
+from .cache import RefreshListener
 from .clock import CLOCK
 from .http import create_app, make_http_server
 from .log import get_logger
@@ -63,6 +64,15 @@ class Service:
             executed=lambda: self.recorder.executed,
         )
         self.retrainer = Retrainer(settings, self.metrics, self.metadata_args)
+        self.refresh_listener = (
+            RefreshListener(
+                self.proxy.cache,
+                partial(metadata.connect, self.metadata_args, "pgsage-cache"),
+                self.log,
+            )
+            if self.proxy.cache is not None
+            else None
+        )
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None
@@ -114,6 +124,8 @@ class Service:
         self.recorder.start()
         self.sampler.start()
         self.retrainer.start()
+        if self.refresh_listener is not None:
+            self.refresh_listener.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -134,6 +146,8 @@ class Service:
         await self.recorder.stop()
         await self.sampler.stop()
         await self.retrainer.stop()
+        if self.refresh_listener is not None:
+            await self.refresh_listener.stop()
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)
@@ -184,6 +198,19 @@ class Service:
         if changed:
             self.log.info("configuration reloaded", changed=changed)
         return problem
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        cache = self.proxy.cache
+        if cache is None:
+            return None
+        stats = cache.stats()
+        if self.refresh_listener is not None:
+            stats["listening"] = self.refresh_listener.listening
+        return stats
+
+    async def clear_cache(self) -> int | None:
+        cache = self.proxy.cache
+        return None if cache is None else await cache.clear()
 
     def pause(self) -> None:
         self.proxy.pause()

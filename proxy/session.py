@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .admin import AdminConsole
 from .admin.results import admin_simple_only, admin_unavailable
+from .cache import Entry, MemoryBackend, Miss, ResultCache
 from .protocol import (
     BACKEND_TYPE_BYTES,
     CLIENT_INTERESTING,
@@ -25,6 +26,7 @@ from .protocol import (
     FrameScanner,
     GSSENCRequest,
     Phase,
+    Protocol,
     ProtocolViolation,
     SessionTracker,
     SSLRequest,
@@ -32,6 +34,7 @@ from .protocol import (
     StartupReader,
     error_response,
 )
+from .protocol.batch import Batch, parse_then_sync, read_batch
 from .protocol.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -86,6 +89,11 @@ class ClientConnection(asyncio.Protocol):
         self.admin: AdminConsole | None = None
         self.txn_started: float | None = None
         self._chunks = 0  # for sampling the proxy's own time per chunk
+        #: result cache: startup parameters and SET commands shape how values are rendered
+        self.startup_params: dict[str, str] = {}
+        self.set_history: list[str] = []
+        #: tables written in the open transaction (invalidated again when it ends)
+        self.txn_writes: set[str] | None = set()
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -103,20 +111,9 @@ class ClientConnection(asyncio.Protocol):
             sampled = not self._chunks & OVERHEAD_SAMPLE_MASK
             if sampled:
                 t0 = perf_counter()
-            try:
-                frames = self.scanner.receive_data(data)
-                if frames:
-                    tracker = self.tracker
-                    tracker.client_frames(frames, now)
-                    if tracker.finished:
-                        self.emit(tracker.take_finished())
-            except ProtocolViolation as exc:
-                self.protocol_error(exc)
-                return
-            n = len(data)
-            self.rx += n
-            up.tx += n
-            up.transport.write(data)
+            cache = self.server.cache
+            if cache is None or not self._from_cache(data, now, up, cache):
+                self._relay(data, now, up)
             if sampled:
                 self.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
         elif self.admin_mode:
@@ -125,6 +122,196 @@ class ClientConnection(asyncio.Protocol):
             self._startup_data(data)
         else:
             self._early.append(data)
+
+    def _relay(self, data: bytes, now: float, up: UpstreamConnection) -> None:
+        """Track the client's frames and forward the chunk as received."""
+        try:
+            frames = self.scanner.receive_data(data)
+            if frames:
+                tracker = self.tracker
+                tracker.client_frames(frames, now)
+                if tracker.finished:
+                    self.emit(tracker.take_finished())
+        except ProtocolViolation as exc:
+            self.protocol_error(exc)
+            return
+        n = len(data)
+        self.rx += n
+        up.tx += n
+        up.transport.write(data)
+
+    # ------------------------------------------------------------------ result cache
+
+    def _from_cache(
+        self, data: bytes, now: float, up: UpstreamConnection, cache: ResultCache
+    ) -> bool:
+        """Answer `data` from the cache (True), or arm the capture of a cacheable miss."""
+        if up.capture is not None:
+            up.capture = None  # another request while one is captured: its response is mixed
+        tracker = self.tracker
+        if (
+            data[0] not in (0x51, 0x42, 0x50)  # Q, B, P
+            or tracker.phase is not Phase.IDLE
+            or tracker.transaction_status != "I"
+            or tracker.pending
+            or len(data) > 65536
+            or not self.scanner.at_boundary
+        ):
+            return False
+        batch = read_batch(data)
+        if batch is None:
+            return False
+        sql = batch.sql if batch.kind != "bind" else tracker.statements.get(batch.statement)
+        if sql is None:
+            return False
+        info = cache.info(sql)
+        if not info.cacheable:
+            return False
+        key = self._cache_key(batch, sql, data)
+        tables = info.bare_tables()
+        backend = cache.backend
+        if not isinstance(backend, MemoryBackend):
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.server.spawn(self._from_shared_cache(data, batch, sql, key, tables, cache))
+            return True
+        entry = backend.get(key, now, cache.settings.cache_ttl)
+        if entry is not None:
+            self._serve_hit(data, batch, sql, entry, now, up, cache)
+            return True
+        cache.miss()
+        up.capture = Miss(key, tables, backend.ticket(tables), now, [])
+        return False
+
+    async def _from_shared_cache(
+        self,
+        data: bytes,
+        batch: Batch,
+        sql: str,
+        key: bytes,
+        tables: tuple[str, ...],
+        cache: ResultCache,
+    ) -> None:
+        """The Redis path: look up, then serve or forward; the client's reading is paused."""
+        backend = cache.backend
+        entry = ticket = None
+        try:
+            entry = await backend.get(key, monotonic(), cache.settings.cache_ttl)  # type: ignore[misc]
+            if entry is None:
+                ticket = await backend.ticket(tables)  # type: ignore[misc]
+        except Exception as exc:  # Redis down: behave as if there were no cache
+            self.server.log.warning("result cache unavailable", error=str(exc))
+        up = self.upstream
+        if self.closed or up is None or up.transport.is_closing():
+            return
+        now = monotonic()
+        if entry is not None:
+            self._serve_hit(data, batch, sql, entry, now, up, cache)
+        else:
+            cache.miss()
+            if ticket is not None:
+                up.capture = Miss(key, tables, ticket, now, [])
+            self._relay(data, now, up)
+        self.release()
+
+    def _cache_key(self, batch: Batch, sql: str, data: bytes) -> bytes:
+        info = self.info
+        params = self.tracker.parameters
+        ident = (
+            info.database,
+            info.user,
+            sorted((k, v) for k, v in self.startup_params.items() if k != "application_name"),
+            sorted((k, v) for k, v in params.items() if k != "application_name"),
+            self.set_history,
+        )
+        head = repr(ident).encode("utf-8", "replace") + b"\x00"
+        if batch.kind == "bind":
+            return head + sql.encode("utf-8", "replace") + b"\x00" + data
+        return head + data
+
+    def _serve_hit(
+        self,
+        data: bytes,
+        batch: Batch,
+        sql: str,
+        entry: Entry,
+        now: float,
+        up: UpstreamConnection,
+        cache: ResultCache,
+    ) -> None:
+        cache.hit()
+        if batch.kind == "parse":
+            # the server must still end up with this unnamed statement, as if it had seen it
+            up.swallow += 1
+            message = parse_then_sync(batch.parse)
+            up.tx += len(message)
+            up.transport.write(message)
+            self.tracker.statements[""] = sql
+        response = entry.response
+        self.rx += len(data)
+        self.tx += len(response)
+        self._write(response)
+        simple = batch.kind == "query"
+        ex = Execution(
+            Protocol.SIMPLE if simple else Protocol.EXTENDED,
+            sql,
+            now,
+            monotonic(),
+            statement=None if simple else batch.statement,
+            portal=None if simple else "",
+            tag=entry.tag,
+            rows=entry.rows,
+            bytes_sent=len(response),
+            suspensions=0 if entry.tag is not None else 1,
+            transaction_status="I",
+            cache_hit=True,
+        )
+        self.emit([ex])
+
+    def finish_miss(self, miss: Miss, now: float) -> None:
+        """The response of a cacheable miss is complete: store it if it qualifies."""
+        cache = self.server.cache
+        if cache is None:
+            return
+        entry = cache.entry_from(miss, now)
+        if entry is None:
+            return
+        backend = cache.backend
+        if isinstance(backend, MemoryBackend):
+            cache.stored(backend.put(miss.key, entry, miss.ticket))
+        else:
+            self.server.spawn(self._store_shared(miss, entry, cache))
+
+    async def _store_shared(self, miss: Miss, entry: Entry, cache: ResultCache) -> None:
+        try:
+            ok = await cache.backend.put(  # type: ignore[misc,call-arg]
+                miss.key, entry, miss.ticket, cache.settings.cache_ttl
+            )
+        except Exception as exc:
+            self.server.log.warning("result cache store failed", error=str(exc))
+            return
+        cache.stored(bool(ok))
+
+    def cache_writes(
+        self, executions: list[Execution], status: str
+    ) -> list[tuple[str, ...] | None]:
+        """Tables the finished executions may have written (None: any); SETs are remembered."""
+        cache = self.server.cache
+        assert cache is not None
+        out: list[tuple[str, ...] | None] = []
+        for ex in executions:
+            tag = ex.tag
+            if tag is not None and tag.startswith(("SET", "RESET", "DISCARD")) and ex.sql:
+                self.set_history.append(ex.sql)
+            written = cache.writes_of(tag, ex.sql)
+            if written is None or written:
+                out.append(written)
+                if status != "I":
+                    if written is None:
+                        self.txn_writes = None
+                    elif self.txn_writes is not None:
+                        self.txn_writes.update(written)
+        return out
 
     def eof_received(self) -> bool:
         # the client half-closed; a message (or startup packet) it began will never be complete
@@ -261,6 +448,7 @@ class ClientConnection(asyncio.Protocol):
         info.database = startup.database
         info.application_name = startup.parameters.get("application_name")
         info.app = app_class(info.application_name)
+        self.startup_params = startup.parameters
         if early:
             self._early.append(early)
         if self.server.shutting_down:
@@ -494,18 +682,31 @@ class UpstreamConnection(asyncio.Protocol):
         self.tx = 0  # bytes sent to the server
         self._mark = 0  # rx when the last statement completed (bytes per statement)
         self._chunks = 0
+        #: responses of requests the proxy sent itself, still to be dropped (ReadyForQuery count)
+        self.swallow = 0
+        self._sw_head = b""
+        self._sw_rest = 0
+        self._sw_type = 0
+        #: a cacheable request's response being collected
+        self.capture: Miss | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         client = self.client
+        if self.swallow:
+            data = self._swallowed(data)
+            if not data:
+                return
         n = len(data)
         self.rx += n
         self._chunks += 1
         sampled = not self._chunks & OVERHEAD_SAMPLE_MASK
         if sampled:
             t0 = perf_counter()
+        cache = client.server.cache
+        invalidate: list[tuple[str, ...] | None] | None = None
         try:
             frames = self.scanner.receive_data(data)
             if frames:
@@ -523,9 +724,29 @@ class UpstreamConnection(asyncio.Protocol):
                 if executions:
                     executions[0].bytes_sent = self.rx - self._mark
                     self._mark = self.rx
+                    if cache is not None:
+                        invalidate = client.cache_writes(executions, tracker.transaction_status)
                     client.emit(executions)
                 if tracker.transaction_status != status:
                     client.transaction_edge(status, tracker.transaction_status, now)
+                    if cache is not None and tracker.transaction_status == "I":
+                        ended = client.txn_writes
+                        if ended is None or ended:
+                            invalidate = invalidate or []
+                            invalidate.append(None if ended is None else tuple(ended))
+                        client.txn_writes = set()
+            if cache is not None:
+                miss = self.capture
+                if miss is not None:
+                    miss.parts.append(data)
+                    miss.size += n
+                    if miss.size > cache.settings.cache_max_entry_bytes:
+                        self.capture = None
+                    elif client.tracker.phase is Phase.IDLE:
+                        self.capture = None
+                        client.finish_miss(miss, monotonic())
+                if invalidate and self._invalidate(cache, invalidate, data):
+                    return  # the chunk goes to the client once the invalidation is written
         except ProtocolViolation as exc:
             client.server.log.error("upstream protocol violation", error=exc.message)
             self.transport.close()
@@ -537,6 +758,69 @@ class UpstreamConnection(asyncio.Protocol):
             transport.write(data)
         if sampled:
             client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
+
+    def _swallowed(self, data: bytes) -> bytes:
+        """Drop the replies to requests the proxy injected (through `swallow` ReadyForQuerys).
+
+        They are always a prefix of the stream: the proxy injects only while the session is idle.
+        """
+        pos = 0
+        n = len(data)
+        while self.swallow and pos < n:
+            if self._sw_rest:
+                take = min(self._sw_rest, n - pos)
+                pos += take
+                self._sw_rest -= take
+                if not self._sw_rest and self._sw_type == 0x5A:
+                    self.swallow -= 1
+                continue
+            need = 5 - len(self._sw_head)
+            self._sw_head += data[pos : pos + need]
+            pos += min(need, n - pos)
+            if len(self._sw_head) < 5:
+                break
+            self._sw_type = self._sw_head[0]
+            self._sw_rest = int.from_bytes(self._sw_head[1:5], "big") - 4
+            self._sw_head = b""
+        return data[pos:]
+
+    def _invalidate(
+        self, cache: ResultCache, tables: list[tuple[str, ...] | None], data: bytes
+    ) -> bool:
+        """Drop cached results of written tables before the client learns the write finished.
+
+        In memory that is immediate (False: forward now). With Redis, reading from the server
+        pauses and the chunk is forwarded once Redis has the new generations (True)."""
+        merged: tuple[str, ...] | None
+        if any(t is None for t in tables):
+            merged = None
+        else:
+            merged = tuple(sorted({name for t in tables if t for name in t}))
+        backend = cache.backend
+        if isinstance(backend, MemoryBackend):
+            cache.invalidated("write", backend.invalidate(merged))
+            return False
+        self.transport.pause_reading()
+        self.client.server.spawn(self._invalidate_then_forward(cache, merged, data))
+        return True
+
+    async def _invalidate_then_forward(
+        self, cache: ResultCache, tables: tuple[str, ...] | None, data: bytes
+    ) -> None:
+        try:
+            await cache.invalidate(tables, "write")
+        except Exception as exc:
+            # the write happened; serving what it changed would be wrong: stop using the cache
+            self.client.server.log.error("result cache invalidation failed", error=str(exc))
+            self.client.server.disable_cache(str(exc))
+        client = self.client
+        if client.transport is not None and not client.transport.is_closing():
+            client.tx += len(data)
+            client.transport.write(data)
+        if not self.transport.is_closing() and not (
+            client.transport is not None and client.transport.is_closing()
+        ):
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False

@@ -116,6 +116,23 @@ class Settings(BaseSettings):
     retrain_qerror_threshold: float = Field(default=3.0, ge=0)
     retrain_min_gap: float = Field(default=600.0, ge=0)
 
+    # ---- result cache for repeated read-only SELECTs (see proxy/cache.py)
+    cache_enabled: bool = False
+    #: only statements whose every table is schema-qualified in one of these schemas are cached
+    cache_schemas: list[str] = Field(default_factory=lambda: ["gold"])
+    #: memory bound of the in-process cache (the LRU evicts beyond it)
+    cache_max_bytes: int = Field(default=64 << 20, ge=1024)
+    #: responses larger than this are never cached
+    cache_max_entry_bytes: int = Field(default=1 << 20, ge=64)
+    #: seconds an entry lives even if nothing invalidates it
+    cache_ttl: float = Field(default=300.0, gt=0)
+    #: an upstream execution faster than this (ms) is not worth caching
+    cache_min_ms: float = Field(default=0.5, ge=0)
+    #: a key is stored on its n-th miss within the TTL (1: at once; 2: once it repeats)
+    cache_admit_after: int = Field(default=2, ge=1)
+    #: redis://host:port/db shares the cache between pgsage instances (empty: in memory)
+    cache_redis_url: str | None = None
+
     # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
     # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it
     admin_token: SecretStr | None = None

@@ -150,6 +150,16 @@ class WireClient:
         self.send(*messages)
         return self.until_ready()
 
+    def exchange_raw(self, *messages: FrontendMessage) -> bytes:
+        """Send the messages in one write; the raw bytes of every reply up to ReadyForQuery."""
+        self.send(*messages)
+        out = bytearray()
+        while True:
+            t, payload = self.recv_frame()
+            out += t + (len(payload) + 4).to_bytes(4, "big") + payload
+            if t == b"Z":
+                return bytes(out)
+
     def sync(self) -> list[BackendMessage]:
         return self.exchange(Sync())
 

@@ -23,6 +23,7 @@ HELP = (
     ("SHOW SERVERS", "upstream connections"),
     ("SHOW QUERIES [LIMIT n]", "statements by fingerprint, by total time (pg_stat_statements)"),
     ("SHOW CONFIG", "settings, with default and whether SET can change them"),
+    ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
     ("SHOW VERSION", "pgsage version"),
     ("SET key = value", "change a runtime-reloadable setting"),
     ("RELOAD", "re-read the configuration file and environment (SIGHUP does the same)"),
@@ -199,6 +200,15 @@ def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     )
 
 
+def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    stats = ctx.cache_stats()
+    if stats is None:
+        return notice("the result cache is off (cache_enabled = false)") + result_set(
+            ("key", "value"), []
+        )
+    return result_set(("key", "value"), [(k, str(v)) for k, v in stats.items()])
+
+
 def show_config(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     rows = []
     for key, value, default, changeable in ctx.config_items():
@@ -244,4 +254,5 @@ SHOW: dict[str, Command] = {
     "servers": show_servers,
     "queries": show_queries,
     "config": show_config,
+    "cache": show_cache,
 }

@@ -267,6 +267,20 @@ def make_router(service: Any) -> APIRouter:
         shown = next((v for k, v, _d, _r in service.config_items() if k == change.key), text)
         return {"key": change.key, "value": shown, "applied": True}
 
+    @router.get("/admin/cache", tags=["admin"])
+    async def admin_cache() -> dict[str, Any]:
+        stats = service.cache_stats()
+        if stats is None:
+            raise HTTPException(404, "not configured: the result cache is off (cache_enabled)")
+        return stats
+
+    @router.post("/admin/clear-cache", tags=["admin"])
+    async def admin_clear_cache() -> dict[str, Any]:
+        dropped = await service.clear_cache()
+        if dropped is None:
+            raise HTTPException(404, "not configured: the result cache is off (cache_enabled)")
+        return {"cleared": True, "entries_dropped": dropped}
+
     # ------------------------------------------------------------------ not built yet
 
     @router.api_route(

@@ -94,6 +94,8 @@ class Execution:
     bytes_sent: int | None = None
     #: transaction status after the statement's batch ('I', 'T', 'E'), when known
     transaction_status: str | None = None
+    #: answered by the proxy's result cache (the server never saw it)
+    cache_hit: bool = False
 
     @property
     def duration(self) -> float:

@@ -61,15 +61,16 @@ COLUMNS = (
     "label",
     "predicted_cost_ms",
     "model_version",
+    "cache_hit",
 )
 
 SLICE = 1000  # records processed between yields to the event loop
 
 #: a finished statement, flat: session id, protocol, sql, statement name, start, end (monotonic),
-#: rows, status, sqlstate, error message, portal suspensions, bytes sent
+#: rows, status, sqlstate, error message, portal suspensions, bytes sent, answered by the cache
 Row = tuple[
     int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
-    int, int | None,
+    int, int | None, bool,
 ]  # fmt: skip
 
 
@@ -83,7 +84,7 @@ def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[
         ex = rec.execution
         rows.append(
             (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
-             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent)
+             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit)
         )  # fmt: skip
     return sessions, rows
 
@@ -252,6 +253,7 @@ class QueryLogRecorder(BatchingSink):
             msg,
             susp,
             nbytes,
+            hit,
         ) in rows:
             info = sessions[sid]
             fp = fp_of(sql if sql is not None else "")
@@ -317,6 +319,7 @@ class QueryLogRecorder(BatchingSink):
                     _label(sql) if sql is not None and "pgsage:label=" in sql else None,
                     predicted,
                     version if predicted is not None else None,
+                    hit,
                 )
             )
         self.executed += len(rows)
