@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ _NO_WRITE_TAGS = frozenset(
     )
 )
 _TABLE_WRITE_TAGS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "TRUNCATE"))
+#: a SELECT (or an untagged, suspended statement) can only write through one of these words
+_MAYBE_WRITE = re.compile(r"\b(?:insert|update|delete|merge|into|truncate|copy)\b", re.I)
 
 
 @dataclass(slots=True)
@@ -333,16 +336,27 @@ class ResultCache:
                 memo.popitem(last=False)
         return info
 
-    def writes_of(self, tag: str | None, sql: str | None) -> tuple[str, ...] | None:
-        """Bare names of the tables a completed statement may have written (None: any)."""
-        if tag is None:
-            return ()  # it failed: it wrote nothing that stays
-        head = tag.split(" ", 1)[0]
-        if head in _NO_WRITE_TAGS or tag.startswith(("CREATE TEMP", "SELECT")):
+    def writes_of(self, tag: str | None, sql: str | None, failed: bool) -> tuple[str, ...] | None:
+        """Bare names of the tables a finished statement may have written (None: any).
+
+        The tag is only a fast path: a row-limited Execute of `UPDATE ... RETURNING` ends in
+        PortalSuspended (no tag), and `WITH d AS (DELETE ...) SELECT` is tagged SELECT.
+        """
+        if tag is not None:
+            head = tag.split(" ", 1)[0]
+            if head in _TABLE_WRITE_TAGS:
+                return self.info(sql).writes if sql is not None else None
+            if head not in _NO_WRITE_TAGS:
+                return None  # DDL, CALL, DO, ...
+            if head != "SELECT":
+                return ()
+        elif failed:
+            return ()  # an error: nothing it did stays (earlier statements were counted)
+        if sql is None:
+            return None
+        if not _MAYBE_WRITE.search(sql):
             return ()
-        if head in _TABLE_WRITE_TAGS and sql is not None:
-            return self.info(sql).writes
-        return None
+        return self.info(sql).writes
 
     # ---------------------------------------------------------------- lookups and stores
 

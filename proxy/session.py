@@ -32,6 +32,7 @@ from .protocol import (
     SSLRequest,
     StartupMessage,
     StartupReader,
+    Status,
     error_response,
 )
 from .protocol.batch import Batch, parse_then_sync, read_batch
@@ -303,7 +304,7 @@ class ClientConnection(asyncio.Protocol):
             tag = ex.tag
             if tag is not None and tag.startswith(("SET", "RESET", "DISCARD")) and ex.sql:
                 self.set_history.append(ex.sql)
-            written = cache.writes_of(tag, ex.sql)
+            written = cache.writes_of(tag, ex.sql, ex.status is not Status.OK)
             if written is None or written:
                 out.append(written)
                 if status != "I":

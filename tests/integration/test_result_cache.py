@@ -303,3 +303,33 @@ async def _logged_hits(database: str) -> list[bool]:
         return [r["cache_hit"] for r in rows]
     finally:
         await conn.close()
+
+
+def test_writes_without_a_write_tag_invalidate(
+    make_proxy: Any, gold_db: str, reset_row: Any
+) -> None:
+    """A row-limited Execute of UPDATE ... RETURNING ends in PortalSuspended (no tag), and a
+    data-modifying WITH is tagged SELECT: both still drop what they changed."""
+    p = make_proxy(**CACHE)
+    read = "SELECT v FROM gold.t WHERE id = $1"
+
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(host=p.host, port=p.port, user="postgres", database=gold_db)
+        try:
+            seen = [await conn.fetchval(read, 51), await conn.fetchval(read, 51)]
+            # fetchval binds with a row limit of 1
+            await conn.fetchval("UPDATE gold.t SET v = 'returned' WHERE id = $1 RETURNING v", 51)
+            seen.append(await conn.fetchval(read, 51))
+            await conn.fetchval(read, 52)
+            await conn.fetch(
+                "WITH u AS (UPDATE gold.t SET v = 'cte' WHERE id = $1 RETURNING id) "
+                "SELECT count(*) FROM u",
+                52,
+            )
+            seen.append(await conn.fetchval(read, 52))
+            return seen
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == ["v51", "v51", "returned", "cte"]
+    assert any(r.execution.cache_hit for r in p.records)
