@@ -8,9 +8,11 @@ report (the types the tracker needs); the chunk itself is forwarded exactly as r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Coroutine
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .admin import AdminConsole
 from .admin.results import admin_simple_only, admin_unavailable
@@ -88,6 +90,7 @@ class ClientConnection(asyncio.Protocol):
         self.is_admin = False
         self.admin_mode = False  # authenticated admin: the proxy answers its queries
         self.admin: AdminConsole | None = None
+        self._admin_last: asyncio.Future[None] | None = None
         self.txn_started: float | None = None
         self._chunks = 0  # for sampling the proxy's own time per chunk
         #: result cache: startup parameters and SET commands shape how values are rendered
@@ -562,14 +565,32 @@ class ClientConnection(asyncio.Protocol):
             if t == 0x51:  # Query
                 sql = (payload or b"").split(b"\x00", 1)[0].decode("utf-8", "replace")
                 if self.admin is None:
-                    self._write(admin_unavailable())
+                    self._admin_reply(admin_unavailable())
                 else:
-                    self._write(self.admin.run(sql))
+                    self._admin_reply(self.admin.run(sql))
             elif t == 0x53:  # Sync: the extended protocol is not served here
-                self._write(admin_simple_only())
+                self._admin_reply(admin_simple_only())
             elif t == 0x58:  # Terminate
-                self._close()
+                self._admin_reply(None)
                 return
+
+    def _admin_reply(self, reply: bytes | Coroutine[Any, Any, bytes] | None) -> None:
+        """Write replies in request order; some commands read the metadata database first."""
+        previous = self._admin_last
+
+        async def answer() -> None:
+            if previous is not None:
+                await asyncio.shield(previous)
+            if reply is None:
+                self._close()
+            elif isinstance(reply, bytes):
+                self._write(reply)
+            else:
+                self._write(await reply)
+
+        task = asyncio.ensure_future(answer())
+        self._admin_last = task
+        self.server.spawn(_quiet(task))
 
     # ------------------------------------------------------------------ relay helpers
 
@@ -659,6 +680,12 @@ class ClientConnection(asyncio.Protocol):
             )
         else:
             self._close()
+
+
+async def _quiet(task: asyncio.Future[None]) -> None:
+    """Await a task for the server's bookkeeping; its failure is the session's, logged there."""
+    with contextlib.suppress(Exception):
+        await task
 
 
 class UpstreamConnection(asyncio.Protocol):

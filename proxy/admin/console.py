@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any, Protocol
 
 from ..protocol.backend import ReadyForQuery
@@ -50,7 +51,7 @@ class AdminConsole:
     def __init__(self, context: AdminContext) -> None:
         self.context = context
 
-    def run(self, sql: str) -> bytes:
+    async def run(self, sql: str) -> bytes:
         """Answer one simple Query message: every statement's result, then ReadyForQuery."""
         out = []
         statements = _statements(sql)
@@ -58,13 +59,18 @@ class AdminConsole:
             out.append(b"I\x00\x00\x00\x04")  # EmptyQueryResponse
         for stmt in statements:
             reply = self.execute(stmt)
+            if inspect.isawaitable(reply):
+                try:
+                    reply = await reply
+                except Exception as exc:  # the metadata database is down, say
+                    reply = error("58000", f"admin command failed: {exc}")
             out.append(reply)
             if reply[:1] == b"E":
                 break
         out.append(ReadyForQuery("I").encode())
         return b"".join(out)
 
-    def execute(self, stmt: str) -> bytes:
+    def execute(self, stmt: str) -> bytes | Awaitable[bytes]:
         text = " ".join(stmt.split())
         m = _SHOW.match(text)
         if m:
