@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .advisor_rank import train_advisor_rank
 from .cost import (
     CostModel,
     baselines,
@@ -307,7 +308,10 @@ async def load_active_cost_model(registry: Registry) -> tuple[CostModel, Entry] 
 
 Trainer = Callable[[Any, Any, Registry, TrainConfig, Progress], Awaitable[TrainResult]]
 #: every model `pgsage train all` trains, by name (other issues add theirs)
-TRAINERS: dict[str, Trainer] = {COST: train_cost}
+TRAINERS: dict[str, Trainer] = {
+    COST: train_cost,
+    "advisor_rank": train_advisor_rank,
+}
 
 __all__ = [
     "FEATURES",

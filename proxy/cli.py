@@ -186,6 +186,9 @@ def _mount_models() -> None:
     from bench.workload.cli import workload_app
 
     app.add_typer(workload_app, name="workload", help="Simulated users, clock and anomalies.")
+    from models.advisor_cli import advise
+
+    app.command("advise", help="Ranked index recommendations from the query log.")(advise)
 
 
 _mount_models()

@@ -31,6 +31,12 @@ RELOADABLE = frozenset(
         "retrain_qerror_threshold",
         "retrain_min_gap",
         "clock_start",
+        "cache_ttl",
+        "cache_min_ms",
+        "cache_admit_after",
+        "advisor_auto",
+        "advisor_interval",
+        "advisor_budget_share",
     )
 )
 _SECRET_WORDS = ("password", "token", "secret")

@@ -18,6 +18,7 @@ from .cache import RefreshListener
 from .clock import CLOCK
 from .http import create_app, make_http_server
 from .log import get_logger
+from .optimise import Optimiser
 from .retrain import Retrainer
 from .server import ProxyServer
 from .settings import Settings
@@ -73,6 +74,7 @@ class Service:
             if self.proxy.cache is not None
             else None
         )
+        self.optimiser = Optimiser(settings, self.metadata_args)
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None
@@ -126,6 +128,7 @@ class Service:
         self.retrainer.start()
         if self.refresh_listener is not None:
             self.refresh_listener.start()
+        self.optimiser.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -148,6 +151,7 @@ class Service:
         await self.retrainer.stop()
         if self.refresh_listener is not None:
             await self.refresh_listener.stop()
+        await self.optimiser.stop()
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)

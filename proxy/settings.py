@@ -133,6 +133,13 @@ class Settings(BaseSettings):
     #: redis://host:port/db shares the cache between pgsage instances (empty: in memory)
     cache_redis_url: str | None = None
 
+    # ---- index advisor (models/advisor.py): `pgsage advise`, SHOW RECOMMENDATIONS
+    #: automatic mode: every advisor_interval, advise, apply validated indexes, drop stale ones
+    advisor_auto: bool = False
+    advisor_interval: float = Field(default=3600.0, ge=10)
+    #: storage budget for recommended indexes, as a share of the database size
+    advisor_budget_share: float = Field(default=0.2, gt=0, le=1)
+
     # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
     # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it
     admin_token: SecretStr | None = None

@@ -4,7 +4,7 @@ the encoded response messages (without ReadyForQuery)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ from .results import command_complete, error, notice, result_set
 if TYPE_CHECKING:
     from .console import AdminContext
 
-Command = Callable[["AdminContext", dict[str, Any]], bytes]
+Command = Callable[["AdminContext", dict[str, Any]], "bytes | Awaitable[bytes]"]
 
 HELP = (
     ("SHOW HELP", "this list"),
@@ -24,6 +24,9 @@ HELP = (
     ("SHOW QUERIES [LIMIT n]", "statements by fingerprint, by total time (pg_stat_statements)"),
     ("SHOW CONFIG", "settings, with default and whether SET can change them"),
     ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
+    ("SHOW RECOMMENDATIONS", "index advisor: open recommendations, best first"),
+    ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
+    ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
     ("SHOW VERSION", "pgsage version"),
     ("SET key = value", "change a runtime-reloadable setting"),
     ("RELOAD", "re-read the configuration file and environment (SIGHUP does the same)"),
@@ -209,6 +212,55 @@ def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("key", "value"), [(k, str(v)) for k, v in stats.items()])
 
 
+def _num(v: Any, digits: int = 2) -> str | None:
+    return None if v is None else f"{v:.{digits}f}"
+
+
+def _recommendation_row(r: dict[str, Any]) -> tuple[Any, ...]:
+    cols = ", ".join(r.get("columns") or [])
+    if r.get("include"):
+        cols += " INCLUDE (" + ", ".join(r["include"]) + ")"
+    return (
+        str(r["id"]),
+        None if r.get("rank") is None else str(r["rank"]),
+        r.get("status"),
+        r.get("op"),
+        r.get("table"),
+        cols,
+        r.get("predicate"),
+        None if r.get("size_bytes") is None else str(int(r["size_bytes"])),
+        _num(r.get("est_gain_ms")),
+        _num(r.get("est_gain_share"), 3),
+        str(len(r.get("fingerprints") or [])),
+        _num(r.get("measured_speedup")),
+        None if r.get("p_value") is None else f"{r['p_value']:.2g}",
+        r.get("reason"),
+    )
+
+
+_RECOMMENDATION_COLUMNS = (
+    "id", "rank", "status", "op", "table", "columns", "predicate", "size_bytes",
+    "est_gain_ms", "est_gain_share", "fingerprints", "measured_speedup", "p_value", "reason",
+)  # fmt: skip
+
+
+async def show_recommendations(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    recs = await ctx.optimiser.recommendations()
+    limit = int(args["limit"]) if args.get("limit") else None
+    rows = [_recommendation_row(r) for r in recs[:limit]]
+    return result_set(_RECOMMENDATION_COLUMNS, rows)
+
+
+async def apply_recommendation(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rec = await ctx.optimiser.apply(int(args["id"]))
+    return result_set(_RECOMMENDATION_COLUMNS, [_recommendation_row(rec)])
+
+
+async def reject_recommendation(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rec = await ctx.optimiser.reject(int(args["id"]))
+    return result_set(_RECOMMENDATION_COLUMNS, [_recommendation_row(rec)])
+
+
 def show_config(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     rows = []
     for key, value, default, changeable in ctx.config_items():
@@ -255,4 +307,11 @@ SHOW: dict[str, Command] = {
     "queries": show_queries,
     "config": show_config,
     "cache": show_cache,
+    "recommendations": show_recommendations,
+}
+
+#: VERB NOUN n
+ACTIONS: dict[tuple[str, str], Any] = {
+    ("apply", "recommendation"): apply_recommendation,
+    ("reject", "recommendation"): reject_recommendation,
 }

@@ -12,6 +12,7 @@ from . import commands
 from .results import error
 
 _SHOW = re.compile(r"^show\s+(\w+)(?:\s+limit\s+(\d+))?$", re.IGNORECASE)
+_ACTION = re.compile(r"^(\w+)\s+(\w+)\s+(\d+)$", re.IGNORECASE)
 _SET = re.compile(r"^set\s+(\w+)\s*(?:=|\s+to\s+)\s*(.+)$", re.IGNORECASE)
 _BARE = {
     "reload": commands.reload,
@@ -21,8 +22,8 @@ _BARE = {
 }
 
 VALID = (
-    "SHOW HELP|STATS|CLIENTS|SERVERS|QUERIES [LIMIT n]|CONFIG|CACHE|VERSION, SET key = value, "
-    "RELOAD, PAUSE, RESUME, SHUTDOWN"
+    "SHOW HELP|STATS|CLIENTS|SERVERS|QUERIES [LIMIT n]|CONFIG|CACHE|RECOMMENDATIONS|VERSION, "
+    "SET key = value, APPLY|REJECT RECOMMENDATION n, RELOAD, PAUSE, RESUME, SHUTDOWN"
 )
 
 
@@ -36,6 +37,8 @@ class AdminContext(Protocol):
     def query_stats(self, limit: int) -> list[Any]: ...
     def config_items(self) -> list[tuple[str, str, str, bool]]: ...
     def cache_stats(self) -> dict[str, Any] | None: ...
+    @property
+    def optimiser(self) -> Any: ...
     def set_setting(self, key: str, value: str) -> str | None: ...
     def reload(self) -> str | None: ...
     def pause(self) -> None: ...
@@ -84,6 +87,11 @@ class AdminConsole:
         if m:
             value = m.group(2).strip().strip("'\"")
             return commands.set_setting(self.context, {"key": m.group(1).lower(), "value": value})
+        m = _ACTION.match(text)
+        if m:
+            action = commands.ACTIONS.get((m.group(1).lower(), m.group(2).lower()))
+            if action is not None:
+                return action(self.context, {"id": m.group(3)})  # type: ignore[no-any-return]
         fn = _BARE.get(text.lower())
         if fn is not None:
             return fn(self.context, {})

@@ -27,12 +27,12 @@ STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timed
 
 # Parts of the API that land with later components: a clear 404 until they do.
 NOT_BUILT = {
-    "optimization": "the index advisor is not part of this build",
+    "optimization/ab": "A/B results of plan steering and rewrites are not part of this build",
+    "optimization/settings": "optimisation settings: use /admin/config",
     "queries/explain": "EXPLAIN through the API is not part of this build",
     "ml/train": "training through the API is not part of this build",
     "ml/predict": "cost prediction through the API is not part of this build",
     "ml/forecast": "the workload forecaster is not part of this build",
-    "ml/recommend": "the index advisor is not part of this build",
     "ml/anomalies": "the anomaly detector is not part of this build",
     "metrics/stream": "the live metrics stream is not part of this build",
 }
@@ -267,6 +267,41 @@ def make_router(service: Any) -> APIRouter:
         shown = next((v for k, v, _d, _r in service.config_items() if k == change.key), text)
         return {"key": change.key, "value": shown, "applied": True}
 
+    # ------------------------------------------------------------------ optimisation
+
+    @router.get("/optimization/recommendations", tags=["optimization"])
+    async def recommendations(
+        include_closed: bool = False, limit: int = Query(50, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        recs = await service.optimiser.recommendations(include_closed=include_closed)
+        return {"recommendations": [_jsonable(r) for r in recs[:limit]]}
+
+    @router.post("/optimization/recommendations/{rec_id}/apply", tags=["optimization"])
+    async def apply_recommendation(rec_id: int, validate: bool = True) -> dict[str, Any]:
+        try:
+            return _jsonable(await service.optimiser.apply(rec_id, validate=validate))
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @router.post("/optimization/recommendations/{rec_id}/reject", tags=["optimization"])
+    async def reject_recommendation(rec_id: int) -> dict[str, Any]:
+        try:
+            return _jsonable(await service.optimiser.reject(rec_id))
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @router.post("/ml/recommend", tags=["ml"])
+    async def recommend_indexes() -> dict[str, Any]:
+        """Run the index advisor on the logged workload now (what-if only, nothing is built)."""
+        return {"recommendations": [_jsonable(r) for r in await service.optimiser.advise()]}
+
+    @router.get("/optimization/history", tags=["optimization"])
+    async def optimization_history(
+        kind: str | None = Query(None, max_length=40), limit: int = Query(100, ge=1, le=5000)
+    ) -> dict[str, Any]:
+        rows = await service.optimiser.history(kind, limit)
+        return {"history": [_jsonable(r) for r in rows]}
+
     @router.get("/admin/cache", tags=["admin"])
     async def admin_cache() -> dict[str, Any]:
         stats = service.cache_stats()
@@ -295,6 +330,19 @@ def make_router(service: Any) -> APIRouter:
         return JSONResponse({"detail": f"no such endpoint: /api/v1/{rest}"}, status_code=404)
 
     return router
+
+
+def _jsonable(value: Any) -> Any:
+    """Datetimes as ISO text, JSON columns decoded, NaN as null."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _not_built(prefix: str) -> JSONResponse:

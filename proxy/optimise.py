@@ -1,0 +1,128 @@
+"""The service's side of the learned parts that live in the metadata database: the index
+advisor's recommendations (and its automatic mode), workload clusters and anomaly incidents.
+
+The admin console and the HTTP API call these; each opens its own short-lived connection on
+the proxy's metadata role (never a client's connection). The models themselves live in
+`models/` (advisor, clusters, anomaly); this module only connects, calls and formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from . import metadata
+from .log import get_logger
+from .settings import Settings
+
+APPLICATION_NAME = "pgsage-optimise"
+
+
+class Optimiser:
+    def __init__(self, settings: Settings, metadata_args: dict[str, Any]) -> None:
+        self.settings = settings
+        self.metadata_args = metadata_args
+        self.log = get_logger("pgsage.optimise")
+        self._task: asyncio.Task[None] | None = None
+        self.last_auto: dict[str, Any] | None = None
+
+    async def _connect(self) -> Any:
+        return await metadata.connect(self.metadata_args, APPLICATION_NAME, timeout=10.0)
+
+    # ---------------------------------------------------------------- index advisor
+
+    async def recommendations(self, include_closed: bool = False) -> list[dict[str, Any]]:
+        from models.advisor import list_recommendations
+
+        conn = await self._connect()
+        try:
+            return await list_recommendations(conn, include_closed=include_closed)
+        finally:
+            await conn.close()
+
+    async def advise(self) -> list[dict[str, Any]]:
+        from models.advisor import AdvisorConfig, advise
+
+        conn = await self._connect()
+        try:
+            config = AdvisorConfig(budget_share=self.settings.advisor_budget_share)
+            report = await advise(conn, None, config)
+            return [r if isinstance(r, dict) else vars(r) for r in report.recommendations]
+        finally:
+            await conn.close()
+
+    async def apply(self, rec_id: int, validate: bool = True) -> dict[str, Any]:
+        from models.advisor import apply_recommendation
+
+        conn = await self._connect()
+        try:
+            return await apply_recommendation(conn, rec_id, validate=validate)
+        finally:
+            await conn.close()
+
+    async def reject(self, rec_id: int, reason: str = "rejected by an operator") -> dict[str, Any]:
+        from models.advisor import reject_recommendation
+
+        conn = await self._connect()
+        try:
+            return await reject_recommendation(conn, rec_id, reason)
+        finally:
+            await conn.close()
+
+    async def history(self, kind: str | None, limit: int) -> list[dict[str, Any]]:
+        conn = await self._connect()
+        try:
+            rows = await conn.fetch(
+                "SELECT id, created_at, kind, target, action, status, detail, "
+                "measured_before_ms, measured_after_ms FROM metadata.optimization_history "
+                "WHERE ($1::text IS NULL OR kind = $1) ORDER BY id DESC LIMIT $2",
+                kind,
+                limit,
+            )
+            return [dict(r) for r in rows]
+        finally:
+            await conn.close()
+
+    # ---------------------------------------------------------------- automatic mode
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._auto_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def auto_pass(self) -> dict[str, Any]:
+        """One pass of automatic mode: advise, then apply validated proposals and re-check
+        applied ones (dropping those whose benefit is gone)."""
+        from models.advisor import AdvisorConfig, advise, recheck
+
+        conn = await self._connect()
+        try:
+            config = AdvisorConfig(budget_share=self.settings.advisor_budget_share)
+            await advise(conn, None, config)
+            result = await recheck(conn, config=config, auto_apply=True)
+        finally:
+            await conn.close()
+        self.last_auto = result
+        return result
+
+    async def _auto_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.advisor_interval)
+            if not self.settings.advisor_auto:
+                continue
+            try:
+                result = await self.auto_pass()
+                self.log.info("index advisor automatic pass", result=_brief(result))
+            except Exception as exc:
+                self.log.warning("index advisor automatic pass failed", error=str(exc))
+
+
+def _brief(result: Any) -> Any:
+    if isinstance(result, dict):
+        return {k: (len(v) if isinstance(v, list) else v) for k, v in result.items()}
+    return result
