@@ -373,12 +373,21 @@ def render(result: dict[str, Any]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cache" in argv:  # the result cache's bench has its own options
+        from bench import gain_cache
+
+        return gain_cache.main([a for a in argv if a != "--cache"])
     parser = argparse.ArgumentParser(
         prog="python -m bench.gain", description=__doc__.split("\n")[0]
     )
     modes = parser.add_argument_group("modes (one or more)")
     modes.add_argument("--advisor", action="store_true", help="the index advisor")
-    # --cache and --admission are added here by their issues
+    modes.add_argument(
+        "--cache", action="store_true",
+        help="the result cache (python -m bench.gain --cache --help for its options)",
+    )  # fmt: skip
+    # --admission is added here by its issue
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL (any database)")
     parser.add_argument("--database", default="pgsage_gain", help="the bench's own warehouse")
     parser.add_argument("--scale", type=float, default=2.0)
