@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import gain_cache
 
         return gain_cache.main([a for a in argv if a != "--cache"])
+    if "--admission" in argv:
+        from bench import gain_admission
+
+        return gain_admission.main([a for a in argv if a != "--admission"])
     parser = argparse.ArgumentParser(
         prog="python -m bench.gain", description=__doc__.split("\n")[0]
     )
@@ -387,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", action="store_true",
         help="the result cache (python -m bench.gain --cache --help for its options)",
     )  # fmt: skip
-    # --admission is added here by its issue
+    modes.add_argument(
+        "--admission", action="store_true",
+        help="admission control (python -m bench.gain --admission --help for its options)",
+    )  # fmt: skip
     parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL (any database)")
     parser.add_argument("--database", default="pgsage_gain", help="the bench's own warehouse")
     parser.add_argument("--scale", type=float, default=2.0)

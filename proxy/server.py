@@ -16,6 +16,7 @@ from typing import Any
 
 from optimizer.sqltext import split_statements
 
+from .admission import AdmissionController
 from .cache import ResultCache
 from .log import get_logger
 from .protocol import CancelRequest, Phase, SessionTracker
@@ -86,6 +87,12 @@ class ProxyServer:
         self.closed_totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
         #: bytes from and to clients of ended sessions, per database (SHOW STATS)
         self.closed_by_database: dict[str, list[int]] = {}
+        #: admission control (admission_enabled): short lane and adaptive long-lane slots
+        self.admission: AdmissionController | None = (
+            AdmissionController(settings, self.metrics.registry)
+            if settings.admission_enabled
+            else None
+        )
         #: the result cache (cache_enabled); sessions consult it per request batch
         self.cache: ResultCache | None = (
             ResultCache(settings, self.metrics.registry) if settings.cache_enabled else None

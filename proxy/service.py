@@ -212,6 +212,10 @@ class Service:
             stats["listening"] = self.refresh_listener.listening
         return stats
 
+    def admission_lanes(self) -> list[tuple[str, Any]] | None:
+        adm = self.proxy.admission
+        return None if adm is None else adm.lanes()
+
     async def clear_cache(self) -> int | None:
         cache = self.proxy.cache
         return None if cache is None else await cache.clear()

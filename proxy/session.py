@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .admin import AdminConsole
 from .admin.results import admin_simple_only, admin_unavailable
+from .admission import LONG, AdmissionController, Waiter
 from .cache import Entry, MemoryBackend, Miss, ResultCache
 from .protocol import (
     BACKEND_TYPE_BYTES,
@@ -37,7 +38,7 @@ from .protocol import (
     Status,
     error_response,
 )
-from .protocol.batch import Batch, parse_then_sync, read_batch
+from .protocol.batch import Batch, parse_then_sync, read_batch, request_sql
 from .protocol.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -98,6 +99,11 @@ class ClientConnection(asyncio.Protocol):
         self.set_history: list[str] = []
         #: tables written in the open transaction (invalidated again when it ends)
         self.txn_writes: set[str] | None = set()
+        #: admission control: the lane of the request in flight, a held slot, a queued request
+        self.adm_lane: str | None = None
+        self.adm_slot = False
+        self.adm_waiter: Waiter | None = None
+        self._adm_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -115,9 +121,12 @@ class ClientConnection(asyncio.Protocol):
             sampled = not self._chunks & OVERHEAD_SAMPLE_MASK
             if sampled:
                 t0 = perf_counter()
-            cache = self.server.cache
+            server = self.server
+            cache = server.cache
             if cache is None or not self._from_cache(data, now, up, cache):
-                self._relay(data, now, up)
+                adm = server.admission
+                if adm is None or not self._queued(data, adm):
+                    self._relay(data, now, up)
             if sampled:
                 self.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
         elif self.admin_mode:
@@ -143,6 +152,107 @@ class ClientConnection(asyncio.Protocol):
         self.rx += n
         up.tx += n
         up.transport.write(data)
+
+    # ------------------------------------------------------------------ admission control
+
+    def _queued(self, data: bytes, adm: AdmissionController) -> bool:
+        """Short lane: False (relay now). Long lane: take a slot (False), or hold the request
+        until one frees (True; reading from the client pauses meanwhile)."""
+        tracker = self.tracker
+        self.adm_lane = None
+        if (
+            self.adm_slot
+            or tracker.transaction_status != "I"
+            or tracker.phase is not Phase.IDLE
+            or tracker.pending
+            or not self.scanner.at_boundary
+            or data[0] not in (0x51, 0x50, 0x42)  # Q, P, B
+        ):
+            return False
+        sql = request_sql(data, tracker.statements)
+        if sql is None:
+            return False
+        lane = self.adm_lane = adm.lane(sql)
+        if lane != LONG:
+            adm.short()
+            return False
+        granted = adm.acquire(self.info.app, lambda: self._admitted(data))
+        if granted is True:
+            self.adm_slot = True
+            return False
+        if granted is False:
+            self._refuse(
+                "53000",
+                f"pgsage admission control: the queue for long statements is full "
+                f"({adm.settings.admission_queue_size} waiting, limit {adm.limit} running)",
+                sql,
+            )
+            return True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.adm_waiter = granted
+        loop = asyncio.get_running_loop()
+        self._adm_timer = loop.call_later(
+            adm.settings.admission_queue_timeout, self._admission_timeout, sql
+        )
+        return True
+
+    def _admitted(self, data: bytes) -> None:
+        """A slot for the held request: send it on."""
+        self.adm_waiter = None
+        if self._adm_timer is not None:
+            self._adm_timer.cancel()
+            self._adm_timer = None
+        up = self.upstream
+        if self.closed or up is None or up.transport.is_closing():
+            adm = self.server.admission
+            if adm is not None:
+                adm.release()
+            return
+        self.adm_slot = True
+        self._relay(data, monotonic(), up)
+        self.release()
+
+    def _admission_timeout(self, sql: str) -> None:
+        adm = self.server.admission
+        waiter = self.adm_waiter
+        self._adm_timer = None
+        if waiter is None or adm is None:
+            return
+        adm.cancel(waiter, timed_out=True)
+        self.adm_waiter = None
+        timeout = adm.settings.admission_queue_timeout
+        self._refuse(
+            QUERY_CANCELED,
+            f"canceling statement: pgsage admission control found no slot for a long statement "
+            f"within {timeout:g} s (limit {adm.limit} concurrent long statements, "
+            f"{adm.running} running)",
+            sql,
+        )
+        self.release()
+
+    def _refuse(self, sqlstate: str, message: str, sql: str) -> None:
+        """Answer a held request with an error, as the server would have (it never saw it)."""
+        now = monotonic()
+        self._write(error_response("ERROR", sqlstate, message) + b"Z\x00\x00\x00\x05I")
+        ex = Execution(Protocol.SIMPLE, sql, now, now, status=Status.ERROR, sqlstate=sqlstate,
+                       error_message=message, transaction_status="I")  # fmt: skip
+        self.emit([ex])
+
+    def admission_done(self) -> None:
+        """The request holding a long-lane slot finished (or the session ended)."""
+        adm = self.server.admission
+        if self.adm_slot:
+            self.adm_slot = False
+            if adm is not None:
+                adm.release()
+        if self.adm_waiter is not None:
+            if adm is not None:
+                adm.cancel(self.adm_waiter, timed_out=False)
+            self.adm_waiter = None
+        if self._adm_timer is not None:
+            self._adm_timer.cancel()
+            self._adm_timer = None
 
     # ------------------------------------------------------------------ result cache
 
@@ -331,6 +441,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.server.forget(self)
+        if self.adm_slot or self.adm_waiter is not None:
+            self.admission_done()
         up = self.upstream
         if up is not None and not up.transport.is_closing():
             tracker = self.tracker
@@ -609,7 +721,14 @@ class ClientConnection(asyncio.Protocol):
             self.txn_started = None
 
     def emit(self, executions: list[Execution]) -> None:
-        sink = self.server.sink
+        server = self.server
+        adm = server.admission
+        if adm is not None:
+            lane = self.adm_lane
+            for ex in executions:
+                if not ex.cache_hit and ex.status is Status.OK:
+                    adm.observe(ex.sql, ex.end - ex.start, lane)
+        sink = server.sink
         if sink is None:
             return
         info = self.info
@@ -763,6 +882,8 @@ class UpstreamConnection(asyncio.Protocol):
                             invalidate = invalidate or []
                             invalidate.append(None if ended is None else tuple(ended))
                         client.txn_writes = set()
+            if client.adm_slot and client.tracker.phase is Phase.IDLE:
+                client.admission_done()
             if cache is not None:
                 miss = self.capture
                 if miss is not None:

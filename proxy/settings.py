@@ -22,6 +22,10 @@ from pydantic_settings import (
 DEFAULT_CONFIG = Path("config/pgsage.toml")
 
 
+#: BI tools' dashboards go first in the admission queue
+_DASHBOARDS = {"metabase": 0, "superset": 0, "tableau": 0, "powerbi": 0, "grafana": 0}
+
+
 class SettingsError(Exception):
     """A configuration value is invalid; the message names the key."""
 
@@ -132,6 +136,28 @@ class Settings(BaseSettings):
     cache_admit_after: int = Field(default=2, ge=1)
     #: redis://host:port/db shares the cache between pgsage instances (empty: in memory)
     cache_redis_url: str | None = None
+
+    # ---- admission control (proxy/admission.py): short lane, adaptive slots for long statements
+    admission_enabled: bool = False
+    #: fixed short/long boundary in ms (0: learned from the latency distribution)
+    admission_short_ms: float = Field(default=0.0, ge=0)
+    admission_short_quantile: float = Field(default=0.8, gt=0, lt=1)
+    admission_min_short_ms: float = Field(default=50.0, ge=0)
+    admission_max_short_ms: float = Field(default=2000.0, gt=0)
+    #: executions of a template before its prediction is trusted (unknown ones are short)
+    admission_min_observations: int = Field(default=2, ge=1)
+    #: concurrent long statements: starts at the initial limit (0: the maximum), then adapts
+    admission_initial_limit: int = Field(default=0, ge=0)
+    admission_min_limit: int = Field(default=1, ge=1)
+    admission_max_limit: int = Field(default=4, ge=1)
+    admission_queue_size: int = Field(default=1000, ge=0)
+    #: seconds a long statement waits for a slot before failing with SQLSTATE 57014
+    admission_queue_timeout: float = Field(default=60.0, gt=0)
+    admission_adjust_interval: float = Field(default=2.0, gt=0)
+    #: long statements this many times slower than usual mean the database is saturated
+    admission_slowdown: float = Field(default=2.0, gt=1)
+    #: queue priority by application class (lower first; unlisted classes get 1)
+    admission_priorities: dict[str, int] = Field(default_factory=lambda: dict(_DASHBOARDS))
 
     # ---- index advisor (models/advisor.py): `pgsage advise`, SHOW RECOMMENDATIONS
     #: automatic mode: every advisor_interval, advise, apply validated indexes, drop stale ones

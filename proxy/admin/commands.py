@@ -24,6 +24,7 @@ HELP = (
     ("SHOW QUERIES [LIMIT n]", "statements by fingerprint, by total time (pg_stat_statements)"),
     ("SHOW CONFIG", "settings, with default and whether SET can change them"),
     ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
+    ("SHOW LANES", "admission control: short threshold, long-lane limit, running, queued"),
     ("SHOW RECOMMENDATIONS", "index advisor: open recommendations, best first"),
     ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
     ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
@@ -212,6 +213,15 @@ def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("key", "value"), [(k, str(v)) for k, v in stats.items()])
 
 
+def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    lanes = ctx.admission_lanes()
+    if lanes is None:
+        return notice("admission control is off (admission_enabled = false)") + result_set(
+            ("key", "value"), []
+        )
+    return result_set(("key", "value"), [(k, None if v is None else str(v)) for k, v in lanes])
+
+
 def _num(v: Any, digits: int = 2) -> str | None:
     return None if v is None else f"{v:.{digits}f}"
 
@@ -308,6 +318,7 @@ SHOW: dict[str, Command] = {
     "config": show_config,
     "cache": show_cache,
     "recommendations": show_recommendations,
+    "lanes": show_lanes,
 }
 
 #: VERB NOUN n

@@ -302,6 +302,13 @@ def make_router(service: Any) -> APIRouter:
         rows = await service.optimiser.history(kind, limit)
         return {"history": [_jsonable(r) for r in rows]}
 
+    @router.get("/admin/lanes", tags=["admin"])
+    async def admin_lanes() -> dict[str, Any]:
+        lanes = service.admission_lanes()
+        if lanes is None:
+            raise HTTPException(404, "not configured: admission control is off")
+        return dict(lanes)
+
     @router.get("/admin/cache", tags=["admin"])
     async def admin_cache() -> dict[str, Any]:
         stats = service.cache_stats()

@@ -106,6 +106,28 @@ def read_batch(data: bytes) -> Batch | None:
     return Batch("bind", None, statement[0])
 
 
+def request_sql(data: bytes, statements: dict[str, str]) -> str | None:
+    """The text of the first statement `data` executes, if it is whole messages ending with a
+    simple Query or a Sync (a request the proxy could answer with ErrorResponse and
+    ReadyForQuery instead of the server). `statements` resolves a Bind's statement name."""
+    msgs = _messages(data, 64)
+    if not msgs or msgs[-1][0] not in (0x51, 0x53):  # Q, S
+        return None
+    for t, start, end in msgs:
+        if t == 0x51:
+            text = _cstr(data, start, end)
+            return text[0] if text is not None else None
+        if t == 0x50:  # P: name, text
+            name = _cstr(data, start, end)
+            text = _cstr(data, name[1], end) if name is not None else None
+            return text[0] if text is not None else None
+        if t == 0x42:  # B: portal, statement
+            portal = _cstr(data, start, end)
+            stmt = _cstr(data, portal[1], end) if portal is not None else None
+            return statements.get(stmt[0]) if stmt is not None else None
+    return None
+
+
 def replayable(response: bytes) -> tuple[str | None, int | None] | None:
     """(command tag, rows) if `response` is a complete successful read ending the batch idle.
 
@@ -149,4 +171,4 @@ def parse_then_sync(parse_message: bytes) -> bytes:
     return parse_message + SYNC
 
 
-__all__ = ["SYNC", "Batch", "parse_then_sync", "read_batch", "replayable"]
+__all__ = ["SYNC", "Batch", "parse_then_sync", "read_batch", "replayable", "request_sql"]
