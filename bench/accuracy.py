@@ -99,7 +99,19 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--anomaly" in argv:  # the anomaly detectors (bench/accuracy_anomaly.py)
+        from bench import accuracy_anomaly
+
+        return int(accuracy_anomaly.main([a for a in argv if a != "--anomaly"]) or 0)
+    if "--forecast" in argv:  # clustering and the forecaster (bench/accuracy_forecast.py)
+        from bench import accuracy_forecast
+
+        return int(accuracy_forecast.main([a for a in argv if a != "--forecast"]) or 0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="--anomaly and --forecast run the anomaly and forecast benchmarks instead.",
+    )
     parser.add_argument("--dsn", required=True, help="database holding metadata.query_logs")
     parser.add_argument("--traffic-dsn", help="send a generated workload through this pgsage")
     parser.add_argument("--statements", type=int, default=3000)

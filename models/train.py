@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .advisor_rank import train_advisor_rank
+from .anomaly import train_anomaly
 from .cost import (
     CostModel,
     baselines,
@@ -311,6 +312,7 @@ Trainer = Callable[[Any, Any, Registry, TrainConfig, Progress], Awaitable[TrainR
 TRAINERS: dict[str, Trainer] = {
     COST: train_cost,
     "advisor_rank": train_advisor_rank,
+    "anomaly": train_anomaly,
 }
 
 __all__ = [

@@ -84,6 +84,26 @@ class Optimiser:
         finally:
             await conn.close()
 
+    # ---------------------------------------------------------------- anomalies
+
+    async def anomalies(self, limit: int = 20) -> list[dict[str, Any]]:
+        from models.anomaly import list_anomalies
+
+        conn = await self._connect()
+        try:
+            return await list_anomalies(conn, limit)
+        finally:
+            await conn.close()
+
+    async def ack_anomaly(self, incident_id: int) -> bool:
+        from models.anomaly import ack_anomaly
+
+        conn = await self._connect()
+        try:
+            return await ack_anomaly(conn, incident_id)
+        finally:
+            await conn.close()
+
     # ---------------------------------------------------------------- automatic mode
 
     def start(self) -> None:

@@ -137,6 +137,20 @@ class Settings(BaseSettings):
     #: redis://host:port/db shares the cache between pgsage instances (empty: in memory)
     cache_redis_url: str | None = None
 
+    # ---- anomaly detection in the query log worker (models/anomaly.py -> metadata.anomalies);
+    # the worker reads these when it starts, so changing them needs a restart
+    anomaly_enabled: bool = True
+    #: POST new and escalated incidents as JSON to this http(s) URL (unset: no webhook)
+    anomaly_webhook_url: str | None = None
+    anomaly_webhook_timeout: float = Field(default=5.0, gt=0)
+    #: retries of a failed POST, with exponential backoff (0.5 s, 1 s, 2 s ...)
+    anomaly_webhook_retries: int = Field(default=3, ge=0, le=10)
+    anomaly_webhook_min_severity: Literal["low", "medium", "high"] = "low"
+    #: seconds of the proxy's clock without a new anomaly after which an incident closes
+    anomaly_incident_gap: float = Field(default=900.0, gt=0)
+    #: real seconds between checks of the registry for a newly active anomaly model
+    anomaly_refresh_interval: float = Field(default=10.0, gt=0)
+
     # ---- admission control (proxy/admission.py): short lane, adaptive slots for long statements
     admission_enabled: bool = False
     #: fixed short/long boundary in ms (0: learned from the latency distribution)
@@ -199,6 +213,13 @@ class Settings(BaseSettings):
     def _address(cls, value: str, info: Any) -> str:
         parse_address(value, info.field_name)
         return value
+
+    @field_validator("anomaly_webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"anomaly_webhook_url must be an http(s) URL, got {value!r}")
+        return value or None
 
     @field_validator("upstream")
     @classmethod

@@ -28,6 +28,8 @@ HELP = (
     ("SHOW RECOMMENDATIONS", "index advisor: open recommendations, best first"),
     ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
     ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
+    ("SHOW ANOMALIES [LIMIT n]", "anomaly incidents, newest first"),
+    ("ACK ANOMALY n", "acknowledge incident n"),
     ("SHOW VERSION", "pgsage version"),
     ("SET key = value", "change a runtime-reloadable setting"),
     ("RELOAD", "re-read the configuration file and environment (SIGHUP does the same)"),
@@ -271,6 +273,39 @@ async def reject_recommendation(ctx: AdminContext, args: dict[str, Any]) -> byte
     return result_set(_RECOMMENDATION_COLUMNS, [_recommendation_row(rec)])
 
 
+async def show_anomalies(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    limit = int(args["limit"]) if args.get("limit") else 20
+    rows = []
+    for a in await ctx.optimiser.anomalies(limit):
+        fps = a.get("fingerprints") or []
+        rows.append(
+            (
+                str(a["incident_id"]),
+                a.get("kind"),
+                a.get("severity"),
+                _ts(a["window_start"].timestamp()) if a.get("window_start") else None,
+                _ts(a["window_end"].timestamp()) if a.get("window_end") else None,
+                str(a.get("executions")) if a.get("executions") is not None else None,
+                ",".join(fps[:5]) + (" ..." if len(fps) > 5 else ""),
+                _num(a.get("score"), 3),
+                "yes" if a.get("open") else "no",
+                "yes" if a.get("acknowledged") else "no",
+                a.get("description"),
+            )
+        )
+    return result_set(
+        ("incident", "kind", "severity", "window_start", "window_end", "executions",
+         "fingerprints", "score", "open", "acknowledged", "description"),
+        rows,
+    )  # fmt: skip
+
+
+async def ack_anomaly(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    if not await ctx.optimiser.ack_anomaly(int(args["id"])):
+        return error("42704", f"no anomaly incident {args['id']}")
+    return command_complete("ACK")
+
+
 def show_config(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     rows = []
     for key, value, default, changeable in ctx.config_items():
@@ -319,10 +354,12 @@ SHOW: dict[str, Command] = {
     "cache": show_cache,
     "recommendations": show_recommendations,
     "lanes": show_lanes,
+    "anomalies": show_anomalies,
 }
 
 #: VERB NOUN n
 ACTIONS: dict[tuple[str, str], Any] = {
     ("apply", "recommendation"): apply_recommendation,
     ("reject", "recommendation"): reject_recommendation,
+    ("ack", "anomaly"): ack_anomaly,
 }

@@ -33,7 +33,6 @@ NOT_BUILT = {
     "ml/train": "training through the API is not part of this build",
     "ml/predict": "cost prediction through the API is not part of this build",
     "ml/forecast": "the workload forecaster is not part of this build",
-    "ml/anomalies": "the anomaly detector is not part of this build",
     "metrics/stream": "the live metrics stream is not part of this build",
 }
 
@@ -301,6 +300,17 @@ def make_router(service: Any) -> APIRouter:
     ) -> dict[str, Any]:
         rows = await service.optimiser.history(kind, limit)
         return {"history": [_jsonable(r) for r in rows]}
+
+    @router.get("/ml/anomalies", tags=["ml"])
+    async def anomalies(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        """Anomaly incidents detected by the query log worker, newest first."""
+        return {"anomalies": [_jsonable(a) for a in await service.optimiser.anomalies(limit)]}
+
+    @router.post("/ml/anomalies/{incident_id}/ack", tags=["ml"])
+    async def ack_anomaly(incident_id: int) -> dict[str, Any]:
+        if not await service.optimiser.ack_anomaly(incident_id):
+            raise HTTPException(404, f"no anomaly incident {incident_id}")
+        return {"incident_id": incident_id, "acknowledged": True}
 
     @router.get("/admin/lanes", tags=["admin"])
     async def admin_lanes() -> dict[str, Any]:

@@ -127,7 +127,7 @@ class WorkerRecorder(BatchingSink):
     def _apply(self, s: dict[str, Any]) -> None:
         m = self.metrics
         for name in ("queries", "rows_returned", "query_errors", "copy_operations",
-                     "querylog_dropped"):  # fmt: skip
+                     "querylog_dropped", "anomalies"):  # fmt: skip
             counter = getattr(m, name)
             for labels, n in s.get(name, {}).items():
                 counter.labels(*labels).inc(n)
@@ -141,6 +141,8 @@ class WorkerRecorder(BatchingSink):
             m.cost_prediction_log_ratio.merge(labels, counts, total)
         if s.get("cost_prediction_qerror") is not None:
             m.cost_prediction_qerror.set(s["cost_prediction_qerror"])
+        if s.get("anomaly_incidents_open") is not None:
+            m.anomaly_incidents_open.set(s["anomaly_incidents_open"])
         self.written += s.get("written", 0)
         for reason, n in s.get("dropped", {}).items():
             self.dropped[reason] += n

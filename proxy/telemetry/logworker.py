@@ -78,6 +78,7 @@ class DeltaMetrics:
         "copy_operations",
         "querylog_dropped",
         "querylog_written",
+        "anomalies",
     )
 
     def __init__(self) -> None:
@@ -87,12 +88,14 @@ class DeltaMetrics:
         self.query_duration = BatchedHistogram("h", "", ("database", "command"), QUERY_BUCKETS)
         self.cost_prediction_log_ratio = BatchedHistogram("r", "", (), LOG_RATIO_BUCKETS)
         self.cost_prediction_qerror = _Gauge()
+        self.anomaly_incidents_open = _Gauge()
 
     def take(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name).take() for name in self.COUNTERS}
         out["query_duration"] = self.query_duration.take_series()
         out["cost_prediction_log_ratio"] = self.cost_prediction_log_ratio.take_series()
         out["cost_prediction_qerror"] = self.cost_prediction_qerror.value
+        out["anomaly_incidents_open"] = self.anomaly_incidents_open.value
         return out
 
 
@@ -126,6 +129,18 @@ class Worker:
             self.cost = CostServer(ttl=settings.cost_cache_ttl)
             self.engine.predictor = self.cost.predicted
             self._cost_task = asyncio.ensure_future(self._serve_cost(settings))
+        self.anomalies: Any = None
+        if settings.anomaly_enabled:
+            from .anomalies import AnomalyMonitor
+
+            self.anomalies = AnomalyMonitor(settings, connect_args, self.metrics)
+            write = self.engine.write
+
+            async def write_observed(rows: list[tuple[Any, ...]]) -> None:
+                self.anomalies.observe(rows)  # a cheap hand-over; scoring runs in its own task
+                await write(rows)
+
+            self.engine.write = write_observed  # type: ignore[method-assign]
 
     async def _serve_cost(self, settings: Settings) -> None:
         """Keep the active model loaded and fill the prediction cache, in the background."""
@@ -216,6 +231,8 @@ async def serve() -> None:
         request = pickle.loads(body)
         if request[0] == "stop":
             await worker.engine.stop()
+            if worker.anomalies is not None:
+                await worker.anomalies.stop()
             out.write(_frame(("done", {})))
             out.flush()
             break

@@ -152,6 +152,16 @@ class ProxyMetrics:
             "Median q-error of the recent cost predictions (1 = perfect)",
             registry=r,
         )
+        # ---- anomalies (the detector in the query log worker; see proxy/telemetry/anomalies.py)
+        self.anomalies = Counter(
+            "pgsage_anomalies",
+            "Anomalous executions detected, by kind and the severity of their incident",
+            ["kind", "severity"],
+            registry=r,
+        )
+        self.anomaly_incidents_open = Gauge(
+            "pgsage_anomaly_incidents_open", "Anomaly incidents still open", registry=r
+        )
         self.transactions = Counter(
             "pgsage_transactions",
             "Transactions, from ReadyForQuery status changes",

@@ -1,0 +1,1183 @@
+"""Anomaly detection over the query log: per execution, per workload window, grouped into incidents.
+
+One implementation serves training, evaluation and the online detector in the query log worker:
+`Detector.process()` walks executions in time order, computes each one's features from what came
+*before* it (leak-free: running per-fingerprint baselines, trailing windows), scores it and updates
+its state. Detectors, each with the cause it reports as the incident kind:
+
+- ``latency`` (per execution): an Isolation Forest over the residual between the actual and the
+  expected latency (log ratio; expected = the cost model's ``predicted_cost_ms`` when the log has
+  one, else the fingerprint's running median), that residual scaled by the fingerprint's spread
+  and the fingerprint's previous residual (a slow plan persists, a hiccup does not), rows and
+  bytes relative to the fingerprint's median, the error flag, the hour of the (simulated) clock
+  and the template's rarity. The threshold is calibrated on the training rows' labels when the
+  workload simulator left some, else it is the `contamination` quantile of the training scores.
+- ``rate_burst`` (workload): a fingerprint's arrivals in the trailing `rate_window_s` against an
+  interval: the forecast's (``metadata.workload_forecasts``) when given, else a trailing seasonal
+  baseline: the fingerprint's share of the traffic times the rest of the traffic in the window
+  (the rest follows the day's shape), upper bound a Poisson quantile. A confirmed burst covers the
+  fingerprint's executions in that window.
+- ``error_burst`` (workload): failed executions in the trailing window beyond the interval of the
+  training error rate.
+- ``heavy_unseen`` (workload): a fingerprint run fewer than `unseen_calls` times before whose
+  execution is expensive (above the training latency quantile `unseen_quantile`).
+
+`ZScoreDetector` is the baseline to beat: |latency - mean| / std per fingerprint. `IncidentTracker`
+groups consecutive flags of one cause into incidents with a severity from score and impact.
+`train_anomaly` is the registry trainer (``pgsage train anomaly``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import traceback
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .dataset import MODELLED_COMMANDS, Progress
+from .registry import Entry, Registry
+
+NAME = "anomaly"
+KINDS = ("latency", "rate_burst", "error_burst", "heavy_unseen")
+#: the workload simulator's label kinds -> the detector cause that should find them
+CAUSE_OF_LABEL = {
+    "lock_contention": "latency",
+    "seq_scan": "latency",
+    "drift": "latency",
+    "rate_burst": "rate_burst",
+    "error_burst": "error_burst",
+    "heavy_unseen": "heavy_unseen",
+}
+LABEL_KINDS = tuple(CAUSE_OF_LABEL)
+IF_FEATURES = (
+    "residual",
+    "residual_z",
+    "residual_min2",
+    "context",
+    "rows_ratio",
+    "bytes_ratio",
+    "error",
+    "hour_sin",
+    "hour_cos",
+    "rarity",
+)
+VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to be believed
+MAX_FINGERPRINTS = 20_000  # per-fingerprint baselines kept by a detector
+CONTEXT = 15  # recent executions (all templates) whose median residual is the system's level
+SEVERITIES = ("low", "medium", "high")
+FORECAST_WINDOW_S = 300.0  # the forecaster's window (metadata.workload_forecasts)
+#: the simulator's own bookkeeping connections: not simulated users, not scored
+SIMULATOR_MACHINERY = ("pgsage-workload-control", "pgsage-workload-anomaly")
+
+
+class Execution(NamedTuple):
+    """One logged execution, as the detectors read it."""
+
+    ts: float  # epoch seconds of the start (the proxy's clock, simulated under the bench)
+    fingerprint: str
+    command: str
+    duration_ms: float
+    rows: int | None
+    error: bool
+    bytes: int | None
+    predicted_ms: float | None = None
+    is_catalog: bool = False
+    label: str | None = None
+    app: str | None = None
+
+
+class Flag(NamedTuple):
+    """One anomalous execution (or one covered by a workload-level anomaly)."""
+
+    seq: int  # position in the detector's stream
+    ts: float
+    kind: str
+    fingerprint: str
+    score: float  # 0..1
+    excess_ms: float  # time beyond the expected (latency kinds); 0 otherwise
+    error: bool
+    label: str | None
+
+
+def scored(ex: Execution) -> bool:
+    """Statements the detectors look at: client work, not catalog reads or BEGIN/SET."""
+    return not ex.is_catalog and (ex.command in MODELLED_COMMANDS or ex.error)
+
+
+# ------------------------------------------------------------------------ per-fingerprint state
+
+
+class _Fp:
+    """A fingerprint's running baseline: recent log latency, rows and bytes."""
+
+    __slots__ = ("bytes", "bytes_med", "calls", "errors", "lat", "med", "prev", "rows", "rows_med",
+                 "spread", "stale")  # fmt: skip
+
+    def __init__(self, window: int) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.lat: deque[float] = deque(maxlen=window)
+        self.rows: deque[float] = deque(maxlen=window)
+        self.bytes: deque[float] = deque(maxlen=window)
+        self.med = math.nan
+        self.rows_med = 0.0
+        self.bytes_med = 0.0
+        self.spread = 0.5
+        self.prev = 0.0
+        self.stale = 0
+
+    def refresh(self) -> None:
+        if not self.lat:
+            return  # only failures so far
+        lat = np.fromiter(self.lat, float)
+        self.med = float(np.median(lat))
+        mad = float(np.median(np.abs(lat - self.med))) * 1.4826
+        self.spread = max(mad, 0.15)
+        self.rows_med = float(np.median(np.fromiter(self.rows, float))) if self.rows else 0.0
+        self.bytes_med = float(np.median(np.fromiter(self.bytes, float))) if self.bytes else 0.0
+        self.stale = 0
+
+    def add(self, log_ms: float, log_rows: float, log_bytes: float) -> None:
+        self.lat.append(log_ms)
+        self.rows.append(log_rows)
+        self.bytes.append(log_bytes)
+        self.stale += 1
+        # the median is refreshed every few executions (and at each early one): cheap and robust
+        if len(self.lat) <= 16 or self.stale >= 4:
+            self.refresh()
+
+
+@dataclass
+class Interval:
+    """An externally forecast arrival interval of a fingerprint over a span of time."""
+
+    start: float
+    end: float
+    upper: float  # arrivals per `rate_window_s` above which the count is anomalous
+
+
+# ------------------------------------------------------------------------------------ detector
+
+
+@dataclass
+class DetectorConfig:
+    history: int = 64
+    rate_window_s: float = 600.0
+    rate_alpha: float = 1e-3
+    rate_factor: float = 3.0
+    rate_min_count: int = 8
+    error_window_s: float = 600.0
+    error_min_count: int = 3
+    unseen_calls: int = 3
+    unseen_quantile: float = 0.95
+    min_calls: int = 5  # a fingerprint's latency is judged after this many executions
+    #: executions seen before "never seen" and arrival rates mean anything (cold start)
+    warmup: int = 200
+
+
+def _poisson_upper(mu: float, alpha: float) -> float:
+    from scipy.stats import poisson
+
+    return float(poisson.ppf(1.0 - alpha, max(mu, 1e-6)))
+
+
+class Detector:
+    """The stateful scorer: feed executions in time order, get flags (see the module doc)."""
+
+    def __init__(self, model: AnomalyModel | None, config: DetectorConfig | None = None) -> None:
+        self.model = model
+        self.config = c = config or (model.config if model is not None else DetectorConfig())
+        self.fps: dict[str, _Fp] = {}
+        self.shares: dict[str, float] = dict(model.shares_) if model is not None else {}
+        self.total_seen = model.total_ if model is not None else 0
+        self.error_rate = model.error_rate_ if model is not None else 0.0
+        self.expensive_ms = model.expensive_ms_ if model is not None else 50.0
+        self.global_log_ms = model.global_log_ms_ if model is not None else 0.0
+        self.intervals: dict[str, list[Interval]] = {}  # per cluster, from the forecaster
+        self.cluster_of: dict[str, str] = {}
+        self._iv_starts: dict[str, list[float]] = {}
+        self._by_cluster: dict[str, deque[tuple[float, int, str | None, str]]] = {}
+        self.index = 0
+        # trailing windows: all arrivals; per fingerprint (ts, index, label); errors
+        self._all: deque[float] = deque()
+        self._by_fp: dict[str, deque[tuple[float, int, str | None]]] = {}
+        self._errors: deque[tuple[float, int, str, str | None]] = deque()
+        self._flagged: set[int] = set()
+        self._recent_flagged: deque[int] = deque(maxlen=100_000)
+        self._context: deque[float] = deque(maxlen=CONTEXT)
+        self._context_level = 0.0
+        if model is not None:
+            for fp, (lat, rows, nbytes) in model.baselines_.items():
+                st = self.fps[fp] = _Fp(c.history)
+                st.lat.extend(lat)
+                st.rows.extend(rows)
+                st.bytes.extend(nbytes)
+                st.calls = model.calls_.get(fp, len(lat))
+                st.refresh()
+
+    # ---------------------------------------------------------------- features
+
+    def _features(self, ex: Execution, st: _Fp | None) -> tuple[list[float], float, float]:
+        """IF features, the net residual and the expected ms of one execution (before updating).
+
+        The residual is net of the system's level (the median residual of the last `CONTEXT`
+        executions of any template): when everything is slow at once, that is the machine's
+        trouble, not one statement's.
+        """
+        log_ms = math.log(max(ex.duration_ms, 1e-3))
+        known = st is not None and st.calls >= self.config.min_calls and len(st.lat) > 0
+        if ex.predicted_ms is not None and ex.predicted_ms > 0:
+            expected = math.log(ex.predicted_ms)
+        elif known:
+            assert st is not None
+            expected = st.med
+        else:
+            expected = self.global_log_ms
+        ctx = self._context_level
+        raw = 0.0 if ex.error else log_ms - expected
+        residual = raw - ctx if known else raw
+        spread = st.spread if known and st is not None else 1.0
+        log_rows = math.log1p(max(ex.rows or 0, 0))
+        log_bytes = math.log1p(max(ex.bytes or 0, 0))
+        rows_ratio = log_rows - st.rows_med if known and st is not None else 0.0
+        bytes_ratio = log_bytes - st.bytes_med if known and st is not None else 0.0
+        hour = (ex.ts % 86400.0) / 3600.0
+        share = self.shares.get(ex.fingerprint)
+        if share is None and st is not None and self.total_seen:
+            share = st.calls / self.total_seen
+        rarity = min(-math.log10(max(share or 0.0, 1e-7)), 7.0)
+        prev = st.prev if st is not None else 0.0
+        feats = [
+            residual,
+            residual / spread,
+            min(residual, prev),
+            ctx,
+            rows_ratio,
+            bytes_ratio,
+            1.0 if ex.error else 0.0,
+            math.sin(hour / 24 * 2 * math.pi),
+            math.cos(hour / 24 * 2 * math.pi),
+            rarity,
+        ]
+        return feats, residual, math.exp(expected + (ctx if known else 0.0))
+
+    # ---------------------------------------------------------------- processing
+
+    def process(
+        self, executions: Iterable[Execution], features_out: list[list[float]] | None = None
+    ) -> list[Flag]:
+        """Score executions (in time order), update the state; the flags raised by them."""
+        flags: list[Flag] = []
+        model = self.model
+        batch: list[tuple[int, Execution, list[float], float, float, bool]] = []
+        min_calls = self.config.min_calls
+        for ex in executions:
+            i = self.index
+            self.index += 1
+            if not scored(ex):
+                continue
+            st = self.fps.get(ex.fingerprint)
+            feats, residual, expected_ms = self._features(ex, st)
+            warm = st is not None and st.calls > min_calls
+            if features_out is not None:
+                features_out.append(feats)
+            batch.append((i, ex, feats, residual, expected_ms, warm))
+            flags.extend(self._workload(i, ex, st))
+            if st is None:
+                if len(self.fps) >= MAX_FINGERPRINTS:
+                    self._forget_rare()
+                st = self.fps[ex.fingerprint] = _Fp(self.config.history)
+            st.calls += 1
+            self.total_seen += 1
+            if ex.error:
+                st.errors += 1
+                continue
+            log_ms = math.log(max(ex.duration_ms, 1e-3))
+            st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
+            st.prev = residual
+            if warm:
+                self._context.append(feats[0] + self._context_level)
+                self._context_level = float(np.median(self._context))
+        if model is not None and model.forest_ is not None and batch:
+            scores = model.score(np.asarray([b[2] for b in batch], float))
+            for (i, ex, f, _residual, expected_ms, warm), s in zip(batch, scores, strict=True):
+                # a young fingerprint is the unseen rule's; faster than expected is no trouble
+                # beyond the residuals the forest was fitted on, its path lengths stop growing:
+                # a residual past the training range (+ log 2) is anomalous whatever the score
+                beyond = f[0] > model.residual_max_ + math.log(2.0)
+                if warm and (s >= model.threshold_ or beyond) and _slow(f) and not ex.error:
+                    flags.append(self._flag(i, ex, "latency", float(s),
+                                            max(ex.duration_ms - expected_ms, 0.0)))  # fmt: skip
+        elif model is None:
+            # cold start (no trained model yet): a plain residual rule on warm fingerprints
+            settled = self.total_seen >= self.config.warmup
+            for i, ex, feats, residual, expected_ms, warm in batch:
+                st = self.fps.get(ex.fingerprint)
+                if not (settled and warm and st is not None and st.calls > 4 * min_calls):
+                    continue  # fresh tables and plans make the first executions noisy
+                if not ex.error and residual > math.log(5.0) and feats[1] > 4.0:
+                    score = min(0.5 + residual / 10.0, 1.0)
+                    flags.append(self._flag(i, ex, "latency", score,
+                                            max(ex.duration_ms - expected_ms, 0.0)))  # fmt: skip
+        flags.sort(key=lambda f: (f.ts, f.seq))
+        return flags
+
+    def _forget_rare(self) -> None:
+        """Bound the state: drop the fingerprints run least (unparsed texts can be endless)."""
+        keep = sorted(self.fps.items(), key=lambda kv: kv[1].calls, reverse=True)
+        self.fps = dict(keep[: MAX_FINGERPRINTS // 2])
+        self._by_fp = {fp: q for fp, q in self._by_fp.items() if fp in self.fps}
+
+    def _flag(self, i: int, ex: Execution, kind: str, score: float, excess: float) -> Flag:
+        self._flagged.add(i)
+        self._recent_flagged.append(i)
+        if len(self._flagged) > 200_000:
+            self._flagged = set(self._recent_flagged)
+        return Flag(i, ex.ts, kind, ex.fingerprint, score, excess, ex.error, ex.label)
+
+    def _workload(self, i: int, ex: Execution, st: _Fp | None) -> list[Flag]:
+        c = self.config
+        out: list[Flag] = []
+        now = ex.ts
+        # ---- arrivals of this fingerprint against its interval
+        all_ = self._all
+        all_.append(now)
+        while all_ and all_[0] < now - c.rate_window_s:
+            all_.popleft()
+        q = self._by_fp.get(ex.fingerprint)
+        if q is None:
+            q = self._by_fp[ex.fingerprint] = deque()
+        q.append((now, i, ex.label))
+        while q and q[0][0] < now - c.rate_window_s:
+            q.popleft()
+        count = len(q)
+        warm = self.total_seen >= c.warmup
+        cluster = self.cluster_of.get(ex.fingerprint)
+        if cluster is not None and cluster in self.intervals and not ex.error:
+            out.extend(self._cluster_rate(i, ex, cluster))
+        elif warm and count >= c.rate_min_count and not ex.error:  # (failures: the error rule)
+            upper = self._rate_upper(ex.fingerprint, now, len(all_) - count)
+            # ... and this arrival came at burst pace (not an ordinary one after a burst)
+            paced = upper is not None and now - q[-2][0] < c.rate_window_s / max(upper, 1.0)
+            if upper is not None and count > upper and paced:
+                score = min(0.6 + 0.1 * math.log2(count / max(upper, 1.0)), 1.0)
+                # the burst: the run of arrivals at burst pace up to this one (older ones came
+                # at the ordinary pace and were expected)
+                pace = c.rate_window_s / max(upper, 1.0)
+                items = list(q)
+                k = len(items) - 1
+                while k > 0 and items[k][0] - items[k - 1][0] < pace:
+                    k -= 1
+                for ts, j, label in items[k:]:
+                    if j not in self._flagged:
+                        self._flagged.add(j)
+                        self._recent_flagged.append(j)
+                        out.append(Flag(j, ts, "rate_burst", ex.fingerprint, score, 0.0,
+                                        False, label))  # fmt: skip
+        # ---- failed executions against the error rate
+        if ex.error:
+            errs = self._errors
+            errs.append((now, i, ex.fingerprint, ex.label))
+            while errs and errs[0][0] < now - c.error_window_s:
+                errs.popleft()
+            expected = self.error_rate * len(all_)
+            upper = max(_poisson_upper(expected, c.rate_alpha), c.error_min_count - 1)
+            if len(errs) > upper:
+                score = min(0.6 + 0.1 * math.log2(len(errs) / max(upper, 1.0)), 1.0)
+                for ts, j, fp, label in errs:
+                    if j not in self._flagged:
+                        self._flagged.add(j)
+                        self._recent_flagged.append(j)
+                        out.append(Flag(j, ts, "error_burst", fp, score, 0.0, True, label))
+        # ---- never (or hardly ever) seen, and expensive
+        calls = st.calls if st is not None else 0
+        if warm and not ex.error and calls < c.unseen_calls and ex.duration_ms >= self.expensive_ms:
+            excess = ex.duration_ms - math.exp(self.global_log_ms)
+            score = min(0.6 + 0.1 * math.log2(ex.duration_ms / self.expensive_ms), 1.0)
+            out.append(self._flag(i, ex, "heavy_unseen", score, max(excess, 0.0)))
+        return out
+
+    def _cluster_rate(self, i: int, ex: Execution, cluster: str) -> list[Flag]:
+        """The forecaster's path: the cluster's arrivals in the forecast window vs its upper."""
+        ivs = self.intervals[cluster]
+        k = bisect_right(self._iv_starts[cluster], ex.ts) - 1
+        if k < 0 or not ivs[k].start <= ex.ts < ivs[k].end:
+            return []
+        iv = ivs[k]
+        q = self._by_cluster.setdefault(cluster, deque())
+        q.append((ex.ts, i, ex.label, ex.fingerprint))
+        while q and q[0][0] < iv.start:
+            q.popleft()
+        if len(q) <= max(iv.upper, self.config.rate_min_count - 1):
+            return []
+        score = min(0.6 + 0.1 * math.log2(len(q) / max(iv.upper, 1.0)), 1.0)
+        out = []
+        for ts, j, label, fp in q:
+            if j not in self._flagged:
+                self._flagged.add(j)
+                self._recent_flagged.append(j)
+                out.append(Flag(j, ts, "rate_burst", fp, score, 0.0, False, label))
+        return out
+
+    def use_forecasts(self, intervals: dict[str, list[Interval]], cluster_of: dict[str, str]
+                      ) -> None:  # fmt: skip
+        """Judge arrivals of clustered templates against forecast intervals (per cluster)."""
+        self.intervals = {k: sorted(v, key=lambda iv: iv.start) for k, v in intervals.items()}
+        self._iv_starts = {k: [iv.start for iv in v] for k, v in self.intervals.items()}
+        self.cluster_of = cluster_of
+
+    def _rate_upper(self, fp: str, now: float, others: int) -> float | None:
+        c = self.config
+        if others < 2:
+            return None  # no other traffic to scale an expectation by
+        share = self.shares.get(fp)
+        if share is None:
+            st = self.fps.get(fp)
+            if st is None or self.total_seen < 100:
+                return None  # nothing to compare with yet
+            share = max(st.calls / self.total_seen, 1.0 / self.total_seen)
+        share = min(share, 0.5)
+        mu = share * others / (1.0 - share)
+        return max(_poisson_upper(mu, c.rate_alpha), c.rate_factor * mu)
+
+
+# ------------------------------------------------------------------------------ the estimator
+
+
+class AnomalyModel:
+    """Isolation Forest + workload rules, scikit-learn style (`fit` returns self)."""
+
+    def __init__(
+        self,
+        n_estimators: int = 200,
+        max_samples: int | str = 256,
+        contamination: float = 0.005,
+        random_state: int = 0,
+        config: DetectorConfig | None = None,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.contamination = contamination
+        self.random_state = random_state
+        self.config = config or DetectorConfig()
+
+    def fit(self, executions: Sequence[Execution]) -> AnomalyModel:
+        """Replay the history (leak-free features), fit the forest, keep the final baselines."""
+        from sklearn.ensemble import IsolationForest
+
+        rows = [e for e in executions if scored(e)]
+        if not rows:
+            raise ValueError("no scorable executions to fit on")
+        ok_ms = np.array([e.duration_ms for e in rows if not e.error], float)
+        logs = np.log(np.maximum(ok_ms, 1e-3))
+        self.global_log_ms_ = float(np.median(logs)) if len(ok_ms) else 0.0
+        self.expensive_ms_ = (
+            float(np.quantile(ok_ms, self.config.unseen_quantile)) if len(ok_ms) else 50.0
+        )
+        counts: dict[str, int] = {}
+        for e in rows:
+            counts[e.fingerprint] = counts.get(e.fingerprint, 0) + 1
+        self.total_ = len(rows)
+        self.shares_ = {fp: n / len(rows) for fp, n in counts.items()}
+        self.error_rate_ = sum(e.error for e in rows) / len(rows)
+        self.forest_ = None
+        self.threshold_ = math.inf
+        self.baselines_: dict[str, tuple[list[float], list[float], list[float]]] = {}
+        self.calls_: dict[str, int] = {}
+        replay = Detector(None, self.config)
+        replay.shares = dict(self.shares_)
+        replay.expensive_ms = self.expensive_ms_
+        replay.global_log_ms = self.global_log_ms_
+        feats: list[list[float]] = []
+        replay.process(rows, feats)
+        X = np.asarray(feats, float)
+        warm = _warm_mask(rows, self.config.min_calls)
+        self.residual_max_ = float(X[warm, 0].max()) if warm.any() else math.inf
+        self.forest_ = IsolationForest(
+            n_estimators=self.n_estimators,
+            max_samples=self.max_samples if isinstance(self.max_samples, str)
+            else min(int(self.max_samples), len(X)),
+            random_state=self.random_state,
+        ).fit(X)  # fmt: skip
+        self.train_scores_ = self.score(X)
+        self.threshold_ = float(np.quantile(self.train_scores_, 1.0 - self.contamination))
+        self.baselines_ = {
+            fp: (list(st.lat), list(st.rows), list(st.bytes)) for fp, st in replay.fps.items()
+        }
+        self.calls_ = {fp: st.calls for fp, st in replay.fps.items()}
+        self.feature_names_ = list(IF_FEATURES)
+        return self
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores in (0, 1]: the paper's s(x, n); ~0.5 is ordinary, near 1 is isolated."""
+        assert self.forest_ is not None
+        return np.asarray(-self.forest_.score_samples(X), float)
+
+    def detector(self) -> Detector:
+        return Detector(self, self.config)
+
+    def flags(self, executions: Sequence[Execution]) -> list[Flag]:
+        """Flags over a stream, starting from the fitted state (the model is not changed)."""
+        return self.detector().process(executions)
+
+    def calibrate(
+        self, executions: Sequence[Execution], positive: np.ndarray, scope: np.ndarray
+    ) -> dict[str, Any]:
+        """Pick the forest's threshold that maximises F1 of the whole detector on labelled rows
+        (rows the model was fitted on: the test rows stay unseen), within the top 1% of scores
+        (a handful of labelled slow runs must not teach it to flag a tenth of the traffic)."""
+        det = Detector(None, self.config)
+        det.shares, det.expensive_ms = dict(self.shares_), self.expensive_ms_
+        det.global_log_ms = self.global_log_ms_
+        feats: list[list[float]] = []
+        workload = det.process(executions, feats)
+        rule = np.zeros(len(executions), bool)
+        for f in workload:
+            rule[f.seq] = f.kind != "latency"  # (the cold rule's flags are not the forest's)
+        idx = [i for i, e in enumerate(executions) if scored(e)]
+        scores = np.full(len(executions), -np.inf)
+        scores[idx] = self.score(np.asarray(feats, float))
+        slow = np.zeros(len(executions), bool)
+        slow[idx] = [_slow(f) for f in feats]
+        warm = _warm_mask(executions, self.config.min_calls)
+        best = (-1.0, self.threshold_)
+        grid = np.unique(np.quantile(scores[idx], np.linspace(0.99, 0.9995, 40)))
+        beyond = np.full(len(executions), False)
+        beyond[idx] = [f[0] > self.residual_max_ + math.log(2.0) for f in feats]
+        for t in grid:
+            flagged = rule | (((scores >= t) | beyond) & slow & warm)
+            m = confusion(flagged[scope], positive[scope])
+            if m["f1"] > best[0]:
+                best = (m["f1"], float(t))
+        self.threshold_ = best[1]
+        return {"threshold": self.threshold_, "train_f1": best[0]}
+
+    def save(self, path: Any) -> None:
+        import joblib
+
+        joblib.dump(self, path)
+
+    @staticmethod
+    def load(path: Any) -> AnomalyModel:
+        import joblib
+
+        model = joblib.load(path)
+        if not isinstance(model, AnomalyModel):
+            raise TypeError(f"{path} does not hold an AnomalyModel")
+        return model
+
+
+def _slow(feats: Sequence[float]) -> bool:
+    """Slower than expected, and either again (the template's previous execution was slow too:
+    a plan or a lock persists, a hiccup of the machine does not) or by far (x20)."""
+    return feats[0] > 0 and (feats[2] > 0 or feats[0] > VERY_SLOW)
+
+
+def _warm_mask(executions: Sequence[Execution], min_calls: int) -> np.ndarray:
+    """Executions whose fingerprint had run more than `min_calls` times before (in the stream)."""
+    seen: dict[str, int] = {}
+    out = np.zeros(len(executions), bool)
+    for i, e in enumerate(executions):
+        if not scored(e):
+            continue
+        n = seen.get(e.fingerprint, 0)
+        out[i] = n > min_calls
+        seen[e.fingerprint] = n + 1
+    return out
+
+
+# ------------------------------------------------------------------------------ the baseline
+
+
+class ZScoreDetector:
+    """Per-fingerprint z-score of latency: flag |x - mean| > k * std (the baseline to beat)."""
+
+    def __init__(self, k: float = 3.0, min_calls: int = 5) -> None:
+        self.k = k
+        self.min_calls = min_calls
+
+    def fit(self, executions: Sequence[Execution]) -> ZScoreDetector:
+        sums: dict[str, list[float]] = {}
+        for e in executions:
+            if scored(e) and not e.error:
+                sums.setdefault(e.fingerprint, []).append(e.duration_ms)
+        self.stats_ = {
+            fp: (float(np.mean(v)), max(float(np.std(v)), 1e-3))
+            for fp, v in sums.items()
+            if len(v) >= self.min_calls
+        }
+        return self
+
+    def z(self, executions: Sequence[Execution]) -> np.ndarray:
+        out = np.zeros(len(executions))
+        for i, e in enumerate(executions):
+            s = self.stats_.get(e.fingerprint)
+            if s is not None and scored(e) and not e.error:
+                out[i] = abs(e.duration_ms - s[0]) / s[1]
+        return out
+
+    def predict(self, executions: Sequence[Execution]) -> np.ndarray:
+        return self.z(executions) > self.k
+
+    def calibrate(
+        self, executions: Sequence[Execution], positive: np.ndarray, scope: np.ndarray
+    ) -> dict[str, Any]:
+        """The same courtesy as the forest gets: k chosen for F1 on the training labels."""
+        z = self.z(executions)
+        best = (-1.0, self.k)
+        for k in (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0):
+            m = confusion((z > k)[scope], positive[scope])
+            if m["f1"] > best[0]:
+                best = (m["f1"], k)
+        self.k = best[1]
+        return {"k": self.k, "train_f1": best[0]}
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+def confusion(flagged: np.ndarray, positive: np.ndarray) -> dict[str, float]:
+    tp = int(np.sum(flagged & positive))
+    fp = int(np.sum(flagged & ~positive))
+    fn = int(np.sum(~flagged & positive))
+    tn = int(np.sum(~flagged & ~positive))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    fpr = fp / (fp + tn) if fp + tn else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "fpr": fpr,
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn}  # fmt: skip
+
+
+def score_report(
+    flag_kind: Sequence[str | None],
+    label_kind: Sequence[str | None],
+    scope: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Execution-level metrics overall and per label kind.
+
+    Per kind: recall = share of that kind's labelled executions flagged (by any detector);
+    precision = those hits over hits plus the unlabelled executions flagged with the cause that
+    kind maps to (`CAUSE_OF_LABEL`): kinds sharing a cause share its false positives in full,
+    which makes per-kind precision conservative.
+    """
+    fk = np.array([k or "" for k in flag_kind], object)
+    lk = np.array([k or "" for k in label_kind], object)
+    keep = np.ones(len(fk), bool) if scope is None else np.asarray(scope, bool)
+    fk, lk = fk[keep], lk[keep]
+    flagged, positive = fk != "", lk != ""
+    out: dict[str, Any] = confusion(flagged, positive)
+    out["executions"] = len(fk)
+    out["labelled"] = int(positive.sum())
+    per: dict[str, Any] = {}
+    for kind in LABEL_KINDS:
+        mine = lk == kind
+        if not mine.any():
+            continue
+        hits = int(np.sum(flagged & mine))
+        fp_cause = int(np.sum((fk == CAUSE_OF_LABEL[kind]) & ~positive))
+        precision = hits / (hits + fp_cause) if hits + fp_cause else 0.0
+        recall = hits / int(mine.sum())
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per[kind] = {"executions": int(mine.sum()), "detected": hits, "recall": recall,
+                     "precision": precision, "f1": f1}  # fmt: skip
+    out["per_kind"] = per
+    causes: dict[str, Any] = {}
+    for cause in sorted({k for k in fk if k}):
+        mine = fk == cause
+        causes[cause] = {"flagged": int(mine.sum()), "precision": float(np.mean(positive[mine]))}
+    out["per_cause"] = causes
+    return out
+
+
+def flag_kinds(n: int, flags: Iterable[Flag]) -> list[str | None]:
+    """The cause each execution was flagged for (the first flag wins), None if not flagged."""
+    out: list[str | None] = [None] * n
+    for f in flags:
+        if 0 <= f.seq < n and out[f.seq] is None:
+            out[f.seq] = f.kind
+    return out
+
+
+# -------------------------------------------------------------------------------- incidents
+
+
+def severity(score: float, impact_ms: float, executions: int, errors: int) -> str:
+    """low / medium / high from how anomalous (score) and how costly (impact) an incident is.
+
+    Impact counts time lost beyond the expected latency, a second per failed statement and a
+    tenth of a second per execution involved (bursts cost capacity, not latency).
+    """
+    impact = impact_ms / 1000.0 + errors + 0.1 * executions
+    points = (score >= 0.6) + (score >= 0.75) + (impact >= 1.0) + (impact >= 10.0)
+    return "high" if points >= 4 else "medium" if points >= 2 else "low"
+
+
+@dataclass
+class Incident:
+    kind: str
+    key: str
+    start: float
+    end: float
+    fingerprints: list[str] = field(default_factory=list)
+    executions: int = 0
+    errors: int = 0
+    score: float = 0.0
+    impact_ms: float = 0.0
+    labels: list[str] = field(default_factory=list)
+    incident_id: int | None = None
+    severity: str = "low"
+    open: bool = True
+    #: the severity last announced (webhook), to announce escalations only
+    announced: str | None = None
+
+    def add(self, f: Flag) -> None:
+        self.start = min(self.start, f.ts)
+        self.end = max(self.end, f.ts)
+        if f.fingerprint not in self.fingerprints and len(self.fingerprints) < 50:
+            self.fingerprints.append(f.fingerprint)
+        if f.label and f.label not in self.labels and len(self.labels) < 50:
+            self.labels.append(f.label)
+        self.executions += 1
+        self.errors += int(f.error)
+        self.score = max(self.score, f.score)
+        self.impact_ms += f.excess_ms
+        self.severity = severity(self.score, self.impact_ms, self.executions, self.errors)
+
+    def description(self) -> str:
+        what = {
+            "latency": "executions slower than expected",
+            "rate_burst": "arrivals above the expected interval",
+            "error_burst": "a burst of failed statements",
+            "heavy_unseen": "expensive statements of a never-seen template",
+        }[self.kind]
+        fps = ", ".join(self.fingerprints[:3]) + (" ..." if len(self.fingerprints) > 3 else "")
+        extra = ""
+        if self.kind == "latency" and len(self.fingerprints) >= 3:
+            extra = "; several templates at once (lock contention or a shared resource?)"
+        return (
+            f"{what}: {self.executions} executions of {len(self.fingerprints)} template(s)"
+            f" ({fps}), {self.impact_ms / 1000:.1f}s beyond the expected{extra}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "incident_id": self.incident_id,
+            "kind": self.kind,
+            "severity": self.severity,
+            "window_start": datetime.fromtimestamp(self.start, UTC).isoformat(),
+            "window_end": datetime.fromtimestamp(self.end, UTC).isoformat(),
+            "fingerprints": list(self.fingerprints),
+            "executions": self.executions,
+            "errors": self.errors,
+            "score": round(self.score, 4),
+            "impact_ms": round(self.impact_ms, 3),
+            "labels": list(self.labels),
+            "description": self.description(),
+            "open": self.open,
+        }
+
+
+class IncidentTracker:
+    """Groups flags of one cause that follow each other within `gap_s` into one incident.
+
+    The grouping key is the cause, plus the fingerprint for rate bursts and unseen templates
+    (their cause is the template itself); latency and error incidents may span templates.
+    """
+
+    def __init__(self, gap_s: float = 900.0) -> None:
+        self.gap_s = gap_s
+        self.open: dict[str, Incident] = {}
+
+    @staticmethod
+    def key(f: Flag) -> str:
+        return f"{f.kind}:{f.fingerprint}" if f.kind in ("rate_burst", "heavy_unseen") else f.kind
+
+    def add(self, flags: Iterable[Flag]) -> list[Incident]:
+        """Fold flags in; the incidents opened or grown by them (in order of first change)."""
+        touched: dict[int, Incident] = {}
+        for f in flags:
+            k = self.key(f)
+            inc = self.open.get(k)
+            if inc is not None and f.ts - inc.end > self.gap_s:
+                inc.open = False
+                touched.setdefault(id(inc), inc)
+                inc = None
+            if inc is None:
+                inc = self.open[k] = Incident(f.kind, k, f.ts, f.ts)
+            inc.add(f)
+            touched.setdefault(id(inc), inc)
+        return list(touched.values())
+
+    def close_stale(self, now: float) -> list[Incident]:
+        """Close incidents with no flag for `gap_s` (of the clock the flags carry)."""
+        closed = []
+        for k, inc in list(self.open.items()):
+            if now - inc.end > self.gap_s:
+                inc.open = False
+                closed.append(inc)
+                del self.open[k]
+        return closed
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for inc in self.open.values() if inc.open)
+
+
+def group_incidents(flags: Iterable[Flag], gap_s: float = 900.0) -> list[Incident]:
+    """All incidents of a finished stream (offline)."""
+    tracker = IncidentTracker(gap_s)
+    seen: dict[int, Incident] = {}
+    for inc in tracker.add(sorted(flags, key=lambda f: (f.ts, f.seq))):
+        seen[id(inc)] = inc
+    for inc in tracker.open.values():
+        seen[id(inc)] = inc
+    return sorted(seen.values(), key=lambda i: i.start)
+
+
+# ---------------------------------------------------------------------------- the log, labels
+
+
+async def fetch_executions(
+    conn: Any,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    max_rows: int = 200_000,
+) -> tuple[list[Execution], dict[str, str]]:
+    """The latest `max_rows` logged executions in time order, and label -> kind (may be empty)."""
+    rows = await conn.fetch(
+        """
+        SELECT * FROM (
+            SELECT query_id, extract(epoch FROM started_at)::float8 AS ts, fingerprint, command,
+                   duration_ms, rows_returned, status, bytes_sent, predicted_cost_ms,
+                   is_catalog, label, application_name
+            FROM metadata.query_logs
+            WHERE ($1::timestamptz IS NULL OR started_at >= $1)
+              AND ($2::timestamptz IS NULL OR started_at < $2)
+            ORDER BY started_at DESC, query_id DESC
+            LIMIT $3
+        ) latest ORDER BY ts, query_id
+        """,
+        since,
+        until,
+        max_rows,
+    )
+    out = [
+        Execution(r["ts"], r["fingerprint"], r["command"], float(r["duration_ms"]),
+                  r["rows_returned"], r["status"] != "ok", r["bytes_sent"],
+                  r["predicted_cost_ms"], r["is_catalog"], r["label"], r["application_name"])
+        for r in rows
+    ]  # fmt: skip
+    kinds: dict[str, str] = {}
+    if await conn.fetchval("SELECT to_regclass('metadata.workload_labels') IS NOT NULL"):
+        kinds = {r["label"]: r["kind"] for r in await conn.fetch(
+            "SELECT label, kind FROM metadata.workload_labels")}  # fmt: skip
+    return out, kinds
+
+
+async def fetch_intervals(
+    conn: Any, since: datetime | None = None
+) -> tuple[dict[str, list[Interval]], dict[str, str], str]:
+    """Forecast intervals per cluster (newest forecast of each window) and each template's
+    cluster, from `metadata.workload_forecasts` / `metadata.query_clusters` when they exist and
+    have rows; else nothing, and the detector keeps its trailing share-of-traffic baseline."""
+    have = await conn.fetchval(
+        "SELECT to_regclass('metadata.workload_forecasts') IS NOT NULL"
+        " AND to_regclass('metadata.query_clusters') IS NOT NULL"
+    )
+    fallback = "trailing share-of-traffic baseline per fingerprint"
+    if not have:
+        return {}, {}, f"{fallback} (no forecast tables)"
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT ON (cluster, window_start) cluster,
+               extract(epoch FROM window_start)::float8 AS s, upper
+        FROM metadata.workload_forecasts
+        WHERE cluster <> 'total' AND ($1::timestamptz IS NULL OR window_start >= $1)
+        ORDER BY cluster, window_start, made_at DESC
+        """,
+        since,
+    )
+    members = await conn.fetch(
+        """
+        SELECT fingerprint, cluster::text AS cluster FROM metadata.query_clusters
+        WHERE model_version = (SELECT max(model_version) FROM metadata.query_clusters)
+        """
+    )
+    if not rows or not members:
+        return {}, {}, f"{fallback} (no forecast rows)"
+    intervals: dict[str, list[Interval]] = {}
+    for r in rows:
+        intervals.setdefault(r["cluster"], []).append(
+            Interval(r["s"], r["s"] + FORECAST_WINDOW_S, float(r["upper"]))
+        )
+    cluster_of = {r["fingerprint"]: r["cluster"] for r in members}
+    return intervals, cluster_of, "forecast intervals (metadata.workload_forecasts, per cluster)"
+
+
+def positives(executions: Sequence[Execution], kinds: dict[str, str]) -> list[str | None]:
+    """Each execution's label kind (None: not labelled, or a label with no ground truth row)."""
+    return [kinds.get(e.label) if e.label else None for e in executions]
+
+
+def simulated_users(executions: Sequence[Execution]) -> np.ndarray:
+    """Scope of the evaluation: scored statements, not the simulator's own bookkeeping."""
+    return np.array([scored(e) and e.app not in SIMULATOR_MACHINERY for e in executions], bool)
+
+
+# ------------------------------------------------------------------------------ fit, evaluate
+
+
+@dataclass
+class FitResult:
+    model: AnomalyModel
+    zscore: ZScoreDetector
+    info: dict[str, Any]
+
+
+def fit_and_evaluate(
+    executions: Sequence[Execution],
+    kinds: dict[str, str],
+    *,
+    train_share: float = 0.5,
+    seed: int = 0,
+    progress: Progress | None = None,
+    forecasts: tuple[dict[str, list[Interval]], dict[str, str]] | None = None,
+) -> FitResult:
+    """Time split: fit (and calibrate on labels, if any) on the first part, score the rest."""
+    prog = progress or (lambda stage, fraction: None)
+    n = len(executions)
+    cut = int(n * train_share)
+    train, test = list(executions[:cut]), list(executions[cut:])
+    label_kind = positives(executions, kinds)
+    has_labels = any(k is not None for k in label_kind)
+    model = AnomalyModel(random_state=seed).fit(train)
+    prog("fit", 0.5)
+    zs = ZScoreDetector().fit(train)
+    info: dict[str, Any] = {"split": {"train": len(train), "test": len(test)},
+                            "labels": has_labels}  # fmt: skip
+    pos_train = np.array([k is not None for k in label_kind[:cut]], bool)
+    scope_train = simulated_users(train)
+    if (pos_train & scope_train).any():  # else the contamination quantile stays
+        info["calibration"] = {
+            "iforest": model.calibrate(train, pos_train, scope_train),
+            "zscore": zs.calibrate(train, pos_train, scope_train),
+        }
+    prog("fit", 1.0)
+    # the test rows are scored from the fitted state, as the online detector would
+    detector = model.detector()
+    if forecasts is not None and forecasts[0]:
+        detector.use_forecasts(*forecasts)
+    flags = detector.process(test)
+    prog("evaluate", 0.5)
+    kinds_flagged = flag_kinds(len(test), flags)
+    incidents = group_incidents(flags)
+    info["incidents"] = len(incidents)
+    if has_labels:
+        lk = label_kind[cut:]
+        scope = simulated_users(test)
+        z_flag = zs.predict(test)
+        z_kinds: list[str | None] = ["latency" if f else None for f in z_flag]
+        latency_only = [k if k == "latency" else None for k in kinds_flagged]
+        workload = [k if k != "latency" else None for k in kinds_flagged]
+        z_plus = [w or z for w, z in zip(workload, z_kinds, strict=True)]
+        info["test"] = score_report(kinds_flagged, lk, scope)
+        info["zscore"] = score_report(z_kinds, lk, scope)
+        info["zscore_with_workload_rules"] = score_report(z_plus, lk, scope)
+        info["iforest_latency_only"] = score_report(latency_only, lk, scope)
+        info["events"] = event_report(incidents, test, lk, scope)
+    prog("evaluate", 1.0)
+    return FitResult(model, zs, info)
+
+
+def event_report(
+    incidents: Sequence[Incident],
+    executions: Sequence[Execution],
+    label_kind: Sequence[str | None],
+    scope: np.ndarray,
+) -> dict[str, Any]:
+    """Label-level view: labels with any flagged execution, incidents with no label in them."""
+    labels = {e.label for e, k, s in zip(executions, label_kind, scope, strict=True) if k and s}
+    found = {lab for inc in incidents for lab in inc.labels}
+    false_alarms = [inc for inc in incidents if not inc.labels]
+    return {
+        "labels": len(labels),
+        "labels_detected": len(labels & found),
+        "label_recall": len(labels & found) / len(labels) if labels else 0.0,
+        "incidents": len(incidents),
+        "incidents_without_label": len(false_alarms),
+    }
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def _metrics(info: dict[str, Any]) -> dict[str, Any]:
+    t = info.get("test")
+    if not t:
+        return {}
+    out = {k: t[k] for k in ("f1", "fpr", "precision", "recall")}
+    out["f1_zscore"] = info["zscore"]["f1"]
+    out["fpr_zscore"] = info["zscore"]["fpr"]
+    out["per_kind"] = t["per_kind"]
+    return out
+
+
+async def train_anomaly(
+    meta_conn: Any,
+    warehouse_conn: Any | None,
+    registry: Registry,
+    config: Any,
+    progress: Progress | None = None,
+) -> Any:
+    """Fit on the logged history, evaluate on the labels when present, gate and register."""
+    from .cost import to_json
+    from .train import TrainResult, library_versions
+
+    prog = progress or (lambda stage, fraction: None)
+    version = await registry.next_version(NAME)
+    card: dict[str, Any] = {
+        "name": NAME,
+        "version": version,
+        "description": "Anomalous executions and workload windows: Isolation Forest on the"
+        " latency residual (vs the cost model or the running median) with rows, errors, hour"
+        " and rarity; arrival, error-rate and unseen-template rules; z-score baseline.",
+        "created_at": datetime.now(UTC).isoformat(),
+        "libraries": library_versions(),
+        "config": {k: str(v) for k, v in vars(config).items()},
+    }
+    art = registry.artifact_dir(NAME, version)
+    try:
+        executions, kinds = await fetch_executions(
+            meta_conn, config.since, config.until, config.max_rows
+        )
+        prog("extract", 1.0)
+        n_scored = sum(scored(e) for e in executions)
+        if executions:
+            card["data_window"] = {
+                "start": datetime.fromtimestamp(executions[0].ts, UTC).isoformat(),
+                "end": datetime.fromtimestamp(executions[-1].ts, UTC).isoformat(),
+                "rows": len(executions),
+                "fingerprints": len({e.fingerprint for e in executions}),
+            }
+        if n_scored < config.min_rows:
+            raise ValueError(f"{n_scored} scorable logged rows, fewer than {config.min_rows}")
+        intervals, cluster_of, source = await fetch_intervals(meta_conn)
+        result = fit_and_evaluate(executions, kinds, seed=config.seed, progress=prog,
+                                  forecasts=(intervals, cluster_of))  # fmt: skip
+        # serve a model fitted on everything (with the calibrated threshold when there are labels)
+        final = AnomalyModel(random_state=config.seed).fit(executions)
+        calibrated = result.info.get("calibration", {}).get("iforest")
+        if calibrated:
+            final.threshold_ = result.model.threshold_
+        card.update(result.info)
+        card["metrics"] = _metrics(result.info)
+        card["params"] = {
+            "n_estimators": final.n_estimators,
+            "max_samples": final.max_samples,
+            "contamination": final.contamination,
+            "threshold": final.threshold_,
+            "detector": vars(final.config),
+        }
+        card["features"] = list(IF_FEATURES)
+        card["interval_source"] = source
+        active_entry = await registry.active(NAME)
+        ok, reason = _gate(card["metrics"], active_entry)
+        card["gate"] = {"activated": ok, "reason": reason}
+        card["status"], card["reason"] = ("active" if ok else "candidate"), reason
+        art.mkdir(parents=True, exist_ok=True)
+        final.save(art / "model.joblib")
+        (art / "card.json").write_text(to_json(card))
+        (art / "card.md").write_text(card_markdown(card))
+        entry = await registry.register(NAME, version, card, activate=ok, reason=reason)
+        prog("register", 1.0)
+        return TrainResult(NAME, version, entry.status, reason, card, entry)
+    except Exception as exc:
+        shutil.rmtree(art, ignore_errors=True)
+        reason = f"{type(exc).__name__}: {exc}"
+        card.update(status="failed", reason=reason, traceback=traceback.format_exc(limit=5))
+        entry = await registry.register(
+            NAME, version, card, activate=False, reason=reason, status="failed"
+        )
+        return TrainResult(NAME, version, "failed", reason, card, entry)
+
+
+def _gate(metrics: dict[str, Any], active: Entry | None) -> tuple[bool, str]:
+    if active is None:
+        return True, "first version"
+    theirs = (active.metrics or {}).get("f1")
+    mine = metrics.get("f1")
+    if mine is None or theirs is None:
+        return True, "no labels to compare on: the newer history wins"
+    if mine >= theirs:
+        return True, f"F1 {mine:.3f} >= active v{active.version}'s {theirs:.3f}"
+    return False, f"F1 {mine:.3f} < active v{active.version}'s {theirs:.3f}"
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = buf.write
+    w(f"# {card.get('name')} v{card.get('version')}\n\n{card.get('description', '')}\n\n")
+    w(f"- created: {card.get('created_at')}\n- status: {card.get('status')}"
+      f" ({card.get('reason')})\n- data window: {card.get('data_window')}\n\n")  # fmt: skip
+    rows = [(n, card.get(n)) for n in ("test", "zscore", "zscore_with_workload_rules",
+                                        "iforest_latency_only")]  # fmt: skip
+    if any(r for _, r in rows):
+        w("## On the labelled test rows (time split)\n\n| detector | F1 | precision | recall |"
+          " FPR |\n|---|---|---|---|---|\n")  # fmt: skip
+        for name, r in rows:
+            if r:
+                w(f"| {name} | {r['f1']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} |"
+                  f" {r['fpr']:.4f} |\n")  # fmt: skip
+        w("\n| kind | executions | recall | precision |\n|---|---|---|---|\n")
+        for kind, r in card["test"]["per_kind"].items():
+            w(f"| {kind} | {r['executions']} | {r['recall']:.3f} | {r['precision']:.3f} |\n")
+    else:
+        w("No labels in the log: the threshold is the contamination quantile.\n")
+    return buf.getvalue()
+
+
+async def load_active_anomaly_model(registry: Registry) -> tuple[AnomalyModel, Entry] | None:
+    """The serving side: the active anomaly model and its registry row (None if none loads)."""
+    from pathlib import Path
+
+    entry = await registry.active(NAME)
+    if entry is None or not entry.artifact_path:
+        return None
+    try:
+        model = AnomalyModel.load(Path(entry.artifact_path) / "model.joblib")
+    except Exception:
+        return None
+    return model, entry
+
+
+# ------------------------------------------------------------------------ the admin commands
+
+
+async def list_anomalies(conn: Any, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest incidents, newest first (`SHOW ANOMALIES`)."""
+    rows = await conn.fetch(
+        "SELECT incident_id, kind, severity, window_start, window_end, fingerprints,"
+        " executions, score, description, open, acknowledged, created_at"
+        " FROM metadata.anomalies ORDER BY incident_id DESC LIMIT $1",
+        int(limit),
+    )
+    return [dict(r) for r in rows]
+
+
+async def ack_anomaly(conn: Any, incident_id: int) -> bool:
+    """Mark an incident acknowledged (`ACK ANOMALY n`); False if there is no such incident."""
+    row = await conn.fetchrow(
+        "UPDATE metadata.anomalies SET acknowledged = true, acknowledged_at = now(),"
+        " updated_at = now() WHERE incident_id = $1 RETURNING incident_id",
+        int(incident_id),
+    )
+    return row is not None
