@@ -25,6 +25,7 @@ import pandas as pd
 
 from .advisor_rank import train_advisor_rank
 from .anomaly import train_anomaly
+from .clusters import train_clusters
 from .cost import (
     CostModel,
     baselines,
@@ -34,6 +35,7 @@ from .cost import (
     to_json,
 )
 from .dataset import FEATURES, Dataset, Progress, build_dataset, template_split, time_split
+from .forecast import train_forecast
 from .registry import Entry, Registry, card_markdown
 
 COST = "cost"
@@ -311,6 +313,8 @@ Trainer = Callable[[Any, Any, Registry, TrainConfig, Progress], Awaitable[TrainR
 #: every model `pgsage train all` trains, by name (other issues add theirs)
 TRAINERS: dict[str, Trainer] = {
     COST: train_cost,
+    "clusters": train_clusters,
+    "forecast": train_forecast,
     "advisor_rank": train_advisor_rank,
     "anomaly": train_anomaly,
 }

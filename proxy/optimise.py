@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 from typing import Any
 
+from prometheus_client import Gauge
+
 from . import metadata
 from .log import get_logger
 from .settings import Settings
@@ -20,12 +22,25 @@ APPLICATION_NAME = "pgsage-optimise"
 
 
 class Optimiser:
-    def __init__(self, settings: Settings, metadata_args: dict[str, Any]) -> None:
+    def __init__(
+        self, settings: Settings, metadata_args: dict[str, Any], registry: Any = None
+    ) -> None:
         self.settings = settings
         self.metadata_args = metadata_args
         self.log = get_logger("pgsage.optimise")
         self._task: asyncio.Task[None] | None = None
+        self._forecast_task: asyncio.Task[None] | None = None
         self.last_auto: dict[str, Any] | None = None
+        self.forecast_gauge = (
+            Gauge(
+                "pgsage_forecast_queries",
+                "Statements the active forecaster expects within the horizon, by cluster",
+                ["cluster", "horizon"],
+                registry=registry,
+            )
+            if registry is not None
+            else None
+        )
 
     async def _connect(self) -> Any:
         return await metadata.connect(self.metadata_args, APPLICATION_NAME, timeout=10.0)
@@ -104,16 +119,64 @@ class Optimiser:
         finally:
             await conn.close()
 
+    # ---------------------------------------------------------------- clusters and forecast
+
+    async def clusters(self) -> list[dict[str, Any]]:
+        from models.clusters import cluster_profiles
+
+        conn = await self._connect()
+        try:
+            return await cluster_profiles(conn)
+        finally:
+            await conn.close()
+
+    async def forecast(self) -> list[dict[str, Any]]:
+        from models.forecast import latest_forecast
+
+        conn = await self._connect()
+        try:
+            return await latest_forecast(conn)
+        finally:
+            await conn.close()
+
+    async def refresh_forecast(self) -> int:
+        """Re-forecast from the newest logged windows with the active model (no refit), assign
+        new templates to clusters, and publish the totals per horizon as gauges."""
+        from models.forecast import gauge_values, latest_forecast, publish_forecast
+        from models.registry import Registry, model_dir
+
+        conn = await self._connect()
+        try:
+            stored = await publish_forecast(conn, Registry(conn, model_dir()))
+            rows = await latest_forecast(conn)
+        finally:
+            await conn.close()
+        if self.forecast_gauge is not None:
+            self.forecast_gauge.clear()
+            for (cluster, horizon), value in gauge_values(rows).items():
+                self.forecast_gauge.labels(cluster, horizon).set(value)
+        return stored
+
+    async def _forecast_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_forecast()
+            except Exception as exc:  # no metadata database, no model yet: try again later
+                self.log.debug("forecast refresh skipped", error=str(exc))
+            await asyncio.sleep(self.settings.forecast_refresh_interval)
+
     # ---------------------------------------------------------------- automatic mode
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._auto_loop())
+        self._forecast_task = asyncio.ensure_future(self._forecast_loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._forecast_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def auto_pass(self) -> dict[str, Any]:
         """One pass of automatic mode: advise, then apply validated proposals and re-check

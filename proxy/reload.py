@@ -45,6 +45,7 @@ RELOADABLE = frozenset(
         "admission_queue_timeout",
         "admission_adjust_interval",
         "admission_slowdown",
+        "forecast_refresh_interval",
         "advisor_auto",
         "advisor_interval",
         "advisor_budget_share",

@@ -74,7 +74,7 @@ class Service:
             if self.proxy.cache is not None
             else None
         )
-        self.optimiser = Optimiser(settings, self.metadata_args)
+        self.optimiser = Optimiser(settings, self.metadata_args, self.metrics.registry)
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None

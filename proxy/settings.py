@@ -173,6 +173,10 @@ class Settings(BaseSettings):
     #: queue priority by application class (lower first; unlisted classes get 1)
     admission_priorities: dict[str, int] = Field(default_factory=lambda: dict(_DASHBOARDS))
 
+    # ---- workload forecast (models/forecast.py): re-forecast with the active model and
+    # publish pgsage_forecast_queries{cluster,horizon} every this many seconds
+    forecast_refresh_interval: float = Field(default=300.0, ge=5)
+
     # ---- index advisor (models/advisor.py): `pgsage advise`, SHOW RECOMMENDATIONS
     #: automatic mode: every advisor_interval, advise, apply validated indexes, drop stale ones
     advisor_auto: bool = False

@@ -29,6 +29,7 @@ HELP = (
     ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
     ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
     ("SHOW ANOMALIES [LIMIT n]", "anomaly incidents, newest first"),
+    ("SHOW CLUSTERS", "workload clusters of the active model: size, share, latency, tables"),
     ("ACK ANOMALY n", "acknowledge incident n"),
     ("SHOW VERSION", "pgsage version"),
     ("SET key = value", "change a runtime-reloadable setting"),
@@ -300,6 +301,30 @@ async def show_anomalies(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     )  # fmt: skip
 
 
+async def show_clusters(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rows = []
+    for c in await ctx.optimiser.clusters():
+        rows.append(
+            (
+                str(c["cluster"]),
+                str(c.get("templates")),
+                str(c.get("executions")),
+                _num(c.get("share_executions"), 3),
+                _num(c.get("share_time"), 3),
+                _num(c.get("mean_latency_ms"), 3),
+                ", ".join(c.get("tables") or []),
+                c.get("dominant_role"),
+                _num(c.get("silhouette"), 3),
+                str(c.get("model_version")),
+            )
+        )
+    return result_set(
+        ("cluster", "templates", "executions", "share_executions", "share_time",
+         "mean_latency_ms", "tables", "dominant_role", "silhouette", "model_version"),
+        rows,
+    )  # fmt: skip
+
+
 async def ack_anomaly(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     if not await ctx.optimiser.ack_anomaly(int(args["id"])):
         return error("42704", f"no anomaly incident {args['id']}")
@@ -355,6 +380,7 @@ SHOW: dict[str, Command] = {
     "recommendations": show_recommendations,
     "lanes": show_lanes,
     "anomalies": show_anomalies,
+    "clusters": show_clusters,
 }
 
 #: VERB NOUN n

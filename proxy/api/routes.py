@@ -32,7 +32,6 @@ NOT_BUILT = {
     "queries/explain": "EXPLAIN through the API is not part of this build",
     "ml/train": "training through the API is not part of this build",
     "ml/predict": "cost prediction through the API is not part of this build",
-    "ml/forecast": "the workload forecaster is not part of this build",
     "metrics/stream": "the live metrics stream is not part of this build",
 }
 
@@ -300,6 +299,18 @@ def make_router(service: Any) -> APIRouter:
     ) -> dict[str, Any]:
         rows = await service.optimiser.history(kind, limit)
         return {"history": [_jsonable(r) for r in rows]}
+
+    @router.get("/ml/forecast", tags=["ml"])
+    async def forecast(cluster: str | None = Query(None, max_length=20)) -> dict[str, Any]:
+        """The newest forecast of the active model: arrivals per 5-minute window, 6 h ahead."""
+        rows = await service.optimiser.forecast()
+        if cluster is not None:
+            rows = [r for r in rows if r["cluster"] == cluster]
+        return {"forecast": [_jsonable(r) for r in rows]}
+
+    @router.get("/ml/clusters", tags=["ml"])
+    async def clusters() -> dict[str, Any]:
+        return {"clusters": [_jsonable(c) for c in await service.optimiser.clusters()]}
 
     @router.get("/ml/anomalies", tags=["ml"])
     async def anomalies(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
