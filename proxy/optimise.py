@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 from prometheus_client import Gauge
@@ -165,14 +166,53 @@ class Optimiser:
                 self.log.debug("forecast refresh skipped", error=str(exc))
             await asyncio.sleep(self.settings.forecast_refresh_interval)
 
+    # ---------------------------------------------------------------- plan steering
+
+    async def record(self, decisions: list[dict[str, Any]]) -> None:
+        """Decisions of the proxy's own optimisers (steering A/B) into optimization_history."""
+        if not decisions:
+            return
+        conn = await self._connect()
+        try:
+            await conn.executemany(
+                "INSERT INTO metadata.optimization_history (kind, target, action, status,"
+                " detail, measured_before_ms, measured_after_ms)"
+                " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)",
+                [
+                    (d["kind"], d["target"], d["action"], d["status"],
+                     json.dumps(d["detail"], default=str), d.get("before_ms"), d.get("after_ms"))
+                    for d in decisions
+                ],
+            )  # fmt: skip
+        finally:
+            await conn.close()
+
+    async def steering_loop(self, steering: Any) -> None:
+        """Every steering_eval_interval: A/B-test converged arms against their holdout."""
+        while True:
+            await asyncio.sleep(self.settings.steering_eval_interval)
+            try:
+                decisions = steering.evaluate()
+                for d in decisions:
+                    self.log.info("plan steering decision", action=d["action"],
+                                  fingerprint=d["target"], arm=d["detail"]["arm"],
+                                  p_value=round(d["detail"]["p_value"], 4))  # fmt: skip
+                await self.record(decisions)
+            except Exception as exc:
+                self.log.warning("plan steering evaluation failed", error=str(exc))
+
     # ---------------------------------------------------------------- automatic mode
 
-    def start(self) -> None:
+    def start(self, steering: Any = None) -> None:
         self._task = asyncio.ensure_future(self._auto_loop())
         self._forecast_task = asyncio.ensure_future(self._forecast_loop())
+        if steering is not None:
+            self._steering_task = asyncio.ensure_future(self.steering_loop(steering))
+
+    _steering_task: asyncio.Task[None] | None = None
 
     async def stop(self) -> None:
-        for task in (self._task, self._forecast_task):
+        for task in (self._task, self._forecast_task, self._steering_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -24,6 +24,7 @@ from .protocol.startup import CANCEL_REQUEST_CODE
 from .records import RecordSink
 from .session import ClientConnection
 from .settings import Settings
+from .steering import SteeringController
 from .telemetry.metrics import ProxyMetrics
 from .upstream import Upstream
 
@@ -91,6 +92,12 @@ class ProxyServer:
         self.admission: AdmissionController | None = (
             AdmissionController(settings, self.metrics.registry)
             if settings.admission_enabled
+            else None
+        )
+        #: plan steering (steering_enabled): Bao-style hint sets per template
+        self.steering: SteeringController | None = (
+            SteeringController(settings, self.metrics.registry)
+            if settings.steering_enabled
             else None
         )
         #: the result cache (cache_enabled); sessions consult it per request batch

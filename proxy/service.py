@@ -128,7 +128,7 @@ class Service:
         self.retrainer.start()
         if self.refresh_listener is not None:
             self.refresh_listener.start()
-        self.optimiser.start()
+        self.optimiser.start(self.proxy.steering)
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -215,6 +215,10 @@ class Service:
     def admission_lanes(self) -> list[tuple[str, Any]] | None:
         adm = self.proxy.admission
         return None if adm is None else adm.lanes()
+
+    def steering_rows(self) -> list[tuple[Any, ...]] | None:
+        steering = self.proxy.steering
+        return None if steering is None else steering.rows()
 
     async def clear_cache(self) -> int | None:
         cache = self.proxy.cache

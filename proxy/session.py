@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Coroutine
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from .protocol import (
     Status,
     error_response,
 )
-from .protocol.batch import Batch, parse_then_sync, read_batch, request_sql
+from .protocol.batch import Batch, bind_parameters, parse_then_sync, read_batch, request_sql
 from .protocol.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -49,6 +50,7 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
 )
 from .records import SessionInfo, StatementRecord
+from .steering import DRY_RUN, HOLDOUT, SteeringController, query_message
 from .telemetry.apps import app_class
 
 if TYPE_CHECKING:
@@ -104,6 +106,11 @@ class ClientConnection(asyncio.Protocol):
         self.adm_slot = False
         self.adm_waiter: Waiter | None = None
         self._adm_timer: asyncio.TimerHandle | None = None
+        #: plan steering: the decision for the request in flight, the RESET owed after it, and
+        #: whether the session changed planner switches itself (then it is never steered)
+        self.steer: tuple[str, str, str] | None = None
+        self.steer_reset: str | None = None
+        self.steer_blocked = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -126,7 +133,10 @@ class ClientConnection(asyncio.Protocol):
             if cache is None or not self._from_cache(data, now, up, cache):
                 adm = server.admission
                 if adm is None or not self._queued(data, adm):
-                    self._relay(data, now, up)
+                    if server.steering is None:
+                        self._relay(data, now, up)
+                    else:
+                        self._steered(data, now, up, server.steering)
             if sampled:
                 self.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
         elif self.admin_mode:
@@ -152,6 +162,62 @@ class ClientConnection(asyncio.Protocol):
         self.rx += n
         up.tx += n
         up.transport.write(data)
+
+    # ------------------------------------------------------------------ plan steering
+
+    def _steered(
+        self, data: bytes, now: float, up: UpstreamConnection, ctl: SteeringController
+    ) -> None:
+        """Relay `data`, first setting the planner switches of the arm chosen for it."""
+        self.steer = None
+        tracker = self.tracker
+        if not (
+            self.steer_blocked
+            or tracker.transaction_status != "I"
+            or tracker.phase is not Phase.IDLE
+            or tracker.pending
+            or not self.scanner.at_boundary
+            or data[0] not in (0x51, 0x50, 0x42)  # Q, P, B
+        ):
+            sql = request_sql(data, tracker.statements)
+            # a prepared statement (Bind without Parse) keeps plans across settings: one
+            # without parameters always reuses its first plan, so steering cannot reach it
+            # (nor learn from it); one with parameters is made to plan afresh each time
+            prepared = data[0] == 0x42
+            nparams = bind_parameters(data) if prepared else None
+            if prepared and not nparams:
+                self.steer = ("", "", "skip")
+                sql = None
+            decision = ctl.decide(sql) if sql is not None else None
+            if decision is not None:
+                self.steer = decision
+                arm, mode = decision[1], decision[2]
+                if (mode not in (HOLDOUT, DRY_RUN) and arm != "stock") or prepared:
+                    from models.steering import reset_sql, set_sql
+
+                    up.inject(query_message(set_sql(arm, prepared)), "set")
+                    self.steer_reset = reset_sql(arm, prepared)
+                    assert self.transport is not None
+                    self.transport.pause_reading()  # nothing may run before the RESET
+        self._relay(data, now, up)
+
+    def steering_done(self) -> None:
+        """The steered request finished: restore the switches (its reply is swallowed)."""
+        reset, self.steer_reset = self.steer_reset, None
+        up = self.upstream
+        if reset is not None and up is not None and not up.transport.is_closing():
+            up.inject(query_message(reset), "reset", reset)
+            self.release()
+
+    def note_sets(self, executions: list[Execution]) -> None:
+        """SET/RESET/DISCARD the client ran: part of the cache key, and planner switches the
+        client set itself are never overridden by steering."""
+        for ex in executions:
+            tag = ex.tag
+            if tag is not None and tag.startswith(("SET", "RESET", "DISCARD")) and ex.sql:
+                self.set_history.append(ex.sql)
+                if "enable_" in ex.sql.lower():
+                    self.steer_blocked = True
 
     # ------------------------------------------------------------------ admission control
 
@@ -210,8 +276,13 @@ class ClientConnection(asyncio.Protocol):
                 adm.release()
             return
         self.adm_slot = True
-        self._relay(data, monotonic(), up)
-        self.release()
+        steering = self.server.steering
+        if steering is None:
+            self._relay(data, monotonic(), up)
+        else:
+            self._steered(data, monotonic(), up, steering)
+        if self.steer_reset is None:
+            self.release()  # (a steered request resumes reading after its RESET)
 
     def _admission_timeout(self, sql: str) -> None:
         adm = self.server.admission
@@ -356,10 +427,7 @@ class ClientConnection(asyncio.Protocol):
         cache.hit()
         if batch.kind == "parse":
             # the server must still end up with this unnamed statement, as if it had seen it
-            up.swallow += 1
-            message = parse_then_sync(batch.parse)
-            up.tx += len(message)
-            up.transport.write(message)
+            up.inject(parse_then_sync(batch.parse), "parse")
             self.tracker.statements[""] = sql
         response = entry.response
         self.rx += len(data)
@@ -415,8 +483,6 @@ class ClientConnection(asyncio.Protocol):
         out: list[tuple[str, ...] | None] = []
         for ex in executions:
             tag = ex.tag
-            if tag is not None and tag.startswith(("SET", "RESET", "DISCARD")) and ex.sql:
-                self.set_history.append(ex.sql)
             written = cache.writes_of(tag, ex.sql, ex.status is not Status.OK)
             if written is None or written:
                 out.append(written)
@@ -565,6 +631,7 @@ class ClientConnection(asyncio.Protocol):
         info.application_name = startup.parameters.get("application_name")
         info.app = app_class(info.application_name)
         self.startup_params = startup.parameters
+        self.steer_blocked = "enable_" in startup.parameters.get("options", "").lower()
         if early:
             self._early.append(early)
         if self.server.shutting_down:
@@ -722,6 +789,24 @@ class ClientConnection(asyncio.Protocol):
 
     def emit(self, executions: list[Execution]) -> None:
         server = self.server
+        steering = server.steering
+        if steering is not None:
+            decision = self.steer
+            for ex in executions:
+                if ex.cache_hit or ex.status is not Status.OK:
+                    continue
+                if decision is not None and decision[2] == "skip":
+                    self.steer = decision = None
+                    continue
+                if decision is not None:
+                    arm, mode = decision[1], decision[2]
+                    ex.hint_set = mode if mode == HOLDOUT else (
+                        f"dry_run:{arm}" if mode == DRY_RUN else arm
+                    )  # fmt: skip
+                    self.steer = None
+                if decision is not None or self.tracker.transaction_status == "I":
+                    steering.observe(ex.sql, decision, (ex.end - ex.start) * 1000.0)
+                decision = None
         adm = server.admission
         if adm is not None:
             lane = self.adm_lane
@@ -834,6 +919,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._sw_head = b""
         self._sw_rest = 0
         self._sw_type = 0
+        #: what each injected request was, oldest first: (kind, sql to re-send if it fails)
+        self._injected: deque[tuple[str, str | None]] = deque()
+        self._sw_failed = False
         #: a cacheable request's response being collected
         self.capture: Miss | None = None
 
@@ -871,6 +959,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if executions:
                     executions[0].bytes_sent = self.rx - self._mark
                     self._mark = self.rx
+                    client.note_sets(executions)
                     if cache is not None:
                         invalidate = client.cache_writes(executions, tracker.transaction_status)
                     client.emit(executions)
@@ -882,8 +971,11 @@ class UpstreamConnection(asyncio.Protocol):
                             invalidate = invalidate or []
                             invalidate.append(None if ended is None else tuple(ended))
                         client.txn_writes = set()
-            if client.adm_slot and client.tracker.phase is Phase.IDLE:
-                client.admission_done()
+            if client.tracker.phase is Phase.IDLE:
+                if client.adm_slot:
+                    client.admission_done()
+                if client.steer_reset is not None:
+                    client.steering_done()
             if cache is not None:
                 miss = self.capture
                 if miss is not None:
@@ -908,6 +1000,15 @@ class UpstreamConnection(asyncio.Protocol):
         if sampled:
             client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
 
+    def inject(self, message: bytes, kind: str, retry_sql: str | None = None) -> None:
+        """Send a request of the proxy's own on the session's connection; its replies (through
+        its ReadyForQuery) never reach the client. A failed one with `retry_sql` is re-sent
+        (a RESET must not be lost to a cancel that arrived late)."""
+        self.swallow += 1
+        self._injected.append((kind, retry_sql))
+        self.tx += len(message)
+        self.transport.write(message)
+
     def _swallowed(self, data: bytes) -> bytes:
         """Drop the replies to requests the proxy injected (through `swallow` ReadyForQuerys).
 
@@ -921,7 +1022,7 @@ class UpstreamConnection(asyncio.Protocol):
                 pos += take
                 self._sw_rest -= take
                 if not self._sw_rest and self._sw_type == 0x5A:
-                    self.swallow -= 1
+                    self._swallowed_one()
                 continue
             need = 5 - len(self._sw_head)
             self._sw_head += data[pos : pos + need]
@@ -931,7 +1032,19 @@ class UpstreamConnection(asyncio.Protocol):
             self._sw_type = self._sw_head[0]
             self._sw_rest = int.from_bytes(self._sw_head[1:5], "big") - 4
             self._sw_head = b""
+            if self._sw_type == 0x45:  # ErrorResponse
+                self._sw_failed = True
         return data[pos:]
+
+    def _swallowed_one(self) -> None:
+        self.swallow -= 1
+        kind, retry = self._injected.popleft() if self._injected else ("", None)
+        failed, self._sw_failed = self._sw_failed, False
+        if failed:
+            log = self.client.server.log
+            log.warning("pgsage's own request on a client connection failed", kind=kind)
+            if retry is not None and not self.transport.is_closing():
+                self.inject(query_message(retry), kind, retry)
 
     def _invalidate(
         self, cache: ResultCache, tables: list[tuple[str, ...] | None], data: bytes

@@ -173,6 +173,30 @@ class Settings(BaseSettings):
     #: queue priority by application class (lower first; unlisted classes get 1)
     admission_priorities: dict[str, int] = Field(default_factory=lambda: dict(_DASHBOARDS))
 
+    # ---- plan steering (models/steering.py, proxy/steering.py): Bao-style hint sets per template
+    steering_enabled: bool = False
+    #: runtime kill switch (SET steering_active = false in the admin console)
+    steering_active: bool = True
+    #: decide and log the would-be arm, but run every statement with the stock plan
+    steering_dry_run: bool = False
+    #: share of eligible executions that run the stock plan regardless (the A/B control)
+    steering_holdout: float = Field(default=0.1, ge=0, le=0.9)
+    #: only templates whose stock runs take at least this long are steered
+    steering_min_ms: float = Field(default=20.0, ge=0)
+    #: arms never used (per-rule kill switch), e.g. ["no_indexscan"]
+    steering_disabled_arms: list[str] = Field(default_factory=list)
+    #: fingerprints never steered (per-fingerprint kill switch)
+    steering_exclude: list[str] = Field(default_factory=list)
+    steering_seed: int = 0
+    steering_max_templates: int = Field(default=5000, ge=10)
+    #: the A/B test: executions of the chosen arm and of the holdout before it is judged
+    steering_ab_min_samples: int = Field(default=20, ge=3)
+    steering_ab_min_holdout: int = Field(default=8, ge=3)
+    steering_ab_alpha: float = Field(default=0.05, gt=0, lt=1)
+    #: an arm must cut the median by at least this share to stay
+    steering_min_gain: float = Field(default=0.05, ge=0, lt=1)
+    steering_eval_interval: float = Field(default=30.0, ge=1)
+
     # ---- workload forecast (models/forecast.py): re-forecast with the active model and
     # publish pgsage_forecast_queries{cluster,horizon} every this many seconds
     forecast_refresh_interval: float = Field(default=300.0, ge=5)

@@ -25,6 +25,7 @@ HELP = (
     ("SHOW CONFIG", "settings, with default and whether SET can change them"),
     ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
     ("SHOW LANES", "admission control: short threshold, long-lane limit, running, queued"),
+    ("SHOW STEERING", "plan steering per template: status, arms tried, retired, holdout"),
     ("SHOW RECOMMENDATIONS", "index advisor: open recommendations, best first"),
     ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
     ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
@@ -225,6 +226,15 @@ def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("key", "value"), [(k, None if v is None else str(v)) for k, v in lanes])
 
 
+def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rows = ctx.steering_rows()
+    head = ("fingerprint", "status", "arms", "retired", "holdout", "template")
+    if rows is None:
+        return notice("plan steering is off (steering_enabled = false)") + result_set(head, [])
+    limit = int(args["limit"]) if args.get("limit") else None
+    return result_set(head, [tuple(None if v is None else str(v) for v in r) for r in rows[:limit]])
+
+
 def _num(v: Any, digits: int = 2) -> str | None:
     return None if v is None else f"{v:.{digits}f}"
 
@@ -379,6 +389,7 @@ SHOW: dict[str, Command] = {
     "cache": show_cache,
     "recommendations": show_recommendations,
     "lanes": show_lanes,
+    "steering": show_steering,
     "anomalies": show_anomalies,
     "clusters": show_clusters,
 }

@@ -128,6 +128,29 @@ def request_sql(data: bytes, statements: dict[str, str]) -> str | None:
     return None
 
 
+def bind_parameters(data: bytes) -> int | None:
+    """Number of parameters of the first Bind in `data` (None: no readable Bind)."""
+    msgs = _messages(data, 64)
+    if not msgs:
+        return None
+    for t, start, end in msgs:
+        if t != 0x42:
+            continue
+        portal = _cstr(data, start, end)
+        stmt = _cstr(data, portal[1], end) if portal is not None else None
+        if stmt is None:
+            return None
+        pos = stmt[1]
+        if pos + 2 > end:
+            return None
+        nformats = int.from_bytes(data[pos : pos + 2], "big")
+        pos += 2 + 2 * nformats
+        if pos + 2 > end:
+            return None
+        return int.from_bytes(data[pos : pos + 2], "big")
+    return None
+
+
 def replayable(response: bytes) -> tuple[str | None, int | None] | None:
     """(command tag, rows) if `response` is a complete successful read ending the batch idle.
 
@@ -171,4 +194,12 @@ def parse_then_sync(parse_message: bytes) -> bytes:
     return parse_message + SYNC
 
 
-__all__ = ["SYNC", "Batch", "parse_then_sync", "read_batch", "replayable", "request_sql"]
+__all__ = [
+    "SYNC",
+    "Batch",
+    "bind_parameters",
+    "parse_then_sync",
+    "read_batch",
+    "replayable",
+    "request_sql",
+]

@@ -96,6 +96,8 @@ class Execution:
     transaction_status: str | None = None
     #: answered by the proxy's result cache (the server never saw it)
     cache_hit: bool = False
+    #: the planner hint set it ran with (plan steering), "holdout", or "dry_run:<arm>"
+    hint_set: str | None = None
 
     @property
     def duration(self) -> float:

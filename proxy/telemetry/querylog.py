@@ -62,15 +62,17 @@ COLUMNS = (
     "predicted_cost_ms",
     "model_version",
     "cache_hit",
+    "hint_set",
 )
 
 SLICE = 1000  # records processed between yields to the event loop
 
 #: a finished statement, flat: session id, protocol, sql, statement name, start, end (monotonic),
-#: rows, status, sqlstate, error message, portal suspensions, bytes sent, answered by the cache
+#: rows, status, sqlstate, error message, portal suspensions, bytes sent, answered by the cache,
+#: planner hint set
 Row = tuple[
     int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
-    int, int | None, bool,
+    int, int | None, bool, str | None,
 ]  # fmt: skip
 
 
@@ -84,7 +86,8 @@ def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[
         ex = rec.execution
         rows.append(
             (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
-             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit)
+             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit,
+             ex.hint_set)
         )  # fmt: skip
     return sessions, rows
 
@@ -254,6 +257,7 @@ class QueryLogRecorder(BatchingSink):
             susp,
             nbytes,
             hit,
+            hint,
         ) in rows:
             info = sessions[sid]
             fp = fp_of(sql if sql is not None else "")
@@ -320,6 +324,7 @@ class QueryLogRecorder(BatchingSink):
                     predicted,
                     version if predicted is not None else None,
                     hit,
+                    hint,
                 )
             )
         self.executed += len(rows)

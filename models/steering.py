@@ -1,0 +1,195 @@
+"""Bao-style plan steering: per query template, Thompson sampling over planner hint sets.
+
+An *arm* is a set of planner switches turned off for one statement (`enable_nestloop = off`,
+...); the stock planner is the arm with none. Per template, each arm's latency is modelled as
+log-normal with a Normal-Inverse-Gamma posterior over the mean and variance of log latency
+(Bao's Thompson sampling, with the posterior in closed form instead of a neural network: the
+proxy sees every template's executions, so per-template posteriors are cheap and exact).
+
+* `choose()` samples a mean from each live arm's posterior and takes the lowest;
+* an arm whose log latency is above the stock arm's by more than `regression` with confidence
+  (Welch's t above `t_retire`) is *retired* for that template;
+* once one arm is the best in at least `confidence` of joint posterior draws, exploration stops
+  and that arm is used (the template has *converged*); a holdout share still runs stock.
+
+Pure Python (the proxy calls it per eligible statement); `mann_whitney` is the A/B test the
+proxy applies periodically off the hot path, comparing an arm with the holdout executions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+#: Bao's idea, PostgreSQL's switches: the stock planner plus hint sets that turn operators off
+ARMS: dict[str, tuple[str, ...]] = {
+    "stock": (),
+    "no_nestloop": ("enable_nestloop",),
+    "no_hashjoin": ("enable_hashjoin",),
+    "no_mergejoin": ("enable_mergejoin",),
+    "hash_only": ("enable_nestloop", "enable_mergejoin"),
+    "no_indexscan": ("enable_indexscan", "enable_indexonlyscan"),
+}
+STOCK = "stock"
+
+
+def set_sql(arm: str, custom_plan: bool = False) -> str:
+    """The SETs that apply an arm (names come from ARMS only: no outside text reaches SQL).
+
+    `custom_plan` is for a prepared statement: PostgreSQL plans it with the settings of the
+    moment and may keep that plan, so it is forced to plan this execution afresh."""
+    sets = [f"SET {name} = off" for name in ARMS[arm]]
+    if custom_plan:
+        sets.append("SET plan_cache_mode = force_custom_plan")
+    return "; ".join(sets)
+
+
+def reset_sql(arm: str, custom_plan: bool = False) -> str:
+    names = list(ARMS[arm]) + (["plan_cache_mode"] if custom_plan else [])
+    return "; ".join(f"RESET {name}" for name in names)
+
+
+@dataclass(slots=True)
+class ArmStats:
+    """Running mean and variance of log latency (Welford)."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def add(self, log_ms: float) -> None:
+        self.n += 1
+        d = log_ms - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (log_ms - self.mean)
+
+    @property
+    def var(self) -> float:
+        return self.m2 / (self.n - 1) if self.n > 1 else math.inf
+
+    def sample_mean(self, rng: random.Random, prior_mean: float, prior_var: float) -> float:
+        """A draw of the mean log latency from the Normal-Inverse-Gamma posterior."""
+        kappa0, alpha0 = 1.0, 2.0
+        beta0 = prior_var * (alpha0 - 1)
+        kappa = kappa0 + self.n
+        mu = (kappa0 * prior_mean + self.n * self.mean) / kappa
+        alpha = alpha0 + self.n / 2
+        beta = beta0 + 0.5 * self.m2
+        if self.n:
+            beta += kappa0 * self.n * (self.mean - prior_mean) ** 2 / (2 * kappa)
+        sigma2 = beta / rng.gammavariate(alpha, 1.0)  # inverse-gamma draw
+        return rng.gauss(mu, math.sqrt(sigma2 / kappa))
+
+
+@dataclass
+class TemplateState:
+    """One template's bandit: arms, retirements, convergence."""
+
+    arms: dict[str, ArmStats] = field(default_factory=lambda: {a: ArmStats() for a in ARMS})
+    retired: set[str] = field(default_factory=set)
+    converged: str | None = None
+    #: withdrawn by the A/B test: run stock from now on
+    withdrawn: bool = False
+    holdout: list[float] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    fingerprint: str | None = None
+    decisions: int = 0
+
+    def live(self, disabled: Iterable[str] = ()) -> list[str]:
+        off = set(disabled)
+        return [a for a in ARMS if a not in self.retired and a not in off]
+
+
+@dataclass
+class Policy:
+    """The decision rule; parameters only (scikit-learn style), state lives in TemplateState."""
+
+    regression: float = 0.10
+    t_retire: float = 2.0
+    confidence: float = 0.95
+    min_pulls: int = 3
+    draws: int = 200
+    max_samples: int = 200
+
+    def choose(self, st: TemplateState, rng: random.Random, disabled: Sequence[str] = ()) -> str:
+        if st.withdrawn:
+            return STOCK
+        if st.converged is not None and st.converged not in disabled:
+            return st.converged
+        live = st.live(disabled)
+        if STOCK not in live:
+            live.append(STOCK)
+        stock = st.arms[STOCK]
+        prior_mean = stock.mean if stock.n else 0.0
+        prior_var = stock.var if stock.n > 1 and math.isfinite(stock.var) else 1.0
+        prior_var = max(prior_var, 0.05)
+        best, best_mu = STOCK, math.inf
+        for arm in live:
+            mu = st.arms[arm].sample_mean(rng, prior_mean, prior_var)
+            if mu < best_mu:
+                best, best_mu = arm, mu
+        return best
+
+    def update(self, st: TemplateState, arm: str, ms: float, rng: random.Random) -> str | None:
+        """Record one execution; returns what changed ("retired:<arm>", "converged:<arm>")."""
+        log_ms = math.log(max(ms, 1e-3))
+        st.arms[arm].add(log_ms)
+        samples = st.samples.setdefault(arm, [])
+        samples.append(ms)
+        if len(samples) > self.max_samples:
+            del samples[0]
+        if arm == STOCK:
+            return None
+        stock = st.arms[STOCK]
+        a = st.arms[arm]
+        if a.n >= self.min_pulls and stock.n >= self.min_pulls:
+            t = welch_t(a, stock)
+            if a.mean - stock.mean > math.log1p(self.regression) and t > self.t_retire:
+                st.retired.add(arm)
+                if st.converged == arm:
+                    st.converged = None
+                return f"retired:{arm}"
+        if st.converged is None and a.n >= self.min_pulls:
+            leader = self._leader(st, rng)
+            if leader is not None:
+                st.converged = leader
+                return f"converged:{leader}"
+        return None
+
+    def _leader(self, st: TemplateState, rng: random.Random) -> str | None:
+        live = [a for a in st.live() if st.arms[a].n >= self.min_pulls]
+        if len(live) < 2:
+            return None
+        stock = st.arms[STOCK]
+        prior_var = max(stock.var if math.isfinite(stock.var) else 1.0, 0.05)
+        wins = dict.fromkeys(live, 0)
+        for _ in range(self.draws):
+            draws = {a: st.arms[a].sample_mean(rng, stock.mean, prior_var) for a in live}
+            wins[min(draws, key=draws.__getitem__)] += 1
+        best = max(wins, key=wins.__getitem__)
+        return best if wins[best] >= self.confidence * self.draws else None
+
+
+def welch_t(a: ArmStats, b: ArmStats) -> float:
+    """Welch's t of a.mean - b.mean (positive: a is slower)."""
+    if a.n < 2 or b.n < 2:
+        return 0.0
+    se = math.sqrt(a.var / a.n + b.var / b.n)
+    return (a.mean - b.mean) / se if se > 0 else math.copysign(math.inf, a.mean - b.mean)
+
+
+def mann_whitney(treated: Sequence[float], control: Sequence[float]) -> tuple[float, float]:
+    """One-sided Mann-Whitney U (treated faster than control): (p-value, median ratio)."""
+    from scipy.stats import mannwhitneyu
+
+    result = mannwhitneyu(treated, control, alternative="less")
+    ratio = _median(treated) / max(_median(control), 1e-9)
+    return float(result.pvalue), ratio
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

@@ -1,0 +1,237 @@
+"""Plan steering in the proxy: which hint set (arm) a statement runs with, and what happened.
+
+The bandit itself is `models/steering.py` (Thompson sampling per template over Bao's arms). This
+module keys statements by their literal-masked text, keeps the per-template state, decides per
+eligible statement (a SELECT outside a transaction whose stock runs take at least
+`steering_min_ms`), and evaluates each template's chosen arm against its holdout (the share of
+executions that run the stock plan regardless) with a Mann-Whitney U test: an arm that does
+not beat the holdout significantly is withdrawn, and every decision is returned for
+`metadata.optimization_history`.
+
+The session applies an arm by sending `SET enable_... = off` before the statement and `RESET`
+after it on the client's own connection, swallowing both replies (see session.py).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from models.steering import ARMS, STOCK, Policy, TemplateState, mann_whitney
+from optimizer.fingerprint import compute_fingerprint, literal_key
+
+from .settings import Settings
+
+_SELECT = re.compile(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(?:select|with)\b", re.I | re.S)
+_WRITES = re.compile(r"\b(?:insert|update|delete|merge|into|for\s+update|for\s+share)\b", re.I)
+HOLDOUT, STEER, DRY_RUN = "holdout", "steer", "dry_run"
+
+
+class SteeringController:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.policy = Policy()
+        self.rng = random.Random(settings.steering_seed)
+        self.states: OrderedDict[str, TemplateState] = OrderedDict()
+        self._keys: OrderedDict[str, str | None] = OrderedDict()
+        self.validated: dict[str, str] = {}
+        self.decisions = 0
+        self.applied = 0
+        if registry is not None:
+            self.m_decisions = Counter(
+                "pgsage_steering_decisions", "Steering decisions by mode", ["mode"],
+                registry=registry,
+            )  # fmt: skip
+            self.m_events = Counter(
+                "pgsage_steering_events", "Arms retired, converged, validated, withdrawn",
+                ["event"], registry=registry,
+            )  # fmt: skip
+            Gauge("pgsage_steering_templates", "Templates with steering state",
+                  registry=registry).set_function(lambda: len(self.states))  # fmt: skip
+        else:
+            self.m_decisions = self.m_events = None  # type: ignore[assignment]
+
+    # ---------------------------------------------------------------- keys
+
+    def key(self, sql: str) -> str | None:
+        """The template key of a steerable text (a read-only SELECT), else None."""
+        keys = self._keys
+        if sql in keys:
+            return keys[sql]
+        k: str | None = None
+        if _SELECT.match(sql) and not _WRITES.search(sql) and "pgsage:off" not in sql:
+            k = literal_key(sql)
+        keys[sql] = k
+        if len(keys) > 20_000:
+            keys.popitem(last=False)
+        return k
+
+    def _state(self, key: str, sql: str) -> TemplateState:
+        st = self.states.get(key)
+        if st is None:
+            st = self.states[key] = TemplateState()
+            st.fingerprint = compute_fingerprint(sql).id
+            if len(self.states) > self.settings.steering_max_templates:
+                self.states.popitem(last=False)
+        return st
+
+    # ---------------------------------------------------------------- decisions
+
+    def decide(self, sql: str) -> tuple[str, str, str] | None:
+        """(key, arm, mode) for a statement about to run, or None (not steered)."""
+        s = self.settings
+        if not s.steering_active:
+            return None
+        key = self.key(sql)
+        if key is None:
+            return None
+        st = self.states.get(key)
+        if st is None or st.fingerprint in s.steering_exclude:
+            return None
+        stock = st.arms[STOCK]
+        if st.withdrawn or stock.n < self.policy.min_pulls:
+            return None
+        if stock.n and _ms(stock.mean) < s.steering_min_ms and st.converged is None:
+            return None
+        self.decisions += 1
+        st.decisions += 1
+        if self.rng.random() < s.steering_holdout:
+            return self._count(key, STOCK, HOLDOUT)
+        arm = self.policy.choose(st, self.rng, s.steering_disabled_arms)
+        if s.steering_dry_run:
+            return self._count(key, arm, DRY_RUN)
+        if arm != STOCK:
+            self.applied += 1
+        return self._count(key, arm, STEER)
+
+    def _count(self, key: str, arm: str, mode: str) -> tuple[str, str, str]:
+        if self.m_decisions is not None:
+            self.m_decisions.labels(mode if arm != STOCK or mode != STEER else "stock").inc()
+        return key, arm, mode
+
+    def observe(self, sql: str | None, decision: tuple[str, str, str] | None, ms: float) -> None:
+        """One finished execution: a steered one updates its arm; an unsteered SELECT, the
+        template's stock statistics (that is how templates become eligible)."""
+        if sql is None:
+            return
+        if decision is None:
+            key = self.key(sql)
+            if key is None:
+                return
+            st = self._state(key, sql)
+            if not st.withdrawn:
+                self.policy.update(st, STOCK, ms, self.rng)
+            return
+        key, arm, mode = decision
+        found = self.states.get(key)
+        if found is None:
+            return
+        st = found
+        if mode == HOLDOUT:
+            st.holdout.append(ms)
+            if len(st.holdout) > self.policy.max_samples:
+                del st.holdout[0]
+            return
+        event = self.policy.update(st, STOCK if mode == DRY_RUN else arm, ms, self.rng)
+        if event is not None and self.m_events is not None:
+            self.m_events.labels(event.split(":", 1)[0]).inc()
+
+    # ---------------------------------------------------------------- A/B against holdout
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        """Test each template's chosen arm against its holdout executions; withdraw arms that
+        do not beat it. Returns the decisions made (for metadata.optimization_history)."""
+        s = self.settings
+        out = []
+        for key, st in list(self.states.items()):
+            arm = st.converged
+            if arm is None or arm == STOCK or st.withdrawn:
+                continue
+            treated = st.samples.get(arm, [])
+            control = st.holdout
+            if len(treated) < s.steering_ab_min_samples or len(control) < s.steering_ab_min_holdout:
+                continue
+            p, ratio = mann_whitney(treated, control)
+            better = p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+            if better and self.validated.get(key) != arm:
+                self.validated[key] = arm
+                out.append(self._decision(key, st, arm, "validate", "validated", p, ratio))
+            elif not better and len(treated) >= 2 * s.steering_ab_min_samples:
+                st.withdrawn = True
+                self.validated.pop(key, None)
+                out.append(self._decision(key, st, arm, "revert", "reverted", p, ratio))
+        if out and self.m_events is not None:
+            for d in out:
+                self.m_events.labels(d["action"]).inc()
+        return out
+
+    def _decision(
+        self, key: str, st: TemplateState, arm: str, action: str, status: str, p: float,
+        ratio: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        treated, control = st.samples.get(arm, []), st.holdout
+        return {
+            "kind": "steering",
+            "target": st.fingerprint,
+            "action": action,
+            "status": status,
+            "detail": {
+                "arm": arm,
+                "settings_off": list(ARMS[arm]),
+                "template": key[:500],
+                "p_value": p,
+                "median_ratio": ratio,
+                "n_arm": len(treated),
+                "n_holdout": len(control),
+                "retired": sorted(st.retired),
+                "at": time.time(),
+            },
+            "before_ms": _median(control),
+            "after_ms": _median(treated),
+        }
+
+    # ---------------------------------------------------------------- SHOW STEERING
+
+    def rows(self, limit: int = 50) -> list[tuple[Any, ...]]:
+        out = []
+        for key, st in self.states.items():
+            stock = st.arms[STOCK]
+            if stock.n < self.policy.min_pulls:
+                continue
+            status = (
+                "withdrawn" if st.withdrawn
+                else "validated" if key in self.validated
+                else f"converged:{st.converged}" if st.converged
+                else "exploring" if st.decisions else "watching"
+            )  # fmt: skip
+            arms = ", ".join(f"{a}={_ms(v.mean):.1f}ms/{v.n}" for a, v in st.arms.items() if v.n)
+            out.append(
+                (st.fingerprint, status, arms, ", ".join(sorted(st.retired)),
+                 len(st.holdout), key[:120])
+            )  # fmt: skip
+        out.sort(key=lambda r: -sum(1 for _ in r))
+        return out[:limit]
+
+
+def _ms(log_ms: float) -> float:
+    import math
+
+    return math.exp(log_ms)
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[len(s) // 2]
+
+
+def query_message(sql: str) -> bytes:
+    """A simple Query message with `sql`."""
+    body = sql.encode() + b"\x00"
+    return b"Q" + (len(body) + 4).to_bytes(4, "big") + body

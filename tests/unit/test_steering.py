@@ -1,0 +1,102 @@
+"""The steering bandit on synthetic latencies: it finds the fast arm, retires slow ones, stops
+exploring once confident, and its A/B test tells a real gain from noise."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from models.steering import (
+    ARMS,
+    STOCK,
+    ArmStats,
+    Policy,
+    TemplateState,
+    mann_whitney,
+    reset_sql,
+    set_sql,
+    welch_t,
+)
+
+#: true median latency (ms) of each arm for one template
+TRUE = {"stock": 80.0, "no_nestloop": 85.0, "no_hashjoin": 300.0, "no_mergejoin": 82.0,
+        "hash_only": 90.0, "no_indexscan": 8.0}  # fmt: skip
+
+
+def _run(
+    policy: Policy, truth: dict[str, float], n: int, seed: int
+) -> tuple[TemplateState, list[str]]:
+    rng = random.Random(seed)
+    noise = random.Random(seed + 1)
+    st = TemplateState()
+    for _ in range(3):  # the template's stock history that made it eligible
+        policy.update(st, STOCK, truth[STOCK] * math.exp(noise.gauss(0, 0.1)), rng)
+    chosen = []
+    for _ in range(n):
+        arm = policy.choose(st, rng)
+        chosen.append(arm)
+        policy.update(st, arm, truth[arm] * math.exp(noise.gauss(0, 0.1)), rng)
+    return st, chosen
+
+
+def test_thompson_sampling_converges_on_the_fast_arm() -> None:
+    for seed in range(5):
+        st, chosen = _run(Policy(), TRUE, 80, seed)
+        assert st.converged == "no_indexscan", (seed, st.converged)
+        assert chosen[-20:] == ["no_indexscan"] * 20  # exploration stopped
+        # exploration cost: the slow arms were tried only a few times
+        assert chosen.count("no_hashjoin") <= 4
+
+
+def test_an_arm_clearly_slower_than_stock_is_retired() -> None:
+    policy = Policy()
+    rng = random.Random(0)
+    st = TemplateState()
+    for ms in (50, 52, 49, 51, 50):
+        policy.update(st, STOCK, ms, rng)
+    events = [policy.update(st, "no_hashjoin", ms, rng) for ms in (200, 210, 190, 205)]
+    assert "retired:no_hashjoin" in events
+    assert "no_hashjoin" not in st.live()
+    assert all(policy.choose(st, rng) != "no_hashjoin" for _ in range(200))
+
+
+def test_stock_stays_when_nothing_beats_it() -> None:
+    truth = {a: 50.0 * (1.0 if a == STOCK else 1.6) for a in ARMS}
+    st, chosen = _run(Policy(), truth, 120, 3)
+    assert st.converged in (None, STOCK)
+    assert chosen[-30:].count(STOCK) >= 25
+
+
+def test_disabled_and_withdrawn_arms() -> None:
+    st, _ = _run(Policy(), TRUE, 60, 1)
+    rng = random.Random(9)
+    st.converged = None
+    picks = {Policy().choose(st, rng, disabled=["no_indexscan"]) for _ in range(100)}
+    assert "no_indexscan" not in picks
+    st.withdrawn = True
+    assert Policy().choose(st, rng) == STOCK
+
+
+def test_welch_and_mann_whitney() -> None:
+    a, b = ArmStats(), ArmStats()
+    for x in (1.0, 1.1, 0.9, 1.0):
+        a.add(x)
+    for x in (2.0, 2.1, 1.9, 2.0):
+        b.add(x)
+    assert welch_t(b, a) > 10 and welch_t(a, b) < -10
+    rng = random.Random(4)
+    fast = [10 * math.exp(rng.gauss(0, 0.2)) for _ in range(30)]
+    slow = [20 * math.exp(rng.gauss(0, 0.2)) for _ in range(12)]
+    p, ratio = mann_whitney(fast, slow)
+    assert p < 0.001 and 0.4 < ratio < 0.6
+    same = [20 * math.exp(rng.gauss(0, 0.2)) for _ in range(30)]
+    p, ratio = mann_whitney(same, slow)
+    assert p > 0.05
+
+
+def test_hint_sql_comes_from_the_arm_table_only() -> None:
+    assert set_sql("hash_only") == "SET enable_nestloop = off; SET enable_mergejoin = off"
+    assert reset_sql("hash_only", custom_plan=True) == (
+        "RESET enable_nestloop; RESET enable_mergejoin; RESET plan_cache_mode"
+    )
+    assert set_sql(STOCK, custom_plan=True) == "SET plan_cache_mode = force_custom_plan"
