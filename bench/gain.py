@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import gain_cache
 
         return gain_cache.main([a for a in argv if a != "--cache"])
+    if "--steering" in argv:
+        from bench import gain_steering
+
+        return gain_steering.main([a for a in argv if a != "--steering"])
     if "--admission" in argv:
         from bench import gain_admission
 
@@ -390,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     modes.add_argument(
         "--cache", action="store_true",
         help="the result cache (python -m bench.gain --cache --help for its options)",
+    )  # fmt: skip
+    modes.add_argument(
+        "--steering", action="store_true",
+        help="plan steering (python -m bench.gain --steering --help for its options)",
     )  # fmt: skip
     modes.add_argument(
         "--admission", action="store_true",

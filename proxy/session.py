@@ -192,7 +192,9 @@ class ClientConnection(asyncio.Protocol):
             if decision is not None:
                 self.steer = decision
                 arm, mode = decision[1], decision[2]
-                if (mode not in (HOLDOUT, DRY_RUN) and arm != "stock") or prepared:
+                # (the stock plan needs nothing: steered runs force custom plans, so no plan
+                # made under an arm's settings is ever cached for the stock runs to reuse)
+                if mode not in (HOLDOUT, DRY_RUN) and arm != "stock":
                     from models.steering import reset_sql, set_sql
 
                     up.inject(query_message(set_sql(arm, prepared)), "set")

@@ -1,0 +1,275 @@
+"""Plan steering gain: steering on vs off, interleaved, on the simulated workload's reads and on
+a suite of planner traps.
+
+    python -m bench.gain_steering               # or: python -m bench.gain --steering
+    python -m bench.gain_steering --scale 1 --rounds 12 --per-template 4
+
+Two `pgsage serve` processes in front of the same PostgreSQL, one with `steering_enabled`
+(holdout 10%), one without. Each round runs the same list of statements (each read template of
+the workload simulator with a few parameter sets drawn from the warehouse, plus the traps)
+through both, in alternating order, timing each execution and hashing each result; rounds
+continue while the bandit explores and converges.
+
+* `time_reduction`: 1 - (time with steering) / (time without), over the eligible statements of
+  the second half of the rounds (after convergence); reported for the workload and the traps;
+* `wrong_results`: executions whose result (as a multiset) differed between the two sides;
+* `worst_p95_regression`: the largest p95(on) / p95(off) - 1 of any template, second half;
+* `success_rate`: of the templates steering moved off the stock plan, the share whose median
+  improved by at least 5%.
+
+Writes `bench/results/gain.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import asyncpg
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from bench.overhead import Upstream, free_port, start_pgsage
+from bench.warehouse import init_warehouse_async
+from bench.workload.templates import TEMPLATES, Profile, Sampler
+
+RESULTS = Path(__file__).parent / "results" / "gain.json"
+
+TRAP_SETUP = """
+CREATE SCHEMA IF NOT EXISTS traps;
+DROP TABLE IF EXISTS traps.events;
+CREATE TABLE traps.events (id int PRIMARY KEY, kind int NOT NULL, payload text);
+INSERT INTO traps.events
+    SELECT i, CASE WHEN i > 392000 THEN (i % 4) + 1 ELSE i % 96 + 8 END, md5(i::text)
+    FROM generate_series(1, 400000) i;
+CREATE INDEX ON traps.events (kind);
+ANALYZE traps.events;
+"""
+#: the stock planner walks the primary key expecting early matches that only come at the end
+TRAPS = (
+    ("trap_latest_kind", "SELECT id, payload FROM traps.events WHERE kind = $1 ORDER BY id"
+     " LIMIT 20", [(1,), (2,), (3,), (4,)]),
+    ("trap_first_kind", "SELECT id FROM traps.events WHERE kind = $1 ORDER BY id LIMIT 5",
+     [(1,), (3,)]),
+)  # fmt: skip
+
+
+def _digest(rows: list[Any]) -> str:
+    h = sorted(hashlib.blake2b(repr(tuple(r)).encode(), digest_size=8).hexdigest() for r in rows)
+    return hashlib.blake2b("".join(h).encode(), digest_size=8).hexdigest()
+
+
+async def _statements(args: argparse.Namespace) -> list[tuple[str, str, tuple]]:
+    await init_warehouse_async(args.dsn, args.scale, args.seed, args.database, progress=True)
+    conn = await asyncpg.connect(args.dsn, database=args.database)
+    try:
+        await conn.execute(TRAP_SETUP)
+        profile = await Profile.load(conn)
+    finally:
+        await conn.close()
+    sampler = Sampler(profile, np.random.default_rng(args.seed))
+    out: list[tuple[str, str, tuple]] = []
+    for t in TEMPLATES:
+        if t.writes or t.anomaly_only or t.kind == "error":
+            continue
+        for _ in range(args.per_template):
+            out.append((t.name, t.sql, t.params(sampler)))
+    for name, sql, params in TRAPS:
+        out.extend((name, sql, p) for p in params)
+    return out
+
+
+async def _round(target: str, stmts: list[tuple[str, str, tuple]]) -> list[tuple[float, str]]:
+    conn = await asyncpg.connect(target, command_timeout=120)
+    try:
+        out = []
+        for _, sql, params in stmts:
+            t0 = time.perf_counter()
+            rows = await conn.fetch(sql, *params)
+            out.append((time.perf_counter() - t0, _digest(rows)))
+        return out
+    finally:
+        await conn.close()
+
+
+def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    stmts = asyncio.run(_statements(args))
+    u = urlparse(args.dsn)
+    upstream = Upstream(u.hostname or "127.0.0.1", u.port or 5432, u.username or "postgres")
+    workdir = Path(tempfile.mkdtemp(prefix="pgsage-gain-steering-"))
+    children, ports = {}, {}
+    try:
+        for mode, env in (
+            ("off", {"PGSAGE_STEERING_ENABLED": "false"}),
+            ("on", {"PGSAGE_STEERING_ENABLED": "true",
+                    "PGSAGE_STEERING_MIN_MS": str(args.min_ms),
+                    "PGSAGE_STEERING_SEED": str(args.seed)}),
+        ):  # fmt: skip
+            p, h = free_port(), free_port()
+            children[mode] = start_pgsage(upstream, workdir, p, h, args.pgsage, args.database,
+                                          None, env, name=f"pgsage-steer-{mode}")  # fmt: skip
+            ports[mode] = p
+        for mode, child in children.items():
+            child.wait_ready("127.0.0.1", ports[mode], lambda: None, timeout=60)
+        decided: dict[str, str] = {}
+        targets = {
+            m: f"postgresql://postgres@127.0.0.1:{p}/{args.database}" for m, p in ports.items()
+        }
+        times: dict[str, list[list[float]]] = {"on": [], "off": []}
+        wrong = 0
+        with Progress(console=console, transient=True) as bars:
+            task = bars.add_task("rounds", total=args.rounds)
+            for r in range(args.rounds):
+                order = ("on", "off") if r % 2 == 0 else ("off", "on")
+                res = {m: asyncio.run(_round(targets[m], stmts)) for m in order}
+                wrong += sum(1 for a, b in zip(res["on"], res["off"], strict=True) if a[1] != b[1])
+                for m in ("on", "off"):
+                    times[m].append([t for t, _ in res[m]])
+                bars.advance(task)
+        decided = asyncio.run(_steering_status(ports["on"], stmts))
+    finally:
+        for child in children.values():
+            child.stop()
+    return summarise(stmts, times, wrong, args, decided)
+
+
+async def _steering_status(port: int, stmts: list[tuple[str, str, tuple]]) -> dict[str, str]:
+    """Template name -> status in the steering pgsage's SHOW STEERING (admin console, which
+    speaks the simple protocol only: psql)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-F", "\t", "-h", "127.0.0.1", "-p", str(port), "-U",
+         "postgres", "-d", "pgsage", "-c", "SHOW STEERING LIMIT 10000"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    by_text = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 6:
+            by_text[parts[5]] = parts[1]
+    decided = {}
+    for name, sql, _ in stmts:
+        for text, status in by_text.items():
+            if sql.startswith(text[:100]):
+                decided[name] = status
+    return decided
+
+
+def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[float]]],
+              wrong: int, args: Any, decided: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    half = len(times["on"]) // 2
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"on": [], "off": []})
+    for m in ("on", "off"):
+        for rnd in times[m][half:]:
+            for (name, _, _), t in zip(stmts, rnd, strict=True):
+                per[name][m].append(t)
+    # eligible: templates whose stock (off) median reaches the steering threshold
+    eligible = {n for n, d in per.items() if statistics.median(d["off"]) * 1000 >= args.min_ms}
+    rows = []
+    for name, d in sorted(per.items()):
+        off_med, on_med = statistics.median(d["off"]), statistics.median(d["on"])
+        p95 = lambda v: sorted(v)[min(len(v) - 1, int(len(v) * 0.95))]  # noqa: E731
+        rows.append({
+            "template": name,
+            "eligible": name in eligible,
+            "trap": name.startswith("trap_"),
+            "off_median_ms": 1000 * off_med,
+            "on_median_ms": 1000 * on_med,
+            "p95_ratio": p95(d["on"]) / p95(d["off"]),
+            "speedup": off_med / on_med,
+            "steering": decided.get(name),
+        })  # fmt: skip
+
+    def reduction(select: Any) -> float | None:
+        sel = [r for r in rows if r["eligible"] and select(r)]
+        off = sum(sum(per[r["template"]]["off"]) for r in sel)
+        on = sum(sum(per[r["template"]]["on"]) for r in sel)
+        return 1 - on / off if off else None
+
+    eligible_rows = [r for r in rows if r["eligible"]]
+    # applied optimisations: templates the bandit settled on a non-stock arm for
+    moved = [r for r in rows if (r["steering"] or "").startswith(("converged:", "validated"))
+             and r["steering"] != "converged:stock"]  # fmt: skip
+    improved = [r for r in moved if r["speedup"] >= 1.05]
+    return {
+        "benchmark": "steering",
+        "time_reduction": reduction(lambda r: True),
+        "time_reduction_workload": reduction(lambda r: not r["trap"]),
+        "time_reduction_traps": reduction(lambda r: r["trap"]),
+        "wrong_results": wrong,
+        "worst_p95_regression": max((r["p95_ratio"] - 1 for r in eligible_rows), default=None),
+        "success_rate": len(improved) / len(moved) if moved else None,
+        "templates_eligible": len(eligible_rows),
+        "templates_changed": len(moved),
+        "average_gain_of_improved": statistics.mean(1 - 1 / r["speedup"] for r in improved)
+        if improved else None,
+        "config": {"scale": args.scale, "rounds": args.rounds, "per_template": args.per_template,
+                   "min_ms": args.min_ms, "statements_per_round": len(stmts)},
+        "templates": rows,
+    }  # fmt: skip
+
+
+def render(doc: dict[str, Any]) -> Table:
+    t = Table(title="plan steering: on vs off (second half of the rounds, interleaved)")
+    for col in ("template", "off median ms", "on median ms", "speedup", "p95 on/off",
+                "steering"):  # fmt: skip
+        t.add_column(col, justify="right")
+    for r in doc["templates"]:
+        if r["eligible"]:
+            t.add_row(r["template"], f"{r['off_median_ms']:.2f}", f"{r['on_median_ms']:.2f}",
+                      f"{r['speedup']:.2f}", f"{r['p95_ratio']:.2f}",
+                      r["steering"] or "-")  # fmt: skip
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    t.caption = (
+        f"time reduction {pct(doc['time_reduction'])} (workload "
+        f"{pct(doc['time_reduction_workload'])}, traps {pct(doc['time_reduction_traps'])}); "
+        f"wrong results {doc['wrong_results']}; worst p95 regression "
+        f"{pct(doc['worst_p95_regression'])}; success rate {pct(doc['success_rate'])}"
+    )
+    return t
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.gain_steering", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--database", default="pgsage_bench_steering")
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--per-template", type=int, default=3)
+    ap.add_argument("--min-ms", type=float, default=20.0)
+    ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    doc = benchmark(args, Console(stderr=True))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in doc.items() if k != "templates"}, indent=2))
+    Console().print(render(doc))
+    return 0 if doc["wrong_results"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
