@@ -175,6 +175,8 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 {
                     "PGSAGE_ADMISSION_ENABLED": "true",
                     "PGSAGE_ADMISSION_MAX_LIMIT": str(limit),
+                    # one slot per core at least: fewer would leave a core idle
+                    "PGSAGE_ADMISSION_MIN_LIMIT": str(args.min_limit or limit),
                     "PGSAGE_ADMISSION_QUEUE_TIMEOUT": "300",
                 },
             ),
@@ -256,12 +258,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--database", default="pgsage_bench_admission")
     ap.add_argument("--short-clients", type=int, default=6)
-    ap.add_argument("--long-clients", type=int, default=6)
+    ap.add_argument("--long-clients", type=int, default=10)
     ap.add_argument("--long-size", type=int, default=60, help="work of one heavy statement")
     ap.add_argument("--think", type=float, default=0.02, help="seconds between short queries")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="long-lane slots (0: one per core)")
+    ap.add_argument("--min-limit", type=int, default=0,
+                    help="lowest the adaptive limit may go (0: the limit)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
