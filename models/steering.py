@@ -110,6 +110,10 @@ class Policy:
     t_retire: float = 2.0
     confidence: float = 0.95
     min_pulls: int = 3
+    #: an arm not likely to beat stock by this share is dropped after `quick_pulls` tries:
+    #: the stock planner is usually right, so exploration should cost little
+    min_gain: float = 0.10
+    quick_pulls: int = 2
     draws: int = 200
     max_samples: int = 200
 
@@ -144,12 +148,17 @@ class Policy:
             return None
         stock = st.arms[STOCK]
         a = st.arms[arm]
-        if a.n >= self.min_pulls and stock.n >= self.min_pulls:
+        if stock.n >= self.min_pulls and a.n >= self.quick_pulls:
             t = welch_t(a, stock)
-            if a.mean - stock.mean > math.log1p(self.regression) and t > self.t_retire:
+            slower = a.mean - stock.mean > math.log1p(self.regression) and t > self.t_retire
+            se = math.sqrt(a.var / a.n + stock.var / stock.n) if a.n > 1 else math.inf
+            no_gain = (stock.mean - a.mean) + se < math.log1p(self.min_gain)
+            if slower or no_gain:
                 st.retired.add(arm)
                 if st.converged == arm:
                     st.converged = None
+                if all(x in st.retired for x in ARMS if x != STOCK):
+                    st.converged = STOCK  # nothing beats the stock plan: stop exploring
                 return f"retired:{arm}"
         if st.converged is None and a.n >= self.min_pulls:
             leader = self._leader(st, rng)
