@@ -220,6 +220,19 @@ def demo(
 
 
 @app.command()
+def docs(
+    out: Annotated[Path, typer.Option(help="folder for the generated references")] = Path(
+        "docs/reference"
+    ),
+) -> None:
+    """Regenerate the configuration and metrics references from the code."""
+    from .docs import write
+
+    for path in write(out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
