@@ -268,3 +268,22 @@ def main() -> None:  # `python -m models.cli` until the proxy mounts the apps
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def report(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="folder for report.html, report.md and PNGs")] = Path(
+        "report"
+    ),
+    dsn: DsnOpt = None,
+    model_dir: ModelDirOpt = None,
+) -> None:
+    """The evaluation report: success metrics against the targets, plots, optimisation history."""
+    from .report import build_report
+
+    target = _target(ctx, dsn, model_dir)
+    md, page = _run(_with_registry(target, lambda conn, reg: build_report(conn, reg, out)))
+    typer.echo(f"wrote {page} and {md}")

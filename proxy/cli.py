@@ -179,10 +179,11 @@ app.add_typer(warehouse_app, name="warehouse")
 
 
 def _mount_models() -> None:
-    from models.cli import models_app, train
+    from models.cli import models_app, report, train
 
     app.command("train", help="Train models from the query log (MODEL or 'all').")(train)
     app.add_typer(models_app, name="models", help="The model registry: list, show, activate.")
+    app.command("report", help="The evaluation report (HTML and Markdown with plots).")(report)
     from bench.workload.cli import workload_app
 
     app.add_typer(workload_app, name="workload", help="Simulated users, clock and anomalies.")
