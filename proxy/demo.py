@@ -1,8 +1,10 @@
 """`pgsage demo`: the whole loop in one command, with what exists today.
 
-PostgreSQL (configured, or embedded) -> the bundled warehouse -> `pgsage serve` -> simulated
-users through it on a simulated clock with labelled anomalies -> the cost model trained from the
-proxy's own log -> a short report and where everything is. Ctrl-C stops everything it started.
+PostgreSQL (configured, or embedded) -> the bundled warehouse -> `pgsage serve` with the result
+cache, admission control and plan steering on -> simulated users through it on a simulated
+clock with labelled anomalies -> every model trained from the proxy's own log -> the index
+advisor with validation by real builds -> `pgsage report` and where everything is. Ctrl-C stops
+everything it started.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class DemoConfig:
     database: str = "pgsage_demo"
     seed: int = 7
     wait: bool = True
+    report_dir: str = "report"
 
 
 def _free_port() -> int:
@@ -62,10 +65,10 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
     listen, http = _free_port(), _free_port()
     proc: subprocess.Popen[bytes] | None = None
     try:
-        console.rule("1/5 the warehouse")
+        console.rule("1/7 the warehouse")
         init_warehouse(_libpq_dsn(upstream, user, "postgres"), cfg.scale, cfg.seed, cfg.database)
 
-        console.rule("2/5 pgsage serve")
+        console.rule("2/7 pgsage serve (cache, admission control and plan steering on)")
         env = {
             **os.environ,
             "PGSAGE_LISTEN": f"127.0.0.1:{listen}",
@@ -75,6 +78,11 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
             "PGSAGE_LOG_LEVEL": "warning",
             "PGSAGE_LOG_FORMAT": "json",
             "PGSAGE_EMBEDDED_FALLBACK": "false",
+            "PGSAGE_LOG_PARAMETERS": "true",  # literal samples: the advisor replays them
+            "PGSAGE_CACHE_ENABLED": "true",
+            "PGSAGE_ADMISSION_ENABLED": "true",
+            "PGSAGE_STEERING_ENABLED": "true",
+            "PGSAGE_STEERING_EVAL_INTERVAL": "10",
         }
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve"], env=env, stderr=subprocess.DEVNULL
@@ -83,7 +91,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
         proxy_dsn = f"postgresql://{user}@127.0.0.1:{listen}/{cfg.database}"
         console.print(f"pgsage is up: [bold]{proxy_dsn}[/]")
 
-        console.rule("3/5 simulated users")
+        console.rule("3/7 simulated users")
         plan = PlanConfig(seed=cfg.seed, start=datetime(2026, 1, 26, tzinfo=UTC),
                           speed=2000.0, duration=cfg.duration, qps=cfg.qps)  # fmt: skip
         result = run_workload(RunConfig(dsn=proxy_dsn, plan=plan), Console(stderr=True))
@@ -91,17 +99,34 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
                       f"{len(result.labels)} labelled anomalies, simulated "
                       f"{result.sim_start:%a %d %b} to {result.sim_end:%a %d %b}")  # fmt: skip
 
-        console.rule("4/5 the cost model, from the proxy's own log")
+        console.rule("4/7 every model, from the proxy's own log")
         meta_dsn = _libpq_dsn(upstream, user, cfg.database)
         train = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "train", "cost", "--json", "--dsn", meta_dsn],
-            capture_output=True, text=True, timeout=900,
+            [sys.executable, "-m", "proxy.cli", "train", "all", "--json", "--dsn", meta_dsn],
+            capture_output=True, text=True, timeout=1800,
         )  # fmt: skip
         trained = json.loads(train.stdout or "[]")
-        card = _card(meta_dsn) if trained and trained[0]["status"] != "failed" else {}
+        cost = [t for t in trained if t.get("name") == "cost"]
+        card = _card(meta_dsn) if cost and cost[0]["status"] != "failed" else {}
 
-        console.rule("5/5 report")
-        console.print(_report(meta_dsn, trained, card))
+        console.rule("5/7 the index advisor (validated by real builds)")
+        advise = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "advise", "--validate", "--dsn", meta_dsn],
+            capture_output=True, text=True, timeout=1800,
+        )  # fmt: skip
+        console.print(advise.stdout[-4000:] or advise.stderr[-2000:])
+
+        console.rule("6/7 the cost model")
+        console.print(_report(meta_dsn, cost, card))
+        console.print(_models_table(trained))
+
+        console.rule("7/7 report")
+        out = cfg.report_dir
+        report = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "report", "--dsn", meta_dsn, "--out", out],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        console.print(report.stdout.strip() or report.stderr[-2000:])
         console.print(_where(user, listen, http, cfg.database))
         if cfg.wait:
             console.print("[dim]pgsage keeps running; Ctrl-C stops everything.[/]")
@@ -174,6 +199,16 @@ def _report(dsn: str, trained: list[dict[str, Any]], card: dict[str, Any]) -> Ta
             if isinstance(m.get("qerror_p90"), int | float):
                 table.add_row(f"baseline {name}", f"qerror_p90 {m['qerror_p90']:.2f}")
     return table
+
+
+def _models_table(trained: list[dict[str, Any]]) -> Table:
+    t = Table(title="models trained from the log")
+    for col in ("model", "version", "status", "reason"):
+        t.add_column(col)
+    for r in trained:
+        t.add_row(str(r.get("name")), str(r.get("version")), str(r.get("status")),
+                  str(r.get("reason") or "")[:80])  # fmt: skip
+    return t
 
 
 def _where(user: str, listen: int, http: int, database: str) -> Table:
