@@ -133,10 +133,7 @@ class ClientConnection(asyncio.Protocol):
             if cache is None or not self._from_cache(data, now, up, cache):
                 adm = server.admission
                 if adm is None or not self._queued(data, adm):
-                    if server.steering is None:
-                        self._relay(data, now, up)
-                    else:
-                        self._steered(data, now, up, server.steering)
+                    self._forward(data, now, up)
             if sampled:
                 self.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
         elif self.admin_mode:
@@ -163,6 +160,27 @@ class ClientConnection(asyncio.Protocol):
         up.tx += n
         up.transport.write(data)
 
+    def _idle_sql(self, data: bytes) -> str | None:
+        """The first statement's text of `data` when the session is idle outside a transaction
+        and `data` is one whole request: one the proxy may hold, steer or answer itself."""
+        tracker = self.tracker
+        if (
+            tracker.transaction_status != "I"
+            or tracker.phase is not Phase.IDLE
+            or tracker.pending
+            or not self.scanner.at_boundary
+            or data[0] not in (0x51, 0x50, 0x42)  # Q, P, B
+        ):
+            return None
+        return request_sql(data, tracker.statements)
+
+    def _forward(self, data: bytes, now: float, up: UpstreamConnection) -> None:
+        steering = self.server.steering
+        if steering is None:
+            self._relay(data, now, up)
+        else:
+            self._steered(data, now, up, steering)
+
     # ------------------------------------------------------------------ plan steering
 
     def _steered(
@@ -170,16 +188,8 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         """Relay `data`, first setting the planner switches of the arm chosen for it."""
         self.steer = None
-        tracker = self.tracker
-        if not (
-            self.steer_blocked
-            or tracker.transaction_status != "I"
-            or tracker.phase is not Phase.IDLE
-            or tracker.pending
-            or not self.scanner.at_boundary
-            or data[0] not in (0x51, 0x50, 0x42)  # Q, P, B
-        ):
-            sql = request_sql(data, tracker.statements)
+        sql = None if self.steer_blocked else self._idle_sql(data)
+        if sql is not None:
             # a prepared statement (Bind without Parse) keeps plans across settings: one
             # without parameters always reuses its first plan, so steering cannot reach it
             # (nor learn from it); one with parameters is made to plan afresh each time
@@ -226,18 +236,8 @@ class ClientConnection(asyncio.Protocol):
     def _queued(self, data: bytes, adm: AdmissionController) -> bool:
         """Short lane: False (relay now). Long lane: take a slot (False), or hold the request
         until one frees (True; reading from the client pauses meanwhile)."""
-        tracker = self.tracker
         self.adm_lane = None
-        if (
-            self.adm_slot
-            or tracker.transaction_status != "I"
-            or tracker.phase is not Phase.IDLE
-            or tracker.pending
-            or not self.scanner.at_boundary
-            or data[0] not in (0x51, 0x50, 0x42)  # Q, P, B
-        ):
-            return False
-        sql = request_sql(data, tracker.statements)
+        sql = None if self.adm_slot else self._idle_sql(data)
         if sql is None:
             return False
         lane = self.adm_lane = adm.lane(sql)
@@ -278,11 +278,7 @@ class ClientConnection(asyncio.Protocol):
                 adm.release()
             return
         self.adm_slot = True
-        steering = self.server.steering
-        if steering is None:
-            self._relay(data, monotonic(), up)
-        else:
-            self._steered(data, monotonic(), up, steering)
+        self._forward(data, monotonic(), up)
         if self.steer_reset is None:
             self.release()  # (a steered request resumes reading after its RESET)
 
