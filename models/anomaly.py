@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
-import traceback
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -1039,23 +1037,20 @@ async def train_anomaly(
     progress: Progress | None = None,
 ) -> Any:
     """Fit on the logged history, evaluate on the labels when present, gate and register."""
-    from .cost import to_json
-    from .train import TrainResult, library_versions
+    from .train import new_card, run_registered
 
     prog = progress or (lambda stage, fraction: None)
     version = await registry.next_version(NAME)
-    card: dict[str, Any] = {
-        "name": NAME,
-        "version": version,
-        "description": "Anomalous executions and workload windows: Isolation Forest on the"
+    card = new_card(
+        NAME,
+        version,
+        "Anomalous executions and workload windows: Isolation Forest on the"
         " latency residual (vs the cost model or the running median) with rows, errors, hour"
         " and rarity; arrival, error-rate and unseen-template rules; z-score baseline.",
-        "created_at": datetime.now(UTC).isoformat(),
-        "libraries": library_versions(),
-        "config": {k: str(v) for k, v in vars(config).items()},
-    }
-    art = registry.artifact_dir(NAME, version)
-    try:
+        config,
+    )
+
+    async def work(art: Any) -> tuple[bool, str]:
         executions, kinds = await fetch_executions(
             meta_conn, config.since, config.until, config.max_rows
         )
@@ -1091,23 +1086,12 @@ async def train_anomaly(
         card["interval_source"] = source
         active_entry = await registry.active(NAME)
         ok, reason = _gate(card["metrics"], active_entry)
-        card["gate"] = {"activated": ok, "reason": reason}
-        card["status"], card["reason"] = ("active" if ok else "candidate"), reason
         art.mkdir(parents=True, exist_ok=True)
         final.save(art / "model.joblib")
-        (art / "card.json").write_text(to_json(card))
-        (art / "card.md").write_text(card_markdown(card))
-        entry = await registry.register(NAME, version, card, activate=ok, reason=reason)
         prog("register", 1.0)
-        return TrainResult(NAME, version, entry.status, reason, card, entry)
-    except Exception as exc:
-        shutil.rmtree(art, ignore_errors=True)
-        reason = f"{type(exc).__name__}: {exc}"
-        card.update(status="failed", reason=reason, traceback=traceback.format_exc(limit=5))
-        entry = await registry.register(
-            NAME, version, card, activate=False, reason=reason, status="failed"
-        )
-        return TrainResult(NAME, version, "failed", reason, card, entry)
+        return ok, reason
+
+    return await run_registered(NAME, registry, card, work)
 
 
 def _gate(metrics: dict[str, Any], active: Entry | None) -> tuple[bool, str]:

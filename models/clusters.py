@@ -32,14 +32,11 @@ source 'train' | 'online').
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
-import traceback
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,48 +460,6 @@ def fit_clusters(
 # ------------------------------------------------------------------------ registry & trainer
 
 
-async def run_registered(
-    name: str,
-    registry: Registry,
-    card: dict[str, Any],
-    work: Callable[[Path], Awaitable[tuple[bool, str]]],
-    cleanup: Callable[[], Awaitable[None]] | None = None,
-) -> TrainResult:
-    """Run `work(artifact_dir)` (fills `card`, writes artifacts, returns (activate, reason)) and
-    register the version; any exception registers a failed run and keeps the active one."""
-    from .registry import card_markdown
-    from .train import TrainResult
-
-    version = int(card["version"])
-    art = registry.artifact_dir(name, version)
-    try:
-        activate, reason = await work(art)
-        card["status"], card["reason"] = ("active" if activate else "candidate"), reason
-        card["gate"] = {"activated": activate, "reason": reason}
-        art.mkdir(parents=True, exist_ok=True)
-        (art / "card.json").write_text(_to_json(card))
-        (art / "card.md").write_text(card_markdown_for(card, card_markdown))
-        entry = await registry.register(name, version, card, activate=activate, reason=reason)
-        return TrainResult(name, version, entry.status, reason, card, entry)
-    except Exception as exc:
-        shutil.rmtree(art, ignore_errors=True)
-        if cleanup is not None:
-            with contextlib.suppress(Exception):
-                await cleanup()
-        reason = f"{type(exc).__name__}: {exc}"
-        card.update(status="failed", reason=reason, traceback=traceback.format_exc(limit=5))
-        entry = await registry.register(
-            name, version, card, activate=False, reason=reason, status="failed"
-        )
-        return TrainResult(name, version, "failed", reason, card, entry)
-
-
-def _to_json(value: Any) -> str:
-    from .cost import to_json
-
-    return to_json(value)
-
-
 def card_markdown_for(card: dict[str, Any], fallback: Callable[[dict[str, Any]], str]) -> str:
     """A card for people: the metrics table, then profiles or per-series results."""
     m = card.get("metrics", {})
@@ -564,18 +519,17 @@ async def train_clusters(
     progress: Progress = _no_progress,
 ) -> TrainResult:
     """Cluster the logged templates, store assignments, gate and register a version."""
-    from .train import library_versions
+    from .registry import card_markdown
+    from .train import new_card, run_registered
 
     version = await registry.next_version(CLUSTERS)
-    card: dict[str, Any] = {
-        "name": CLUSTERS,
-        "version": version,
-        "description": "Templates clustered by SQL features and arrival-history shape"
+    card = new_card(
+        CLUSTERS,
+        version,
+        "Templates clustered by SQL features and arrival-history shape"
         " (k-means, k by silhouette; QueryBot 5000 style).",
-        "created_at": datetime.now(UTC).isoformat(),
-        "libraries": library_versions(),
-        "config": {k: str(v) for k, v in vars(config).items()},
-    }
+        config,
+    )
 
     async def work(art: Path) -> tuple[bool, str]:
         progress("extract", 0.0)
@@ -613,7 +567,9 @@ async def train_clusters(
             "DELETE FROM metadata.query_clusters WHERE model_version = $1", version
         )
 
-    result = await run_registered(CLUSTERS, registry, card, work, cleanup)
+    result = await run_registered(
+        CLUSTERS, registry, card, work, cleanup, lambda c: card_markdown_for(c, card_markdown)
+    )
     await _prune_assignments(meta_conn)
     return result
 

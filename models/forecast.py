@@ -1076,20 +1076,20 @@ async def train_forecast(
     progress: Progress = _no_progress,
 ) -> TrainResult:
     """Fit per-cluster and total forecasters, store the forecast, gate and register."""
-    from .clusters import assign_unassigned, run_registered
-    from .train import library_versions
+    from .clusters import assign_unassigned, card_markdown_for
+    from .registry import card_markdown
+    from .train import new_card, run_registered
 
     version = await registry.next_version(FORECAST)
-    card: dict[str, Any] = {
-        "name": FORECAST,
-        "version": version,
-        "description": "Arrivals per 5-minute window per query cluster and in total, 1 h and"
+    card = new_card(
+        FORECAST,
+        version,
+        "Arrivals per 5-minute window per query cluster and in total, 1 h and"
         " 6 h ahead; per series the best of seasonal naive, Holt-Winters and LightGBM by"
         " walk-forward validation.",
-        "created_at": datetime.now(UTC).isoformat(),
-        "libraries": {**library_versions(), **_versions("statsmodels")},
-        "config": {k: str(v) for k, v in vars(config).items()},
-    }
+        config,
+        _versions("statsmodels"),
+    )
 
     async def work(art: Path) -> tuple[bool, str]:
         progress("extract", 0.0)
@@ -1135,7 +1135,9 @@ async def train_forecast(
             "DELETE FROM metadata.workload_forecasts WHERE model_version = $1", version
         )
 
-    return await run_registered(FORECAST, registry, card, work, cleanup)
+    return await run_registered(
+        FORECAST, registry, card, work, cleanup, lambda c: card_markdown_for(c, card_markdown)
+    )
 
 
 def _versions(*libs: str) -> dict[str, str]:

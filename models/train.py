@@ -10,6 +10,7 @@ process) and the accuracy bench all share it.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,6 +99,60 @@ def library_versions() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------ fit, evaluate
+
+
+def new_card(
+    name: str,
+    version: int,
+    description: str,
+    config: Any,
+    libraries: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The card every training run starts from (the run fills in data, metrics and gate)."""
+    return {
+        "name": name,
+        "version": version,
+        "description": description,
+        "created_at": datetime.now(UTC).isoformat(),
+        "libraries": {**library_versions(), **(libraries or {})},
+        "config": {k: str(v) for k, v in vars(config).items()},
+    }
+
+
+async def run_registered(
+    name: str,
+    registry: Registry,
+    card: dict[str, Any],
+    work: Callable[[Path], Awaitable[tuple[bool, str]]],
+    cleanup: Callable[[], Awaitable[None]] | None = None,
+    render: Callable[[dict[str, Any]], str] = card_markdown,
+) -> TrainResult:
+    """Run `work(artifact_dir)` (it fills `card`, writes the model, returns (activate, reason))
+    and register the version with its JSON and Markdown cards. Any exception registers a failed
+    run (with the reason and a short traceback), removes its artifacts and keeps the previously
+    active version serving."""
+    version = int(card["version"])
+    art = registry.artifact_dir(name, version)
+    try:
+        activate, reason = await work(art)
+        card["status"], card["reason"] = ("active" if activate else "candidate"), reason
+        card.setdefault("gate", {}).update(activated=activate, reason=reason)
+        art.mkdir(parents=True, exist_ok=True)
+        (art / "card.json").write_text(to_json(card))
+        (art / "card.md").write_text(render(card))
+        entry = await registry.register(name, version, card, activate=activate, reason=reason)
+        return TrainResult(name, version, entry.status, reason, card, entry)
+    except Exception as exc:
+        shutil.rmtree(art, ignore_errors=True)
+        if cleanup is not None:
+            with contextlib.suppress(Exception):
+                await cleanup()
+        reason = f"{type(exc).__name__}: {exc}"
+        card.update(status="failed", reason=reason, traceback=traceback.format_exc(limit=5))
+        entry = await registry.register(
+            name, version, card, activate=False, reason=reason, status="failed"
+        )
+        return TrainResult(name, version, "failed", reason, card, entry)
 
 
 def _candidates(n_iter: int, seed: int) -> list[dict[str, Any]]:
@@ -236,17 +292,15 @@ async def train_cost(
 ) -> TrainResult:
     """Extract, fit, evaluate, gate and register a version of the cost model."""
     version = await registry.next_version(COST)
-    card: dict[str, Any] = {
-        "name": COST,
-        "version": version,
-        "description": "Latency of a statement (ms), LightGBM regression on log latency"
+    card = new_card(
+        COST,
+        version,
+        "Latency of a statement (ms), LightGBM regression on log latency"
         " over SQL, EXPLAIN, catalog, time, load and history features.",
-        "created_at": datetime.now(UTC).isoformat(),
-        "libraries": library_versions(),
-        "config": {k: str(v) for k, v in vars(config).items()},
-    }
-    art = registry.artifact_dir(COST, version)
-    try:
+        config,
+    )
+
+    async def work(art: Path) -> tuple[bool, str]:
         data = await build_dataset(
             meta_conn,
             warehouse_conn,
@@ -268,23 +322,13 @@ async def train_cost(
         active_entry = await registry.active(COST)
         active = _load(active_entry)
         ok, reason, detail = gate(card["metrics"], active, active_entry, test_frame, config)
-        card["gate"] = {"activated": ok, "reason": reason, "active": detail}
-        card["status"], card["reason"] = ("active" if ok else "candidate"), reason
+        card["gate"] = {"active": detail}
         art.mkdir(parents=True, exist_ok=True)
         model.save(art / "model.txt")
-        (art / "card.json").write_text(to_json(card))
-        (art / "card.md").write_text(card_markdown(card))
-        entry = await registry.register(COST, version, card, activate=ok, reason=reason)
         progress("register", 1.0)
-        return TrainResult(COST, version, entry.status, reason, card, entry)
-    except Exception as exc:
-        shutil.rmtree(art, ignore_errors=True)
-        reason = f"{type(exc).__name__}: {exc}"
-        card.update(status="failed", reason=reason, traceback=traceback.format_exc(limit=5))
-        entry = await registry.register(
-            COST, version, card, activate=False, reason=reason, status="failed"
-        )
-        return TrainResult(COST, version, "failed", reason, card, entry)
+        return ok, reason
+
+    return await run_registered(COST, registry, card, work)
 
 
 def _load(entry: Entry | None) -> CostModel | None:
