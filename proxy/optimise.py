@@ -187,27 +187,32 @@ class Optimiser:
         finally:
             await conn.close()
 
-    async def steering_loop(self, steering: Any) -> None:
-        """Every steering_eval_interval: A/B-test converged arms against their holdout."""
+    async def steering_loop(self, *learners: Any) -> None:
+        """Every steering_eval_interval: A/B-test steering arms and rewrites against their
+        holdouts, and record the decisions (and rewrites found not equivalent)."""
         while True:
             await asyncio.sleep(self.settings.steering_eval_interval)
-            try:
-                decisions = steering.evaluate()
-                for d in decisions:
-                    self.log.info("plan steering decision", action=d["action"],
-                                  fingerprint=d["target"], arm=d["detail"]["arm"],
-                                  p_value=round(d["detail"]["p_value"], 4))  # fmt: skip
-                await self.record(decisions)
-            except Exception as exc:
-                self.log.warning("plan steering evaluation failed", error=str(exc))
+            for learner in learners:
+                if learner is None:
+                    continue
+                try:
+                    decisions = learner.evaluate()
+                    for d in decisions:
+                        self.log.info(f"{d['kind']} decision", action=d["action"],
+                                      fingerprint=d["target"],
+                                      detail={k: v for k, v in d["detail"].items()
+                                              if k in ("arm", "rule", "p_value")})  # fmt: skip
+                    await self.record(decisions)
+                except Exception as exc:
+                    self.log.warning("optimisation evaluation failed", error=str(exc))
 
     # ---------------------------------------------------------------- automatic mode
 
-    def start(self, steering: Any = None) -> None:
+    def start(self, steering: Any = None, rewriter: Any = None) -> None:
         self._task = asyncio.ensure_future(self._auto_loop())
         self._forecast_task = asyncio.ensure_future(self._forecast_loop())
-        if steering is not None:
-            self._steering_task = asyncio.ensure_future(self.steering_loop(steering))
+        if steering is not None or rewriter is not None:
+            self._steering_task = asyncio.ensure_future(self.steering_loop(steering, rewriter))
 
     _steering_task: asyncio.Task[None] | None = None
 

@@ -22,6 +22,7 @@ from .log import get_logger
 from .protocol import CancelRequest, Phase, SessionTracker
 from .protocol.startup import CANCEL_REQUEST_CODE
 from .records import RecordSink
+from .rewriting import RewriteController
 from .session import ClientConnection
 from .settings import Settings
 from .steering import SteeringController
@@ -99,6 +100,10 @@ class ProxyServer:
             SteeringController(settings, self.metrics.registry)
             if settings.steering_enabled
             else None
+        )
+        #: proven-equivalent rewrites (rewrite_enabled); the Service gives it a connection
+        self.rewriter: RewriteController | None = (
+            RewriteController(settings) if settings.rewrite_enabled else None
         )
         #: the result cache (cache_enabled); sessions consult it per request batch
         self.cache: ResultCache | None = (

@@ -75,6 +75,10 @@ class Service:
             else None
         )
         self.optimiser = Optimiser(settings, self.metadata_args, self.metrics.registry)
+        if self.proxy.rewriter is not None:
+            self.proxy.rewriter.connect = partial(
+                metadata.connect, self.metadata_args, "pgsage-rewrite"
+            )
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None
@@ -128,7 +132,9 @@ class Service:
         self.retrainer.start()
         if self.refresh_listener is not None:
             self.refresh_listener.start()
-        self.optimiser.start(self.proxy.steering)
+        self.optimiser.start(self.proxy.steering, self.proxy.rewriter)
+        if self.proxy.rewriter is not None:
+            self.proxy.rewriter.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -152,6 +158,8 @@ class Service:
         if self.refresh_listener is not None:
             await self.refresh_listener.stop()
         await self.optimiser.stop()
+        if self.proxy.rewriter is not None:
+            await self.proxy.rewriter.stop()
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)
@@ -215,6 +223,10 @@ class Service:
     def admission_lanes(self) -> list[tuple[str, Any]] | None:
         adm = self.proxy.admission
         return None if adm is None else adm.lanes()
+
+    def rewrite_rows(self) -> list[tuple[Any, ...]] | None:
+        rewriter = self.proxy.rewriter
+        return None if rewriter is None else rewriter.rows()
 
     def steering_rows(self) -> list[tuple[Any, ...]] | None:
         steering = self.proxy.steering

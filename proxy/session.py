@@ -50,6 +50,7 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
 )
 from .records import SessionInfo, StatementRecord
+from .rewriting import APPLY as REWRITE_APPLY
 from .steering import DRY_RUN, HOLDOUT, SteeringController, query_message
 from .telemetry.apps import app_class
 
@@ -111,6 +112,8 @@ class ClientConnection(asyncio.Protocol):
         self.steer: tuple[str, str, str] | None = None
         self.steer_reset: str | None = None
         self.steer_blocked = False
+        #: rewrite decision for the request in flight: (text sent or None, rule, mode)
+        self.rewrite: tuple[str | None, str, str] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -143,8 +146,11 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._early.append(data)
 
-    def _relay(self, data: bytes, now: float, up: UpstreamConnection) -> None:
-        """Track the client's frames and forward the chunk as received."""
+    def _relay(
+        self, data: bytes, now: float, up: UpstreamConnection, wire: bytes | None = None
+    ) -> None:
+        """Track the client's frames and forward the chunk as received (or `wire` instead: the
+        same request with another text; the tracker still sees what the client sent)."""
         try:
             frames = self.scanner.receive_data(data)
             if frames:
@@ -155,9 +161,10 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self.protocol_error(exc)
             return
-        n = len(data)
-        self.rx += n
-        up.tx += n
+        self.rx += len(data)
+        if wire is not None:
+            data = wire
+        up.tx += len(data)
         up.transport.write(data)
 
     def _idle_sql(self, data: bytes) -> str | None:
@@ -175,7 +182,18 @@ class ClientConnection(asyncio.Protocol):
         return request_sql(data, tracker.statements)
 
     def _forward(self, data: bytes, now: float, up: UpstreamConnection) -> None:
-        steering = self.server.steering
+        server = self.server
+        rewriter = server.rewriter
+        self.rewrite = None
+        if rewriter is not None and data[0] == 0x51:  # a simple Query
+            sql = self._idle_sql(data)
+            decision = rewriter.decide(sql, self.info.database) if sql is not None else None
+            if decision is not None:
+                self.rewrite = decision
+                if decision[0] is not None:  # sent rewritten (the client's text is logged)
+                    self._relay(data, now, up, query_message(decision[0]))
+                    return
+        steering = server.steering
         if steering is None:
             self._relay(data, now, up)
         else:
@@ -787,6 +805,14 @@ class ClientConnection(asyncio.Protocol):
 
     def emit(self, executions: list[Execution]) -> None:
         server = self.server
+        rewriter = server.rewriter
+        if rewriter is not None and self.rewrite is not None:
+            decision, self.rewrite = self.rewrite, None
+            rule, mode = decision[1], decision[2]
+            for ex in executions[:1]:
+                ex.rewrite_rule = rule if mode == REWRITE_APPLY else f"{mode}:{rule}"
+                if ex.status is Status.OK:
+                    rewriter.observe(ex.sql, decision, (ex.end - ex.start) * 1000.0)
         steering = server.steering
         if steering is not None:
             decision = self.steer

@@ -197,6 +197,21 @@ class Settings(BaseSettings):
     steering_min_gain: float = Field(default=0.05, ge=0, lt=1)
     steering_eval_interval: float = Field(default=30.0, ge=1)
 
+    # ---- rewrites (optimizer/rules, proxy/rewriting.py): proven equivalent before use
+    rewrite_enabled: bool = False
+    #: runtime kill switch
+    rewrite_active: bool = True
+    #: log the would-be rewrite, send the original
+    rewrite_dry_run: bool = False
+    #: share of rewritable executions sent as written (the A/B control)
+    rewrite_holdout: float = Field(default=0.1, ge=0, le=0.9)
+    #: rules never used (per-rule kill switch)
+    rewrite_disabled_rules: list[str] = Field(default_factory=list)
+    #: fingerprints never rewritten (per-fingerprint kill switch)
+    rewrite_exclude: list[str] = Field(default_factory=list)
+    #: statement_timeout (ms) of the shadow runs that prove a rewrite
+    rewrite_timeout_ms: int = Field(default=10_000, ge=100)
+
     # ---- workload forecast (models/forecast.py): re-forecast with the active model and
     # publish pgsage_forecast_queries{cluster,horizon} every this many seconds
     forecast_refresh_interval: float = Field(default=300.0, ge=5)
@@ -211,6 +226,10 @@ class Settings(BaseSettings):
     # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
     # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it
     admin_token: SecretStr | None = None
+    #: browser origins allowed to call /api/v1 (CORS), e.g. ["https://grafana.example"]; "*": any
+    api_cors_origins: list[str] = Field(default_factory=list)
+    #: requests per minute per client address on /api/v1 (a token bucket; 0: no limit)
+    api_rate_limit_per_minute: int = Field(default=0, ge=0)
 
     # ---- admin console: `psql -d pgsage -U <admin user>`
     admin_database: str = "pgsage"

@@ -26,6 +26,7 @@ HELP = (
     ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
     ("SHOW LANES", "admission control: short threshold, long-lane limit, running, queued"),
     ("SHOW STEERING", "plan steering per template: status, arms tried, retired, holdout"),
+    ("SHOW REWRITES", "rewrites per template: rule, status, proven texts, A/B samples"),
     ("SHOW RECOMMENDATIONS", "index advisor: open recommendations, best first"),
     ("APPLY RECOMMENDATION n", "build recommendation n and validate it (kept only if it pays)"),
     ("REJECT RECOMMENDATION n", "reject recommendation n (not proposed again)"),
@@ -235,6 +236,14 @@ def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(head, [tuple(None if v is None else str(v) for v in r) for r in rows[:limit]])
 
 
+def show_rewrites(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    rows = ctx.rewrite_rows()
+    head = ("fingerprint", "rule", "status", "proven", "rewritten", "holdout", "template")
+    if rows is None:
+        return notice("rewrites are off (rewrite_enabled = false)") + result_set(head, [])
+    return result_set(head, [tuple(None if v is None else str(v) for v in r) for r in rows])
+
+
 def _num(v: Any, digits: int = 2) -> str | None:
     return None if v is None else f"{v:.{digits}f}"
 
@@ -390,6 +399,7 @@ SHOW: dict[str, Command] = {
     "recommendations": show_recommendations,
     "lanes": show_lanes,
     "steering": show_steering,
+    "rewrites": show_rewrites,
     "anomalies": show_anomalies,
     "clusters": show_clusters,
 }

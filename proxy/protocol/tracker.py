@@ -98,6 +98,8 @@ class Execution:
     cache_hit: bool = False
     #: the planner hint set it ran with (plan steering), "holdout", or "dry_run:<arm>"
     hint_set: str | None = None
+    #: the rewrite rule it was sent with, "holdout:<rule>" or "dry_run:<rule>"
+    rewrite_rule: str | None = None
 
     @property
     def duration(self) -> float:

@@ -63,16 +63,17 @@ COLUMNS = (
     "model_version",
     "cache_hit",
     "hint_set",
+    "rewrite_rule",
 )
 
 SLICE = 1000  # records processed between yields to the event loop
 
 #: a finished statement, flat: session id, protocol, sql, statement name, start, end (monotonic),
 #: rows, status, sqlstate, error message, portal suspensions, bytes sent, answered by the cache,
-#: planner hint set
+#: planner hint set, rewrite rule
 Row = tuple[
     int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
-    int, int | None, bool, str | None,
+    int, int | None, bool, str | None, str | None,
 ]  # fmt: skip
 
 
@@ -87,7 +88,7 @@ def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[
         rows.append(
             (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
              ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit,
-             ex.hint_set)
+             ex.hint_set, ex.rewrite_rule)
         )  # fmt: skip
     return sessions, rows
 
@@ -258,6 +259,7 @@ class QueryLogRecorder(BatchingSink):
             nbytes,
             hit,
             hint,
+            rule,
         ) in rows:
             info = sessions[sid]
             fp = fp_of(sql if sql is not None else "")
@@ -325,6 +327,7 @@ class QueryLogRecorder(BatchingSink):
                     version if predicted is not None else None,
                     hit,
                     hint,
+                    rule,
                 )
             )
         self.executed += len(rows)

@@ -1,0 +1,97 @@
+"""Rewrites inside `pgsage serve`: a correlated scalar subquery that PostgreSQL runs once per
+outer row is proven equivalent on pgsage's own connection, then sent as a LEFT JOIN to a grouped
+derived table; every answer equals the database's answer to the original; the query log keeps
+the client's text and names the rule; the A/B test against the holdout validates it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+
+from proxy.protocol.backend import DataRow
+from tests.fix_proxy import direct_dsn
+from tests.wire_client import WireClient
+
+SQL = "SELECT c.id, (SELECT count(*) FROM shop.o WHERE o.cid = c.id) AS n FROM shop.c ORDER BY c.id"
+SETUP = """
+CREATE SCHEMA shop;
+CREATE TABLE shop.c (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE shop.o (id int PRIMARY KEY, cid int NOT NULL, amount int);
+INSERT INTO shop.c SELECT g, 'c' || g FROM generate_series(1, 300) g;
+INSERT INTO shop.o SELECT g, g % 250 + 1, g FROM generate_series(1, 8000) g;
+ANALYZE shop.c; ANALYZE shop.o;
+"""
+
+
+def _rows(client: WireClient, sql: str) -> list[tuple[Any, ...]]:
+    return [m.values for m in client.query(sql) if isinstance(m, DataRow)]
+
+
+def test_a_proven_rewrite_is_sent_and_validated(make_service: Any) -> None:
+    svc = make_service(
+        rewrite_enabled=True, rewrite_holdout=0.25, steering_eval_interval=1,
+        steering_ab_min_samples=8, steering_seed=3,
+    )  # fmt: skip
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        c.execute(SETUP)
+    with WireClient("127.0.0.1", 5432, database=svc.database) as direct:
+        expected = _rows(direct, SQL)
+    rewriter = svc.service.proxy.rewriter
+    with WireClient(svc.host, svc.port, database=svc.database) as client:
+        assert _rows(client, SQL) == expected  # first sight: sent as written, queued for proof
+        deadline = time.monotonic() + 20
+        while not isinstance(rewriter.verdicts.get(SQL), tuple):
+            assert time.monotonic() < deadline, "the rewrite was never proven"
+            time.sleep(0.1)
+        rule, new_sql = rewriter.verdicts[SQL]
+        assert rule == "correlated_scalar_subquery" and "LEFT JOIN" in new_sql.upper()
+        timings = []
+        for _ in range(40):
+            t0 = time.perf_counter()
+            assert _rows(client, SQL) == expected  # the same answer, every time
+            timings.append(time.perf_counter() - t0)
+        client.query("SELECT 1")
+    svc.flush()
+    with psycopg.connect(direct_dsn(svc.database)) as m:
+        logged = m.execute(
+            "SELECT rewrite_rule, count(*) FROM metadata.query_logs"
+            " WHERE normalized_text LIKE 'SELECT c.id, (SELECT count(*)%' GROUP BY 1"
+        ).fetchall()
+    by_rule = dict(logged)
+    assert by_rule.get("correlated_scalar_subquery", 0) >= 20
+    assert by_rule.get("holdout:correlated_scalar_subquery", 0) >= 3
+    deadline = time.monotonic() + 15
+    decided: list[Any] = []
+    while time.monotonic() < deadline and not decided:
+        time.sleep(0.5)
+        with psycopg.connect(direct_dsn(svc.database)) as m:
+            decided = m.execute(
+                "SELECT action, status, measured_before_ms, measured_after_ms"
+                " FROM metadata.optimization_history WHERE kind = 'rewrite'"
+            ).fetchall()
+    assert decided and decided[0][:2] == ("validate", "validated"), decided
+    assert decided[0][3] < decided[0][2]
+    with psycopg.connect(svc.dsn("pgsage"), autocommit=True) as admin:
+        shown = admin.execute("SHOW REWRITES").fetchall()
+    assert shown[0][1] == "correlated_scalar_subquery" and shown[0][2] == "validated"
+
+
+def test_writes_transactions_and_opt_out_are_left_alone(make_service: Any) -> None:
+    svc = make_service(rewrite_enabled=True)
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        c.execute(SETUP)
+    rewriter = svc.service.proxy.rewriter
+    opted = SQL + " /* pgsage:off */"
+    with WireClient(svc.host, svc.port, database=svc.database) as client:
+        client.query(opted)
+        client.query("BEGIN")
+        client.query(SQL)
+        client.query("COMMIT")
+        client.query("UPDATE shop.o SET amount = amount WHERE id = 1")
+    assert rewriter.verdicts.get(opted, "absent") is None  # looked at once, never rewritten
+    assert SQL not in rewriter.verdicts  # inside a transaction: not even considered
+    update = "UPDATE shop.o SET amount = amount WHERE id = 1"
+    assert rewriter.verdicts.get(update, "absent") is None  # not a SELECT: never a candidate
+    assert not rewriter.templates  # nothing was analysed
