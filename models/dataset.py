@@ -304,7 +304,8 @@ class StaticFeatures:
     computed: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
 
     async def features(self, fingerprint: str, text: str | None, normalized: str) -> dict[str, Any]:
-        text = text or normalized
+        # query_text is NULL (NaN in a frame) for rows logged without log_parameters
+        text = text if isinstance(text, str) and text else normalized
         key = (fingerprint, literal_class(text))
         if key in self.computed:
             return self.computed[key]
@@ -406,7 +407,7 @@ async def build_dataset(
     keys = frame[["fingerprint", "query_text", "normalized_text", "database_name"]]
     uniq = keys.assign(
         lclass=[
-            literal_class(t or n)
+            literal_class(t if isinstance(t, str) and t else n)
             for t, n in zip(keys.query_text, keys.normalized_text, strict=True)
         ]
     )

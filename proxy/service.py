@@ -150,7 +150,12 @@ class Service:
             self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
             self.log.info("http listening", http=f"{host}:{self.http_port}")
 
+    #: the HTTP API's background jobs (training, data generation, ETL)
+    api_jobs: Any = None
+
     async def stop(self) -> None:
+        if self.api_jobs is not None:
+            await self.api_jobs.cancel_all()
         await self.proxy.shutdown()
         await self.recorder.stop()
         await self.sampler.stop()

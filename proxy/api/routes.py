@@ -1,39 +1,38 @@
-"""The /api/v1 routes: query history and statistics, metrics history, models, admin.
+"""The /api/v1 routes: query history, statistics and EXPLAIN, metrics history, models, admin.
 
 Every SQL statement here is a constant with `$n` parameters; filters that are not given are
-passed as NULL and switched off inside the statement, so no request text ever becomes SQL.
+passed as NULL and switched off inside the statement, so no request text ever becomes SQL (the
+one exception is EXPLAIN of a SELECT text, checked by PostgreSQL's parser first: explain.py).
+The ML, live-metrics, optimiser-settings and warehouse-job routes live in ml.py and live.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-import asyncpg
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from .. import __version__, metadata
+from .. import __version__
 from .auth import make_auth
+from .common import Context, errors, invalid, jsonable, setting_problem
+from .explain import explain_checked
+from .guard import preflight, route_class
+from .live import add_live_routes
+from .ml import add_ml_routes
 
-APPLICATION_NAME = "pgsage-api"
 MAX_BUCKETS = 10_000
+#: PostgreSQL text cannot hold NUL: say so in the schema (guard.py answers 422 for it)
+NO_NUL = r"^[^\x00]*$"
+BIGINT_MAX = 2**63 - 1
 STEP = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 
-# Parts of the API that land with later components: a clear 404 until they do.
-NOT_BUILT = {
-    "optimization/ab": "A/B results of plan steering and rewrites are not part of this build",
-    "optimization/settings": "optimisation settings: use /admin/config",
-    "queries/explain": "EXPLAIN through the API is not part of this build",
-    "ml/train": "training through the API is not part of this build",
-    "ml/predict": "cost prediction through the API is not part of this build",
-    "metrics/stream": "the live metrics stream is not part of this build",
-}
+# Parts of the API that land with later components answer a clear 404 until they do
+# (prefix -> message). Everything the seed lays out is built now.
+NOT_BUILT: dict[str, str] = {}
 
 _LOG_COLUMNS = """query_id, started_at, finished_at, duration_ms, fingerprint, normalized_text,
     command, is_catalog, tables_used, database_name, user_name, application_name, protocol,
@@ -98,6 +97,10 @@ STAT_FIELDS = (
 )  # fmt: skip
 
 
+class ExplainRequest(BaseModel):
+    sql: str = Field(min_length=1, max_length=100_000)
+
+
 class ConfigChange(BaseModel):
     key: str = Field(min_length=1, max_length=100)
     value: str | int | float | bool
@@ -121,36 +124,32 @@ def make_router(service: Any) -> APIRouter:
     Every handler is `async def`: it runs on the proxy's event loop, never in a worker thread,
     because the service's state (clients, transports, stats) belongs to that loop.
     """
-    router = APIRouter(dependencies=[Depends(make_auth(service.settings))])
+    ctx = Context(service)
+    service.api_jobs = ctx.jobs  # the service cancels them when it stops
+    api_route = route_class(service.settings, ctx.limiter)
+    router = APIRouter(route_class=api_route)
+    api = APIRouter(
+        route_class=api_route,
+        dependencies=[Depends(make_auth(service.settings))],
+        responses=errors(401, 429, 503),
+    )
+    connection = ctx.connection
 
-    @asynccontextmanager
-    async def connection() -> AsyncIterator[asyncpg.Connection]:
-        try:
-            conn = await metadata.connect(service.metadata_args, APPLICATION_NAME)
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise HTTPException(
-                503, f"metadata database unavailable: {type(exc).__name__}"
-            ) from None
-        try:
-            for typ in ("json", "jsonb"):
-                await conn.set_type_codec(
-                    typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-                )
-            yield conn
-        finally:
-            await conn.close()
+    @router.options("/{rest:path}", include_in_schema=False)
+    async def cors_preflight(rest: str, request: Request) -> Response:
+        return preflight(service.settings, request)
 
     # ------------------------------------------------------------------ queries
 
-    @router.get("/queries", tags=["queries"])
+    @api.get("/queries", tags=["queries"])
     async def list_queries(
         start: datetime | None = None,
         end: datetime | None = None,
         min_duration_ms: float | None = Query(None, ge=0),
         command: str | None = Query(None, pattern=r"^[A-Za-z_ ]{1,32}$"),
         status: Literal["ok", "error", "cancelled"] | None = None,
-        table: str | None = Query(None, max_length=200),
-        q: str | None = Query(None, min_length=1, max_length=1000),
+        table: str | None = Query(None, max_length=200, pattern=NO_NUL),
+        q: str | None = Query(None, min_length=1, max_length=1000, pattern=NO_NUL),
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=10_000_000),
     ) -> dict[str, Any]:
@@ -167,7 +166,7 @@ def make_router(service: Any) -> APIRouter:
             "next_offset": offset + limit if len(items) == limit else None,
         }
 
-    @router.get("/queries/stats", tags=["queries"])
+    @api.get("/queries/stats", tags=["queries"])
     async def query_stats(
         limit: int = Query(20, ge=1, le=1000), include_catalog: bool = False
     ) -> dict[str, Any]:
@@ -175,12 +174,35 @@ def make_router(service: Any) -> APIRouter:
         items = [{f: _number(getattr(s, f, None)) for f in STAT_FIELDS} for s in top]
         return {"items": items, "time_unit": "seconds"}
 
-    @router.get("/queries/explain", tags=["queries"], include_in_schema=False)
-    async def explain_not_built() -> JSONResponse:
-        return _not_built("queries/explain")
+    @api.get("/queries/explain", tags=["queries"], responses=errors(404, 409, 504))
+    async def explain_logged(query_id: int = Query(ge=1, le=BIGINT_MAX)) -> dict[str, Any]:
+        """EXPLAIN (FORMAT JSON, never ANALYZE) of a logged SELECT, on pgsage's own warehouse
+        connection with a statement_timeout. Needs the text with its values: log_parameters."""
+        async with connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT query_text, normalized_text, command FROM metadata.query_logs"
+                " WHERE query_id = $1",
+                query_id,
+            )
+        if row is None:
+            raise HTTPException(404, f"no query with query_id {query_id}")
+        if row["query_text"] is None:
+            raise HTTPException(
+                409,
+                f"query {query_id} was logged without its text (log_parameters is off, so only"
+                " the normalised text with $n placeholders is kept); set log_parameters = true"
+                " to explain logged queries, or POST the SQL to /api/v1/queries/explain",
+            )
+        found = await explain_checked(ctx, row["query_text"], ("query", "query_id"))
+        return {"query_id": query_id, "sql": row["query_text"], **found}
 
-    @router.get("/queries/{query_id}", tags=["queries"])
-    async def one_query(query_id: int) -> dict[str, Any]:
+    @api.post("/queries/explain", tags=["queries"], responses=errors(504))
+    async def explain_text(req: ExplainRequest) -> dict[str, Any]:
+        """EXPLAIN (FORMAT JSON, never ANALYZE) of one SELECT text on the warehouse."""
+        return {"sql": req.sql, **await explain_checked(ctx, req.sql, ("body", "sql"))}
+
+    @api.get("/queries/{query_id}", tags=["queries"], responses=errors(404))
+    async def one_query(query_id: int = Path(ge=1, le=BIGINT_MAX)) -> dict[str, Any]:
         async with connection() as conn:
             row = await conn.fetchrow(QUERY_SQL, query_id)
         if row is None:
@@ -189,7 +211,7 @@ def make_router(service: Any) -> APIRouter:
 
     # ------------------------------------------------------------------ metrics
 
-    @router.get("/metrics/history", tags=["metrics"])
+    @api.get("/metrics/history", tags=["metrics"])
     async def metrics_history(
         start: datetime | None = None,
         end: datetime | None = None,
@@ -198,10 +220,11 @@ def make_router(service: Any) -> APIRouter:
         end_at = _aware(end) or datetime.now(UTC)
         start_at = _aware(start) or end_at - timedelta(hours=1)
         if start_at >= end_at:
-            raise HTTPException(400, "start must be before end")
+            raise invalid(("query", "start"), "start must be before end")
         if (end_at - start_at) / STEP[granularity] > MAX_BUCKETS:
-            raise HTTPException(
-                400, f"too many {granularity} buckets (at most {MAX_BUCKETS}); widen granularity"
+            raise invalid(
+                ("query", "granularity"),
+                f"too many {granularity} buckets (at most {MAX_BUCKETS}); widen granularity",
             )
         async with connection() as conn:
             system = await conn.fetch(METRICS_HISTORY_SQL, granularity, start_at, end_at)
@@ -216,14 +239,14 @@ def make_router(service: Any) -> APIRouter:
 
     # ------------------------------------------------------------------ models
 
-    @router.get("/ml/models", tags=["ml"])
+    @api.get("/ml/models", tags=["ml"])
     async def list_models() -> dict[str, Any]:
         async with connection() as conn:
             rows = await conn.fetch(MODELS_SQL)
         return {"items": [dict(r) for r in rows]}
 
-    @router.get("/ml/models/{name}", tags=["ml"])
-    async def model_detail(name: str) -> dict[str, Any]:
+    @api.get("/ml/models/{name}", tags=["ml"], responses=errors(404))
+    async def model_detail(name: str = Path(pattern=NO_NUL, max_length=200)) -> dict[str, Any]:
         async with connection() as conn:
             rows = await conn.fetch(MODEL_SQL, name)
         if not rows:
@@ -234,7 +257,7 @@ def make_router(service: Any) -> APIRouter:
 
     # ------------------------------------------------------------------ admin
 
-    @router.get("/admin/status", tags=["admin"])
+    @api.get("/admin/status", tags=["admin"])
     async def admin_status() -> dict[str, Any]:
         recorder = service.recorder
         return {
@@ -247,7 +270,7 @@ def make_router(service: Any) -> APIRouter:
             "databases": service.database_stats(),
         }
 
-    @router.get("/admin/config", tags=["admin"])
+    @api.get("/admin/config", tags=["admin"])
     async def admin_config() -> dict[str, Any]:
         items = [
             {"key": k, "value": v, "default": d, "reloadable": r}
@@ -255,98 +278,112 @@ def make_router(service: Any) -> APIRouter:
         ]
         return {"items": items}
 
-    @router.put("/admin/config", tags=["admin"])
+    @api.put("/admin/config", tags=["admin"])
     async def admin_set_config(change: ConfigChange) -> dict[str, Any]:
         value = change.value
         text = str(value).lower() if isinstance(value, bool) else str(value)
         problem = service.set_setting(change.key, text)
         if problem is not None:
-            raise HTTPException(400, problem)
+            raise setting_problem(problem)
         shown = next((v for k, v, _d, _r in service.config_items() if k == change.key), text)
         return {"key": change.key, "value": shown, "applied": True}
 
     # ------------------------------------------------------------------ optimisation
 
-    @router.get("/optimization/recommendations", tags=["optimization"])
+    @api.get("/optimization/recommendations", tags=["optimization"])
     async def recommendations(
         include_closed: bool = False, limit: int = Query(50, ge=1, le=1000)
     ) -> dict[str, Any]:
         recs = await service.optimiser.recommendations(include_closed=include_closed)
         return {"recommendations": [_jsonable(r) for r in recs[:limit]]}
 
-    @router.post("/optimization/recommendations/{rec_id}/apply", tags=["optimization"])
-    async def apply_recommendation(rec_id: int, validate: bool = True) -> dict[str, Any]:
+    @api.post(
+        "/optimization/recommendations/{rec_id}/apply", tags=["optimization"], responses=errors(404)
+    )
+    async def apply_recommendation(
+        rec_id: int = Path(ge=1, le=BIGINT_MAX), validate: bool = True
+    ) -> dict[str, Any]:
         try:
             return _jsonable(await service.optimiser.apply(rec_id, validate=validate))
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
 
-    @router.post("/optimization/recommendations/{rec_id}/reject", tags=["optimization"])
-    async def reject_recommendation(rec_id: int) -> dict[str, Any]:
+    @api.post(
+        "/optimization/recommendations/{rec_id}/reject",
+        tags=["optimization"],
+        responses=errors(404),
+    )
+    async def reject_recommendation(rec_id: int = Path(ge=1, le=BIGINT_MAX)) -> dict[str, Any]:
         try:
             return _jsonable(await service.optimiser.reject(rec_id))
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
 
-    @router.post("/ml/recommend", tags=["ml"])
+    @api.post("/ml/recommend", tags=["ml"])
     async def recommend_indexes() -> dict[str, Any]:
         """Run the index advisor on the logged workload now (what-if only, nothing is built)."""
         return {"recommendations": [_jsonable(r) for r in await service.optimiser.advise()]}
 
-    @router.get("/optimization/history", tags=["optimization"])
+    @api.get("/optimization/history", tags=["optimization"])
     async def optimization_history(
-        kind: str | None = Query(None, max_length=40), limit: int = Query(100, ge=1, le=5000)
+        kind: str | None = Query(None, max_length=40, pattern=NO_NUL),
+        limit: int = Query(100, ge=1, le=5000),
     ) -> dict[str, Any]:
         rows = await service.optimiser.history(kind, limit)
         return {"history": [_jsonable(r) for r in rows]}
 
-    @router.get("/ml/forecast", tags=["ml"])
-    async def forecast(cluster: str | None = Query(None, max_length=20)) -> dict[str, Any]:
+    @api.get("/ml/forecast", tags=["ml"])
+    async def forecast(
+        cluster: str | None = Query(None, max_length=20, pattern=NO_NUL),
+    ) -> dict[str, Any]:
         """The newest forecast of the active model: arrivals per 5-minute window, 6 h ahead."""
         rows = await service.optimiser.forecast()
         if cluster is not None:
             rows = [r for r in rows if r["cluster"] == cluster]
         return {"forecast": [_jsonable(r) for r in rows]}
 
-    @router.get("/ml/clusters", tags=["ml"])
+    @api.get("/ml/clusters", tags=["ml"])
     async def clusters() -> dict[str, Any]:
         return {"clusters": [_jsonable(c) for c in await service.optimiser.clusters()]}
 
-    @router.get("/ml/anomalies", tags=["ml"])
+    @api.get("/ml/anomalies", tags=["ml"])
     async def anomalies(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         """Anomaly incidents detected by the query log worker, newest first."""
         return {"anomalies": [_jsonable(a) for a in await service.optimiser.anomalies(limit)]}
 
-    @router.post("/ml/anomalies/{incident_id}/ack", tags=["ml"])
-    async def ack_anomaly(incident_id: int) -> dict[str, Any]:
+    @api.post("/ml/anomalies/{incident_id}/ack", tags=["ml"], responses=errors(404))
+    async def ack_anomaly(incident_id: int = Path(ge=1, le=BIGINT_MAX)) -> dict[str, Any]:
         if not await service.optimiser.ack_anomaly(incident_id):
             raise HTTPException(404, f"no anomaly incident {incident_id}")
         return {"incident_id": incident_id, "acknowledged": True}
 
-    @router.get("/admin/lanes", tags=["admin"])
+    @api.get("/admin/lanes", tags=["admin"], responses=errors(404))
     async def admin_lanes() -> dict[str, Any]:
         lanes = service.admission_lanes()
         if lanes is None:
             raise HTTPException(404, "not configured: admission control is off")
         return dict(lanes)
 
-    @router.get("/admin/cache", tags=["admin"])
+    @api.get("/admin/cache", tags=["admin"], responses=errors(404))
     async def admin_cache() -> dict[str, Any]:
         stats = service.cache_stats()
         if stats is None:
             raise HTTPException(404, "not configured: the result cache is off (cache_enabled)")
         return stats
 
-    @router.post("/admin/clear-cache", tags=["admin"])
+    @api.post("/admin/clear-cache", tags=["admin"], responses=errors(404))
     async def admin_clear_cache() -> dict[str, Any]:
         dropped = await service.clear_cache()
         if dropped is None:
             raise HTTPException(404, "not configured: the result cache is off (cache_enabled)")
         return {"cleared": True, "entries_dropped": dropped}
 
-    # ------------------------------------------------------------------ not built yet
+    add_ml_routes(api, ctx)
+    add_live_routes(api, ctx)
 
-    @router.api_route(
+    # ------------------------------------------------------------------ anything else
+
+    @api.api_route(
         "/{rest:path}",
         methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
         include_in_schema=False,
@@ -357,20 +394,11 @@ def make_router(service: Any) -> APIRouter:
                 return _not_built(prefix)
         return JSONResponse({"detail": f"no such endpoint: /api/v1/{rest}"}, status_code=404)
 
+    router.include_router(api)
     return router
 
 
-def _jsonable(value: Any) -> Any:
-    """Datetimes as ISO text, JSON columns decoded, NaN as null."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+_jsonable = jsonable
 
 
 def _not_built(prefix: str) -> JSONResponse:

@@ -306,3 +306,17 @@ def test_splits():
     held = template_split(fps, 0.2, seed=1)
     assert len(held) == 4 and held == template_split(list(reversed(fps)), 0.2, seed=1)
     assert held != template_split(fps, 0.2, seed=2)
+
+
+def test_static_features_take_the_normalised_text_when_query_text_is_missing() -> None:
+    """Rows logged before log_parameters was switched on have NULL query_text (NaN in a frame)."""
+    import asyncio
+    import math
+
+    from models.dataset import StaticFeatures
+
+    static = StaticFeatures(None, None)
+    normalized = "SELECT a FROM t WHERE b = $1"
+    from_nan = asyncio.run(static.features("f1", math.nan, normalized))
+    from_none = asyncio.run(StaticFeatures(None, None).features("f1", None, normalized))
+    assert from_nan == from_none and from_nan
