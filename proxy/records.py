@@ -30,6 +30,8 @@ class SessionInfo:
 class StatementRecord:
     session: SessionInfo
     execution: Execution
+    #: log_parameters when the statement finished: its text may be stored with its literals
+    keep_text: bool = False
 
     @property
     def started_at(self) -> float:

@@ -5,6 +5,7 @@ Only keys in RELOADABLE change at run time; the others need a restart (RELOAD sa
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -94,9 +95,15 @@ def set_setting(settings: Settings, key: str, value: str) -> str | None:
         return f"unknown setting {key!r}"
     if key not in RELOADABLE:
         return f"{key} cannot be changed at run time; restart pgsage to change it"
-    parsed: Any = (
-        [v.strip() for v in value.split(",") if v.strip()] if key == "admin_users" else value
-    )
+    parsed: Any = value
+    annotation = str(type(settings).model_fields[key].annotation)
+    if annotation.startswith("list["):
+        try:  # ["a", "b"] as JSON, else a,b,c (or empty)
+            parsed = json.loads(value) if value.lstrip().startswith("[") else None
+        except ValueError:
+            return f"{key}: not a JSON list: {value[:60]!r}"
+        if parsed is None:
+            parsed = [v.strip() for v in value.split(",") if v.strip()]
     try:
         checked = Settings.model_validate({**settings.model_dump(), key: parsed})
     except ValidationError as exc:

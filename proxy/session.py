@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -97,6 +98,8 @@ class ClientConnection(asyncio.Protocol):
         self._admin_last: asyncio.Future[None] | None = None
         self.txn_started: float | None = None
         self._chunks = 0  # for sampling the proxy's own time per chunk
+        #: the client half-closed with requests in flight: close once they are answered
+        self.close_when_idle = False
         #: result cache: startup parameters and SET commands shape how values are rendered
         self.startup_params: dict[str, str] = {}
         self.set_history: list[str] = []
@@ -119,6 +122,15 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        idle = self.server.settings.tcp_keepalive_idle
+        sock = transport.get_extra_info("socket")
+        if idle and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # a client that vanished without FIN or RST (half-open) is noticed and dropped
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 6))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
         peer = transport.get_extra_info("peername")
         self.info.client_addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.server.clients.add(self)
@@ -514,6 +526,11 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None:
             if not self.scanner.at_boundary:
                 self.protocol_error(ProtocolViolation("incomplete message from client"))
+            elif self.tracker.in_flight and self.tracker.phase is not Phase.STARTUP:
+                # it sent whole requests and then shut down its sending side: answer them, as
+                # PostgreSQL would, and close after the last ReadyForQuery
+                self.close_when_idle = True
+                return True
         elif self.reader is not None and self.reader.remaining:
             self.protocol_error(ProtocolViolation("incomplete startup packet"))
         return False  # close our side too
@@ -841,8 +858,9 @@ class ClientConnection(asyncio.Protocol):
         if sink is None:
             return
         info = self.info
+        keep = server.settings.log_parameters  # as it is now, not when the batch is written
         for ex in executions:
-            sink(StatementRecord(info, ex))
+            sink(StatementRecord(info, ex, keep))
 
     def _abandon_pending(
         self, sqlstate: str = QUERY_CANCELED, message: str = "client disconnected"
@@ -1021,6 +1039,8 @@ class UpstreamConnection(asyncio.Protocol):
         if transport is not None:
             client.tx += n
             transport.write(data)
+            if client.close_when_idle and not client.tracker.in_flight:
+                transport.close()  # flushes what was written first
         if sampled:
             client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
 

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     embedded_data_dir: Path = Path.home() / ".local/share/pgsage/embedded"
 
     max_client_connections: int = Field(default=1000, ge=1)
+    #: seconds of silence before TCP keepalive probes a client socket (0: no keepalive);
+    #: a client gone without FIN or RST is dropped about a minute after that
+    tcp_keepalive_idle: int = Field(default=60, ge=0)
     #: seconds to open the upstream TCP connection
     connect_timeout: float = Field(default=5.0, gt=0)
     #: seconds a client has to finish startup and authentication

@@ -53,7 +53,20 @@ class AdminContext(Protocol):
 
 
 def _statements(sql: str) -> list[str]:
-    return [s.strip() for s in sql.split(";") if s.strip()]
+    """Split on semicolons outside '...' and "..." (admin commands are not all valid SQL, so
+    libpg_query's splitter, which drops what it cannot scan, does not fit)."""
+    out, start, quote = [], 0, ""
+    for i, ch in enumerate(sql):
+        if quote:
+            if ch == quote:
+                quote = ""  # a doubled quote closes and reopens: same effect
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            out.append(sql[start:i])
+            start = i + 1
+    out.append(sql[start:])
+    return [s.strip() for s in out if s.strip()]
 
 
 class AdminConsole:

@@ -483,7 +483,8 @@ class SessionTracker:
             item = self.pending.popleft()
             if isinstance(item, (_Sync, _Query)):
                 break
-        self.phase = Phase.BUSY if self.pending else Phase.IDLE
+        if self.phase is not Phase.CLOSED:  # a Terminate sent behind the request stays final
+            self.phase = Phase.BUSY if self.pending else Phase.IDLE
         if status == "I":
             # protocol-level portals do not outlive their transaction
             for ex in self.suspended.values():

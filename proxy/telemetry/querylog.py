@@ -70,10 +70,10 @@ SLICE = 1000  # records processed between yields to the event loop
 
 #: a finished statement, flat: session id, protocol, sql, statement name, start, end (monotonic),
 #: rows, status, sqlstate, error message, portal suspensions, bytes sent, answered by the cache,
-#: planner hint set, rewrite rule
+#: planner hint set, rewrite rule, whether the text may be kept with its literals
 Row = tuple[
     int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
-    int, int | None, bool, str | None, str | None,
+    int, int | None, bool, str | None, str | None, bool,
 ]  # fmt: skip
 
 
@@ -88,7 +88,7 @@ def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[
         rows.append(
             (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
              ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit,
-             ex.hint_set, ex.rewrite_rule)
+             ex.hint_set, ex.rewrite_rule, rec.keep_text)
         )  # fmt: skip
     return sessions, rows
 
@@ -229,7 +229,6 @@ class QueryLogRecorder(BatchingSink):
         grouped and handed to the histogram and the per-fingerprint sketches in bulk.
         """
         fp_of = self.fingerprinter.fingerprint
-        keep_text = self.settings.log_parameters
         instance = self.settings.instance_name
         groups: dict[tuple[str, str, str, str, str], list[float]] = {}
         by_fp: dict[str, tuple[Any, list[float], list[Any]]] = {}
@@ -260,6 +259,7 @@ class QueryLogRecorder(BatchingSink):
             hit,
             hint,
             rule,
+            keep_text,
         ) in rows:
             info = sessions[sid]
             fp = fp_of(sql if sql is not None else "")
