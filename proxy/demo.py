@@ -1,7 +1,7 @@
 """`pgsage demo`: the whole loop in one command, with what exists today.
 
 PostgreSQL (configured, or embedded) -> the bundled warehouse -> `pgsage serve` with the result
-cache, admission control and plan steering on -> simulated users through it on a simulated
+cache, admission control, plan steering and rewrites on -> simulated users through it on a simulated
 clock with labelled anomalies -> every model trained from the proxy's own log -> the index
 advisor with validation by real builds -> `pgsage report` and where everything is. Ctrl-C stops
 everything it started.
@@ -68,7 +68,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
         console.rule("1/7 the warehouse")
         init_warehouse(_libpq_dsn(upstream, user, "postgres"), cfg.scale, cfg.seed, cfg.database)
 
-        console.rule("2/7 pgsage serve (cache, admission control and plan steering on)")
+        console.rule("2/7 pgsage serve (cache, admission, plan steering and rewrites on)")
         env = {
             **os.environ,
             "PGSAGE_LISTEN": f"127.0.0.1:{listen}",
@@ -82,6 +82,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
             "PGSAGE_CACHE_ENABLED": "true",
             "PGSAGE_ADMISSION_ENABLED": "true",
             "PGSAGE_STEERING_ENABLED": "true",
+            "PGSAGE_REWRITE_ENABLED": "true",
             "PGSAGE_STEERING_EVAL_INTERVAL": "10",
         }
         proc = subprocess.Popen(
