@@ -175,7 +175,7 @@ async def load_workload(conn: Any, config: AdvisorConfig) -> Workload:
     rows = await conn.fetch(
         """
         SELECT fingerprint, command, min(normalized_text) AS normalized, count(*) AS calls,
-               avg(duration_ms) AS mean_ms, (array_agg(tables_used))[1] AS tables
+               avg(duration_ms) AS mean_ms, max(tables_used) AS tables
         FROM metadata.query_logs
         WHERE started_at >= $1 AND status = 'ok' AND NOT is_catalog
           AND ($2::text IS NULL OR database_name = $2)

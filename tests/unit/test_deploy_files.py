@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "config"
 COMPOSE = CONFIG / "docker-compose.yml"
 DATASOURCES = CONFIG / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+METADATA_DATASOURCE = CONFIG / "grafana" / "provisioning" / "datasources" / "postgresql.yml"
 DASHBOARD_PROVIDERS = CONFIG / "grafana" / "provisioning" / "dashboards" / "pgsage.yml"
 DASHBOARD = CONFIG / "grafana" / "dashboards" / "pgsage.json"
 PROMETHEUS_CONFIG = CONFIG / "prometheus" / "prometheus.yml"
@@ -139,6 +140,28 @@ def test_datasource_provisioning():
     # Grafana's $__rate_interval assumes the scrape interval it is told
     scrape_interval = _yaml(PROMETHEUS_CONFIG)["global"]["scrape_interval"]
     assert ds["jsonData"]["timeInterval"] == scrape_interval
+
+
+def test_metadata_datasource_provisioning_matches_the_board_and_compose():
+    """The board's SQL panels read pgsage's metadata schema through $metadata: a provisioned
+    PostgreSQL datasource of the type the variable asks for, on compose's database."""
+    (ds,) = _yaml(METADATA_DATASOURCE)["datasources"]
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert ds["type"] == variables["metadata"]["query"] == "grafana-postgresql-datasource"
+    compose = _compose()["services"]
+    host, _, port = ds["url"].rpartition(":")
+    assert host in compose and port == "5432"
+    postgres_env = compose["postgres"]["environment"]
+    assert ds["jsonData"]["database"] == postgres_env["POSTGRES_DB"]
+    assert ds["user"] == postgres_env["POSTGRES_USER"]
+    # the password comes from Grafana's environment, the same default as the database's
+    password = ds["secureJsonData"]["password"]
+    assert password.startswith("$")
+    grafana_env = compose["grafana"]["environment"]
+    assert grafana_env[password.lstrip("${").rstrip("}")] == postgres_env["POSTGRES_PASSWORD"]
+    sql_panels = [p for p in board["panels"] if p.get("datasource", {}).get("uid") == "${metadata}"]
+    assert sql_panels, "the board has panels on the metadata datasource"
 
 
 def test_dashboard_provisioning():
