@@ -485,11 +485,9 @@ def _prepare(svc: RunningService, models: Path) -> dict[str, Any]:
             for row in _history(svc.database):
                 copy.write_row(row)
     since = datetime.now(UTC)
-    # no explicit transactions before the advisor has run: models/advisor.py's load_workload
-    # fails on logged BEGIN/COMMIT ("cannot accumulate empty arrays": array_agg over their
-    # empty tables_used); reported, remove `transaction=False` once it is fixed
+    # explicit transactions included: the advisor's workload must cope with logged BEGIN/COMMIT
     for _ in range(8):
-        _send_traffic(svc.dsn(), transaction=False)
+        _send_traffic(svc.dsn())
     svc.flush()
     took("tables, history and warm-up traffic")
     out["trained"] = asyncio.run(_train(svc.database, models, since))
