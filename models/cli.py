@@ -62,11 +62,32 @@ async def _with_registry(target: dict[str, Any], fn: Callable[[Any, Any], Awaita
     if target["dsn"]:
         conn = await asyncpg.connect(target["dsn"], server_settings=settings)
     else:
-        conn = await asyncpg.connect(**target["connect_args"], server_settings=settings)
+        conn = await asyncpg.connect(**_ssl_args(target["connect_args"]), server_settings=settings)
     try:
         return await fn(conn, Registry(conn, model_dir(target["model_dir"])))
     finally:
         await conn.close()
+
+
+def _ssl_args(args: dict[str, Any]) -> dict[str, Any]:
+    """connect_args from `pgsage` carry TLS as {"tls": {mode, rootcert, cert, key}} (JSON-able);
+    asyncpg wants `ssl=` (a mode name, or an SSLContext for verify-ca / verify-full)."""
+    tls = args.get("tls")
+    if not tls:
+        return args
+    import ssl
+
+    out = {k: v for k, v in args.items() if k != "tls"}
+    mode = tls["mode"]
+    if mode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=tls.get("rootcert"))
+        ctx.check_hostname = mode == "verify-full"
+        if tls.get("cert"):
+            ctx.load_cert_chain(tls["cert"], tls.get("key"))
+        out["ssl"] = ctx
+    else:
+        out["ssl"] = mode
+    return out
 
 
 def _run(coro: Awaitable[T]) -> T:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -29,12 +30,39 @@ def metadata_connect_args(
             "user": settings.metadata_user,
             "database": db,
         }
-    return {
+    args: dict[str, Any] = {
         "host": upstream.host,
         "port": upstream.port,
         "user": settings.metadata_user,
         "database": db,
     }
+    if settings.upstream_sslmode != "disable":
+        # JSON-able (the log worker and training subprocesses get these), made into an
+        # SSLContext by asyncpg_args() when connecting
+        args["tls"] = {
+            "mode": settings.upstream_sslmode,
+            "rootcert": str(settings.upstream_sslrootcert or "") or None,
+            "cert": str(settings.upstream_sslcert or "") or None,
+            "key": str(settings.upstream_sslkey or "") or None,
+        }
+    return args
+
+
+def asyncpg_args(args: dict[str, Any]) -> dict[str, Any]:
+    """asyncpg.connect() keyword arguments from metadata_connect_args() (TLS made real)."""
+    tls = args.get("tls")
+    if tls is None:
+        return args
+    from .upstream import UpstreamTLS
+
+    def path(v: str | None) -> Path | None:
+        return Path(v) if v else None
+
+    out = {k: v for k, v in args.items() if k != "tls"}
+    out["ssl"] = UpstreamTLS.build(
+        tls["mode"], path(tls["rootcert"]), path(tls["cert"]), path(tls["key"])
+    ).asyncpg_ssl()
+    return out
 
 
 def describe(args: dict[str, Any]) -> str:
@@ -49,7 +77,9 @@ async def connect(
     args: dict[str, Any], application_name: str, timeout: float = 5.0
 ) -> asyncpg.Connection:
     return await asyncpg.connect(
-        **args, timeout=timeout, server_settings={"application_name": application_name}
+        **asyncpg_args(args),
+        timeout=timeout,
+        server_settings={"application_name": application_name},
     )
 
 
@@ -115,4 +145,10 @@ def dsn_of(args: dict[str, Any]) -> str:
     host = str(args["host"])
     if host.startswith("/"):
         return f"postgresql://{user}@/{db}?host={quote(host)}&port={args['port']}"
-    return f"postgresql://{user}@{host}:{args['port']}/{db}"
+    query = ""
+    tls = args.get("tls")
+    if tls:
+        params = {"sslmode": tls["mode"], "sslrootcert": tls.get("rootcert"),
+                  "sslcert": tls.get("cert"), "sslkey": tls.get("key")}  # fmt: skip
+        query = "?" + "&".join(f"{k}={quote(str(v))}" for k, v in params.items() if v)
+    return f"postgresql://{user}@{host}:{args['port']}/{db}{query}"

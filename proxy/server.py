@@ -27,7 +27,7 @@ from .session import ClientConnection
 from .settings import Settings
 from .steering import SteeringController
 from .telemetry.metrics import ProxyMetrics
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamTLS
 
 SWEEP_INTERVAL = 0.5
 TRAFFIC_KEYS = (
@@ -73,6 +73,12 @@ class ProxyServer:
         self.admitted: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, bytes], ClientConnection] = {}
         self.ssl_context = self._ssl_context()
+        self.upstream_tls = UpstreamTLS.build(
+            settings.upstream_sslmode,
+            settings.upstream_sslrootcert,
+            settings.upstream_sslcert,
+            settings.upstream_sslkey,
+        )
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -117,6 +123,11 @@ class ProxyServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+        if s.tls_client_ca is not None and s.tls_client_verify != "none":
+            ctx.load_verify_locations(cafile=str(s.tls_client_ca))
+            ctx.verify_mode = (
+                ssl.CERT_REQUIRED if s.tls_client_verify == "required" else ssl.CERT_OPTIONAL
+            )
         return ctx
 
     async def start(self) -> None:

@@ -701,7 +701,7 @@ class ClientConnection(asyncio.Protocol):
         started = monotonic()
         try:
             transport, up = await asyncio.wait_for(
-                server.upstream.connect(lambda: UpstreamConnection(self)),
+                server.upstream.connect(lambda: UpstreamConnection(self), server.upstream_tls),
                 server.settings.connect_timeout,
             )
         except (TimeoutError, OSError) as exc:

@@ -76,6 +76,20 @@ class Settings(BaseSettings):
 
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: CA bundle to verify client certificates with (client-facing TLS)
+    tls_client_ca: Path | None = None
+    #: client certificates: none (not asked), optional (checked if sent), required
+    tls_client_verify: Literal["none", "optional", "required"] = "none"
+    #: TLS towards the upstream, as libpq's sslmode (disable, prefer, require, verify-ca,
+    #: verify-full); it covers client sessions and pgsage's own connections
+    upstream_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = (
+        "disable"
+    )
+    #: CA certificate(s) the upstream's certificate must chain to (verify-ca, verify-full)
+    upstream_sslrootcert: Path | None = None
+    #: pgsage's client certificate and key for the upstream (certificate authentication)
+    upstream_sslcert: Path | None = None
+    upstream_sslkey: Path | None = None
 
     #: keep a record per executed statement
     record_statements: bool = True
@@ -282,6 +296,12 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_verify != "none" and self.tls_client_ca is None:
+            raise ValueError("tls_client_verify needs tls_client_ca")
+        for key in ("tls_client_ca", "upstream_sslrootcert", "upstream_sslcert", "upstream_sslkey"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{key}: file {path} does not exist")
         for key in ("tls_cert", "tls_key"):
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
