@@ -89,7 +89,7 @@ def config_items(settings: Settings) -> list[tuple[str, str, str, bool]]:
     return items
 
 
-def set_setting(settings: Settings, key: str, value: str) -> str | None:
+def set_setting(settings: Settings, key: str, value: str | list[str]) -> str | None:
     """Validate and apply one key; the problem as one line, or None."""
     if key not in type(settings).model_fields:
         return f"unknown setting {key!r}"
@@ -97,7 +97,7 @@ def set_setting(settings: Settings, key: str, value: str) -> str | None:
         return f"{key} cannot be changed at run time; restart pgsage to change it"
     parsed: Any = value
     annotation = str(type(settings).model_fields[key].annotation)
-    if annotation.startswith("list["):
+    if annotation.startswith("list[") and isinstance(value, str):
         try:  # ["a", "b"] as JSON, else a,b,c (or empty)
             parsed = json.loads(value) if value.lstrip().startswith("[") else None
         except ValueError:

@@ -98,8 +98,6 @@ class ClientConnection(asyncio.Protocol):
         self._admin_last: asyncio.Future[None] | None = None
         self.txn_started: float | None = None
         self._chunks = 0  # for sampling the proxy's own time per chunk
-        #: the client half-closed with requests in flight: close once they are answered
-        self.close_when_idle = False
         #: result cache: startup parameters and SET commands shape how values are rendered
         self.startup_params: dict[str, str] = {}
         self.set_history: list[str] = []
@@ -526,11 +524,8 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not None:
             if not self.scanner.at_boundary:
                 self.protocol_error(ProtocolViolation("incomplete message from client"))
-            elif self.tracker.in_flight and self.tracker.phase is not Phase.STARTUP:
-                # it sent whole requests and then shut down its sending side: answer them, as
-                # PostgreSQL would, and close after the last ReadyForQuery
-                self.close_when_idle = True
-                return True
+            # (a client that half-closes with requests in flight is treated as gone: its
+            # statements are cancelled upstream, as for one that vanished mid-query)
         elif self.reader is not None and self.reader.remaining:
             self.protocol_error(ProtocolViolation("incomplete startup packet"))
         return False  # close our side too
@@ -1039,8 +1034,6 @@ class UpstreamConnection(asyncio.Protocol):
         if transport is not None:
             client.tx += n
             transport.write(data)
-            if client.close_when_idle and not client.tracker.in_flight:
-                transport.close()  # flushes what was written first
         if sampled:
             client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
 
