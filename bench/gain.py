@@ -20,8 +20,8 @@ warehouse (`bench.warehouse`, `bench.workload`), in a database of its own (``pgs
    median before / median after; the geometric mean and the calls-weighted total are beside it)
    and ``storage_used_share`` (real size of the built indexes / database size); then dropped.
 
-Writes ``bench/results/advisor.json`` and prints a table. ``tpch_speedup`` is null until the
-TPC-H part (bench/tpch*.py) exists. Room is left for ``--cache`` and ``--admission`` modes.
+Writes ``bench/results/advisor.json`` and prints a table. ``tpch_speedup`` comes from the last
+TPC-H run (``--advisor --tpch``, bench/tpch.py, which also sets it here); null until one ran.
 """
 
 from __future__ import annotations
@@ -235,6 +235,8 @@ def _weighted(pairs: dict[str, tuple[float, float]], calls: dict[str, float]) ->
 
 
 async def run_advisor(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from bench.tpch import tpch_summary
+
     t0 = time.perf_counter()
     await init_warehouse_async(args.dsn, args.scale, args.seed, args.database, progress=False)
     conn = await asyncpg.connect(**connect_kwargs(args.dsn, args.database))
@@ -334,8 +336,7 @@ async def run_advisor(args: argparse.Namespace, console: Console) -> dict[str, A
             "storage_used_bytes": used,
             "database_bytes": db_bytes,
             "storage_used_share": used / db_bytes if db_bytes else None,
-            "tpch_speedup": None,
-            "tpch": "not run: bench/tpch.py (tpchgen-cli SF1, 22 queries via the proxy) is open",
+            **tpch_summary(),  # the last `python -m bench.gain --advisor --tpch` (tpch.json)
             "seconds": time.perf_counter() - t0,
         }
         return result
@@ -367,13 +368,18 @@ def render(result: dict[str, Any]) -> Table:
         f"precision@5 {fmt(result['precision_at_5'])}  mean speedup"
         f" {fmt(result['mean_speedup'], 'x')} (geomean {fmt(result['geomean_speedup'], 'x')},"
         f" weighted {fmt(result['weighted_speedup'], 'x')})  storage used"
-        f" {fmt((result['storage_used_share'] or 0) * 100, '%')}  tpch: not run"
+        f" {fmt((result['storage_used_share'] or 0) * 100, '%')}  tpch"
+        f" {fmt(result['tpch_speedup'], 'x') if result['tpch_speedup'] else 'not run'}"
     )
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--tpch" in argv:  # TPC-H through pgsage before/after the advisor (bench/tpch.py)
+        from bench import tpch
+
+        return tpch.main([a for a in argv if a not in ("--tpch", "--advisor")])
     if "--cache" in argv:  # the result cache's bench has its own options
         from bench import gain_cache
 

@@ -177,7 +177,10 @@ async def load_workload(conn: Any, config: AdvisorConfig) -> Workload:
         SELECT fingerprint, command, min(normalized_text) AS normalized, count(*) AS calls,
                avg(duration_ms) AS mean_ms, max(tables_used) AS tables
         FROM metadata.query_logs
-        WHERE started_at >= $1 AND status = 'ok' AND NOT is_catalog
+        WHERE started_at >= $1 AND NOT is_catalog
+          -- a statement cancelled by a timeout is the heaviest kind of workload (its logged
+          -- time is a lower bound): leaving it out hides the queries indexes help most
+          AND (status = 'ok' OR sqlstate = '57014')
           AND ($2::text IS NULL OR database_name = $2)
         GROUP BY fingerprint, command
         """,
@@ -216,7 +219,8 @@ async def load_workload(conn: Any, config: AdvisorConfig) -> Workload:
             SELECT fingerprint, query_text,
                    row_number() OVER (PARTITION BY fingerprint ORDER BY max(started_at) DESC) AS rn
             FROM metadata.query_logs
-            WHERE started_at >= $1 AND status = 'ok' AND query_text IS NOT NULL
+            WHERE started_at >= $1 AND (status = 'ok' OR sqlstate = '57014')
+              AND query_text IS NOT NULL
               AND fingerprint = ANY($2::text[]) AND query_text !~ '\$[0-9]'
               AND ($3::text IS NULL OR database_name = $3)
             GROUP BY fingerprint, query_text
