@@ -392,6 +392,11 @@ class Runner:
         self.run_id = f"wl-{datetime.now(UTC):%Y%m%dT%H%M%S}-{pc.run_tag}"
         control = await self._control()
         try:
+            if cfg.set_proxy_clock:
+                # the set-up below goes through pgsage too: stamp it on the simulated clock
+                # (set again, exactly, right before the run), not the real one, or a handful of
+                # rows months away from the rest would stretch every time window of the log
+                await self._set_proxy_clock()
             await apply_migrations(control)
             profile = await Profile.load(control)
             plan = Plan(pc, profile)

@@ -102,6 +102,10 @@ def test_short_run_through_pgsage(make_service, tiny_warehouse):
     assert START <= lo < START + timedelta(hours=2)
     span = (hi - lo).total_seconds()
     assert 0.6 * DURATION * SPEED < span < 1.1 * (DURATION + 1) * SPEED
+    # the runner's own set-up statements are on the simulated clock too: nothing in the log
+    # is stamped in real time, months away from the rest (it would stretch every window)
+    (latest,) = _rows(db, "SELECT max(started_at) FROM metadata.query_logs")[0]
+    assert latest < START + timedelta(seconds=1.1 * (DURATION + 30) * SPEED)
 
     # ---- the three client paths are all in the log
     paths = _rows(
