@@ -253,6 +253,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _ab_test(h: dict[str, Any]) -> tuple[str, str]:
+    """The statistical test behind an outcome and its p-value, from the history's detail."""
+    detail = h.get("detail") or {}
+    if isinstance(detail, str):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            detail = {}
+    p = detail.get("p_value")
+    if p is None:
+        p = (detail.get("validation") or {}).get("p_value")
+    if p is None:
+        return "", ""
+    return "Mann-Whitney U (one-sided)", f"{float(p):.2g}"
+
+
 def success_rows(facts: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     rows = []
     for name, target, key, ok, command in TARGETS:
@@ -285,11 +301,14 @@ def render(facts: dict[str, Any], plots: dict[str, bytes], out: Path) -> tuple[P
             md.append(f"![{title}]({key}.png)\n")
         else:
             md.append("no data\n")
-    md.append("\n## Optimisation history\n\n| kind | target | action | status | before ms |"
-              " after ms |\n|---|---|---|---|---|---|\n")  # fmt: skip
+    md.append(
+        "\n## Optimisations and their A/B tests\n\n| kind | target | action | status |"
+        " before ms | after ms | test | p-value |\n|---|---|---|---|---|---|---|---|\n"
+    )
     for h in facts["history"][-50:]:
         before, after = _fmt(h["measured_before_ms"]), _fmt(h["measured_after_ms"])
-        cells = (h["kind"], h["target"], h["action"], h["status"], before, after)
+        test, p = _ab_test(h)
+        cells = (h["kind"], h["target"], h["action"], h["status"], before, after, test, p)
         md.append("| " + " | ".join(str(c) for c in cells) + " |\n")
     md_path = out / "report.md"
     md_path.write_text("".join(md))

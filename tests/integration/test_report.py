@@ -36,10 +36,12 @@ async def _fill(database: str) -> None:
         )  # fmt: skip
         await conn.executemany(
             "INSERT INTO metadata.optimization_history (kind, target, action, status,"
-            " measured_before_ms, measured_after_ms) VALUES ($1, $2, $3, $4, $5, $6)",
-            [("index", "shop.orders", "recommend", "validated", 80.0, 2.0),
-             ("steering", "abc", "validate", "validated", 70.0, 1.5),
-             ("steering", "def", "revert", "reverted", 10.0, 11.0)],
+            " measured_before_ms, measured_after_ms, detail)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
+            [("index", "shop.orders", "recommend", "validated", 80.0, 2.0,
+              '{"validation": {"p_value": 0.0001}}'),
+             ("steering", "abc", "validate", "validated", 70.0, 1.5, '{"p_value": 0.002}'),
+             ("steering", "def", "revert", "reverted", 10.0, 11.0, '{"p_value": 0.61}')],
         )  # fmt: skip
         await conn.execute(
             "INSERT INTO metadata.workload_runs (run_id, seed, clock_start, clock_speed,"
@@ -72,6 +74,11 @@ def test_report_files_plots_and_success_table(tmp_path: Path) -> None:
         text = md.read_text()
         assert "| optimisation success rate | >= 90% | 0.667 | not met |" in text
         assert "| average gain of applied optimisations | > 20% | 0.977 | met |" in text
+        assert (
+            "| steering | abc | validate | validated | 70 | 1.5 | Mann-Whitney U (one-sided)"
+            " | 0.002 |" in text
+        )
+        assert "| index | shop.orders | recommend | validated | 80 | 2 | Mann-Whitney" in text
         for png in ("cost_scatter", "cost_residuals", "optimisations", "anomalies", "forecast"):
             assert (md.parent / f"{png}.png").stat().st_size > 1000, png
         html = page.read_text()
