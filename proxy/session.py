@@ -50,9 +50,10 @@ from .protocol.errors import (
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
+from .protocol.frontend import Query
 from .records import SessionInfo, StatementRecord
 from .rewriting import APPLY as REWRITE_APPLY
-from .steering import DRY_RUN, HOLDOUT, SteeringController, query_message
+from .steering import DRY_RUN, HOLDOUT, SteeringController
 from .telemetry.apps import app_class
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
             if decision is not None:
                 self.rewrite = decision
                 if decision[0] is not None:  # sent rewritten (the client's text is logged)
-                    self._relay(data, now, up, query_message(decision[0]))
+                    self._relay(data, now, up, Query(decision[0]).encode())
                     return
         steering = server.steering
         if steering is None:
@@ -235,7 +236,7 @@ class ClientConnection(asyncio.Protocol):
                 if mode not in (HOLDOUT, DRY_RUN) and arm != "stock":
                     from models.steering import reset_sql, set_sql
 
-                    up.inject(query_message(set_sql(arm, prepared)), "set")
+                    up.inject(Query(set_sql(arm, prepared)).encode(), "set")
                     self.steer_reset = reset_sql(arm, prepared)
                     assert self.transport is not None
                     self.transport.pause_reading()  # nothing may run before the RESET
@@ -246,7 +247,7 @@ class ClientConnection(asyncio.Protocol):
         reset, self.steer_reset = self.steer_reset, None
         up = self.upstream
         if reset is not None and up is not None and not up.transport.is_closing():
-            up.inject(query_message(reset), "reset", reset)
+            up.inject(Query(reset).encode(), "reset", reset)
             self.release()
 
     def note_sets(self, executions: list[Execution]) -> None:
@@ -996,7 +997,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if executions:
                     executions[0].bytes_sent = self.rx - self._mark
                     self._mark = self.rx
-                    client.note_sets(executions)
+                    if cache is not None or client.server.steering is not None:
+                        client.note_sets(executions)  # only the cache key and steering use it
                     if cache is not None:
                         invalidate = client.cache_writes(executions, tracker.transaction_status)
                     client.emit(executions)
@@ -1081,7 +1083,7 @@ class UpstreamConnection(asyncio.Protocol):
             log = self.client.server.log
             log.warning("pgsage's own request on a client connection failed", kind=kind)
             if retry is not None and not self.transport.is_closing():
-                self.inject(query_message(retry), kind, retry)
+                self.inject(Query(retry).encode(), kind, retry)
 
     def _invalidate(
         self, cache: ResultCache, tables: list[tuple[str, ...] | None], data: bytes

@@ -229,9 +229,3 @@ def _median(values: list[float]) -> float | None:
         return None
     s = sorted(values)
     return s[len(s) // 2]
-
-
-def query_message(sql: str) -> bytes:
-    """A simple Query message with `sql`."""
-    body = sql.encode() + b"\x00"
-    return b"Q" + (len(body) + 4).to_bytes(4, "big") + body
