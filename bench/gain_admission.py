@@ -4,7 +4,8 @@
     python -m bench.gain_admission --short-clients 6 --long-clients 6 --seconds 20 --rounds 2
 
 Two `pgsage serve` processes in front of the same PostgreSQL, one with `admission_enabled`
-(at most `--limit` concurrent long statements, default one per upstream core), one without.
+(at most `--limit` concurrent long statements, default one per upstream core, adapting down to
+`--min-limit` from the upstream's load), one without.
 Each phase runs, through one of them:
 
 * dashboard clients repeating short queries (point lookups and small aggregates over a
@@ -166,7 +167,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pgsage-gain-admission-"))
     upstream = Upstream(host, port, u.username or "postgres")
     limit = args.limit or os.cpu_count() or 2
-    children, ports = {}, {}
+    children, ports, http_ports = {}, {}, {}
     try:
         for mode, env in (
             ("off", {"PGSAGE_ADMISSION_ENABLED": "false"}),
@@ -175,8 +176,8 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 {
                     "PGSAGE_ADMISSION_ENABLED": "true",
                     "PGSAGE_ADMISSION_MAX_LIMIT": str(limit),
-                    # one slot per core at least: fewer would leave a core idle
-                    "PGSAGE_ADMISSION_MIN_LIMIT": str(args.min_limit or limit),
+                    # the controller adapts between these from the upstream's load
+                    "PGSAGE_ADMISSION_MIN_LIMIT": str(args.min_limit or 1),
                     "PGSAGE_ADMISSION_QUEUE_TIMEOUT": "300",
                 },
             ),
@@ -186,6 +187,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 upstream, workdir, p, h, args.pgsage, db, None, env, name=f"pgsage-adm-{mode}"
             )
             ports[mode] = p
+            http_ports[mode] = h
         for mode, child in children.items():
             child.wait_ready("127.0.0.1", ports[mode], lambda: None, timeout=60)
         targets = {m: f"postgresql://postgres@127.0.0.1:{p}/{db}" for m, p in ports.items()}
@@ -198,12 +200,27 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             for mode in order:
                 row = asyncio.run(_phase(targets[mode], args))
                 row["mode"] = mode
+                if mode == "on":
+                    hp = http_ports[mode]
+                    row["limit_at_end"] = _gauge(hp, "pgsage_admission_limit")
+                    row["load_per_core"] = _gauge(hp, "pgsage_admission_upstream_load")
                 phases.append(row)
                 bars.advance(task)
     finally:
         for child in children.values():
             child.stop()
     return summarise(phases, args, limit)
+
+
+def _gauge(port: int, name: str) -> float | None:
+    """A gauge's value from a pgsage's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
 
 
 def summarise(phases: list[dict[str, Any]], args: Any, limit: int) -> dict[str, Any]:
@@ -233,7 +250,7 @@ def summarise(phases: list[dict[str, Any]], args: Any, limit: int) -> dict[str, 
 def render(doc: dict[str, Any]) -> Table:
     t = Table(title="admission control: mixed load, off vs on (interleaved)")
     for col in ("phase", "short p50 ms", "short p95 ms", "short p99 ms", "long/min", "qps",
-                "errors"):  # fmt: skip
+                "errors", "limit at end"):  # fmt: skip
         t.add_column(col, justify="right")
     for i, p in enumerate(doc["phases"]):
         t.add_row(
@@ -244,6 +261,7 @@ def render(doc: dict[str, Any]) -> Table:
             f"{p['long_per_minute']:.0f}",
             f"{p['throughput_qps']:.0f}",
             str(p["errors"]),
+            "" if p.get("limit_at_end") is None else f"{p['limit_at_end']:.0f}",
         )
     t.caption = (
         f"short p95 off/on {doc['short_p95_ratio']:.2f}x (target >= 3), throughput on/off "
@@ -265,7 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="long-lane slots (0: one per core)")
     ap.add_argument("--min-limit", type=int, default=0,
-                    help="lowest the adaptive limit may go (0: the limit)")  # fmt: skip
+                    help="lowest the adaptive limit may go (0: 1)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)

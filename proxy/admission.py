@@ -12,10 +12,19 @@ duration; a key seen fewer than `admission_min_observations` times counts as sho
 threshold is the `admission_short_quantile` of recent execution times, clamped to
 [admission_min_short_ms, admission_max_short_ms] (or fixed by `admission_short_ms`).
 
-The limit adapts with hysteresis (at most one step per `admission_adjust_interval`): when the
-long lane's statements run much slower than their own averages (the database is saturated) it
-shrinks by a quarter; when they run at their usual speed and others wait, it grows by one;
-never outside [admission_min_limit, admission_max_limit].
+The limit adapts with hysteresis (at most one step per `admission_adjust_interval`), never
+outside [admission_min_limit, admission_max_limit], from two signals of upstream saturation:
+
+- the long lane's own slowdown: statements running much slower than their own averages
+  (`admission_slowdown`) shrink the limit by a quarter;
+- the database's load: `LoadProbe` samples the upstream's active client backends
+  (pg_stat_activity) every `admission_probe_interval`; their mean over the adjustment interval
+  per upstream core (`admission_upstream_cores`, 0: this machine's), scaled up by the
+  forecaster's trend for the next window (`forecast_trend`, >= 1: arrivals are about to rise),
+  above `admission_saturation` shrinks the limit by one. It grows by one only while statements
+  wait, the long lane runs at its usual speed, and one more long statement would still keep the
+  load at or under `admission_saturation` — the gap between the two conditions is the
+  hysteresis that keeps the limit from thrashing.
 
 Only statements outside explicit transactions are queued: a statement inside one may hold
 locks that queued ones need, and an error the server never saw would desynchronise the
@@ -24,8 +33,11 @@ transaction state the client sees.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import itertools
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -77,6 +89,9 @@ class AdmissionMetrics:
               registry=r).set_function(lambda: ctl.running)  # fmt: skip
         Gauge("pgsage_admission_queued", "Long statements waiting for a slot",
               registry=r).set_function(lambda: ctl.queued)  # fmt: skip
+        Gauge("pgsage_admission_upstream_load",
+              "Active upstream client backends per core, mean of the last adjustment interval",
+              registry=r).set_function(lambda: ctl.load or 0.0)  # fmt: skip
         Gauge("pgsage_admission_short_threshold_seconds",
               "Predicted time below which a statement takes the short lane",
               registry=r).set_function(lambda: ctl.threshold_ms / 1000.0)  # fmt: skip
@@ -98,7 +113,19 @@ class AdmissionController:
         self._adjusted = time.monotonic()
         self.counts = {"short": 0, "long_direct": 0, "long_queued": 0, "timeouts": 0, "full": 0}
         self.adjustments: deque[tuple[float, int, str]] = deque(maxlen=50)
+        #: active client backends sampled since the last adjustment (LoadProbe)
+        self._active: list[int] = []
+        #: the mean of the last adjustment interval's samples per core (None: no probe)
+        self.load: float | None = None
+        self.active_mean: float | None = None
+        #: forecast arrivals of the next window over the current one's, clipped to [1, 2]
+        self.forecast_trend = 1.0
         self.metrics = AdmissionMetrics(registry, self) if registry is not None else None
+
+    @property
+    def cores(self) -> int:
+        """Upstream cores the load is measured against."""
+        return self.settings.admission_upstream_cores or os.cpu_count() or 1
 
     # ---------------------------------------------------------------- prediction
 
@@ -151,24 +178,70 @@ class AdmissionController:
             self._adjust()
         st.add(ms)
 
+    def observe_load(self, active: int) -> None:
+        """A sample of the upstream's active client backends (LoadProbe)."""
+        self._active.append(active)
+        self._adjust()
+
     def _adjust(self) -> None:
         s = self.settings
         now = time.monotonic()
-        if now - self._adjusted < s.admission_adjust_interval or len(self._ratios) < 4:
+        if now - self._adjusted < s.admission_adjust_interval:
             return
-        ratios = sorted(self._ratios)
-        median = ratios[len(ratios) // 2]
+        median: float | None = None
+        if len(self._ratios) >= 4:
+            ratios = sorted(self._ratios)
+            median = ratios[len(ratios) // 2]
+        pressure: float | None = None
+        if self._active:
+            self.active_mean = sum(self._active) / len(self._active)
+            self.load = self.active_mean / self.cores
+            pressure = self.load * self.forecast_trend
+        if median is None and pressure is None:
+            return
+        saturation = s.admission_saturation
         old = self.limit
-        if median > s.admission_slowdown and self.limit > s.admission_min_limit:
+        why = ""
+        floor = s.admission_min_limit
+        if median is not None and median > s.admission_slowdown and self.limit > floor:
             self.limit = max(s.admission_min_limit, int(self.limit * 0.75))
             why = f"long statements {median:.2f}x their usual time"
-        elif median < 1.2 and self._queue and self.limit < s.admission_max_limit:
+        elif (
+            pressure is not None
+            and saturation > 0
+            and pressure > saturation
+            and self.running >= self.limit
+            and self.limit > s.admission_min_limit
+        ):
+            self.limit -= 1
+            why = f"{self.active_mean:.1f} active backends on {self.cores} cores" + (
+                f" (x{self.forecast_trend:.2f} forecast)" if self.forecast_trend > 1 else ""
+            )
+        elif (
+            self._queue
+            and self.limit < s.admission_max_limit
+            and (median is None or median < 1.2)
+            and (
+                pressure is None
+                or saturation <= 0
+                or (self.active_mean or 0.0) + 1 <= saturation * self.cores / self.forecast_trend
+            )
+        ):
             self.limit += 1
-            why = f"long statements at {median:.2f}x their usual time with {self.queued} waiting"
-        else:
-            return
+            why = (
+                f"{self.queued} waiting"
+                + (
+                    f", long statements at {median:.2f}x their usual time"
+                    if median is not None
+                    else ""
+                )
+                + (f", {self.active_mean:.1f} active backends" if pressure is not None else "")
+            )
         self._ratios.clear()
+        self._active.clear()
         self._adjusted = now
+        if self.limit == old:
+            return
         self.adjustments.append((time.time(), self.limit, why))
         if self.limit > old:
             self._grant()
@@ -243,6 +316,10 @@ class AdmissionController:
             ("long_timed_out", self.counts["timeouts"]),
             ("long_rejected_queue_full", self.counts["full"]),
             ("templates_known", len(self.stats)),
+            ("upstream_cores", self.cores),
+            ("upstream_active", None if self.active_mean is None else round(self.active_mean, 2)),
+            ("load_per_core", None if self.load is None else round(self.load, 3)),
+            ("forecast_trend", round(self.forecast_trend, 3)),
             (
                 "last_adjustment",
                 f"limit {self.adjustments[-1][1]}: {self.adjustments[-1][2]}"
@@ -250,3 +327,56 @@ class AdmissionController:
                 else None,
             ),
         ]
+
+
+PROBE_SQL = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE state = 'active' AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+)
+
+
+class LoadProbe:
+    """Samples the upstream's active client backends for the controller, on one connection of
+    the proxy's own (reopened when it breaks); a failed sample is skipped, never fatal."""
+
+    def __init__(
+        self, ctl: AdmissionController, connect: Callable[[], Any], log: Any = None
+    ) -> None:
+        self.ctl = ctl
+        self.connect = connect
+        self.log = log
+        self._conn: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def sample(self) -> int:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncio.wait_for(self.connect(), 10.0)
+        active = int(await self._conn.fetchval(PROBE_SQL, timeout=5.0))
+        self.ctl.observe_load(active)
+        return active
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if self.ctl.settings.admission_saturation > 0:
+                    await self.sample()
+            except Exception as exc:  # upstream down or restarting: the next sample retries
+                if self.log is not None:
+                    self.log.debug("admission load probe failed", error=str(exc))
+                if self._conn is not None:
+                    with contextlib.suppress(Exception):
+                        self._conn.terminate()
+                    self._conn = None
+            await asyncio.sleep(self.ctl.settings.admission_probe_interval)
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2.0)

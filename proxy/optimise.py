@@ -11,15 +11,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Gauge
 
 from . import metadata
+from .clock import CLOCK
 from .log import get_logger
 from .settings import Settings
 
 APPLICATION_NAME = "pgsage-optimise"
+
+
+def forecast_trend(rows: list[dict[str, Any]], now: datetime) -> float:
+    """Total arrivals forecast for the window after `now`'s over those of `now`'s window (or
+    of the first forecast window, when `now` is before it), clipped to [1, 2]: how much busier
+    the next window is expected to be. 1.0 without a forecast covering them."""
+    from models.forecast import WINDOW_S, forecast_at
+
+    total = [r for r in rows if r["cluster"] == "total"]
+    if not total:
+        return 1.0
+    here = forecast_at(total, now).get("total") or min(total, key=lambda r: r["lead"])
+    ahead = forecast_at(total, here["window_start"] + timedelta(seconds=WINDOW_S)).get("total")
+    if ahead is None or float(here["predicted"]) <= 0:
+        return 1.0
+    return min(max(float(ahead["predicted"]) / float(here["predicted"]), 1.0), 2.0)
 
 
 class Optimiser:
@@ -32,6 +50,8 @@ class Optimiser:
         self._task: asyncio.Task[None] | None = None
         self._forecast_task: asyncio.Task[None] | None = None
         self.last_auto: dict[str, Any] | None = None
+        #: the proxy's admission controller (the Service sets it): gets the forecast's trend
+        self.admission: Any = None
         self.forecast_gauge = (
             Gauge(
                 "pgsage_forecast_queries",
@@ -156,6 +176,8 @@ class Optimiser:
             self.forecast_gauge.clear()
             for (cluster, horizon), value in gauge_values(rows).items():
                 self.forecast_gauge.labels(cluster, horizon).set(value)
+        if self.admission is not None:
+            self.admission.forecast_trend = forecast_trend(rows, CLOCK.now())
         return stored
 
     async def _forecast_loop(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import __version__, metadata
 from . import reload as reload_
+from .admission import LoadProbe
 from .api import make_router
 from .cache import RefreshListener
 from .clock import CLOCK
@@ -75,6 +76,16 @@ class Service:
             else None
         )
         self.optimiser = Optimiser(settings, self.metadata_args, self.metrics.registry)
+        self.optimiser.admission = self.proxy.admission
+        self.load_probe = (
+            LoadProbe(
+                self.proxy.admission,
+                partial(metadata.connect, self.metadata_args, "pgsage-admission"),
+                self.log,
+            )
+            if self.proxy.admission is not None
+            else None
+        )
         if self.proxy.rewriter is not None:
             self.proxy.rewriter.connect = partial(
                 metadata.connect, self.metadata_args, "pgsage-rewrite"
@@ -133,6 +144,8 @@ class Service:
         if self.refresh_listener is not None:
             self.refresh_listener.start()
         self.optimiser.start(self.proxy.steering, self.proxy.rewriter)
+        if self.load_probe is not None:
+            self.load_probe.start()
         if self.proxy.rewriter is not None:
             self.proxy.rewriter.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
@@ -163,6 +176,8 @@ class Service:
         if self.refresh_listener is not None:
             await self.refresh_listener.stop()
         await self.optimiser.stop()
+        if self.load_probe is not None:
+            await self.load_probe.stop()
         if self.proxy.rewriter is not None:
             await self.proxy.rewriter.stop()
         if self.http is not None and self._http_task is not None:

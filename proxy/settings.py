@@ -187,6 +187,12 @@ class Settings(BaseSettings):
     admission_adjust_interval: float = Field(default=2.0, gt=0)
     #: long statements this many times slower than usual mean the database is saturated
     admission_slowdown: float = Field(default=2.0, gt=1)
+    #: active upstream backends per core above which the limit shrinks (0: no load probe)
+    admission_saturation: float = Field(default=1.0, ge=0)
+    #: cores of the upstream database server (0: this machine's, right when it runs here)
+    admission_upstream_cores: int = Field(default=0, ge=0)
+    #: seconds between samples of the upstream's active backends
+    admission_probe_interval: float = Field(default=0.5, gt=0)
     #: queue priority by application class (lower first; unlisted classes get 1)
     admission_priorities: dict[str, int] = Field(default_factory=lambda: dict(_DASHBOARDS))
 

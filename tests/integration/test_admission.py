@@ -118,3 +118,36 @@ def test_show_lanes_and_gauges(make_service: Any) -> None:
     text = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
     assert "pgsage_admission_limit 1.0" in text
     assert 'pgsage_admission_decisions_total{lane="long",outcome="direct"}' in text
+
+
+def test_the_limit_follows_the_upstreams_load(make_service: Any) -> None:
+    """The load probe samples pg_stat_activity: long statements keeping more backends active
+    than the (configured) cores shrink the limit, and SHOW LANES and the gauges say why."""
+    import urllib.request
+
+    svc = make_service(
+        **(ADMISSION | {"admission_initial_limit": 3, "admission_max_limit": 3}),
+        admission_upstream_cores=1,
+        admission_saturation=1.0,
+        admission_probe_interval=0.1,
+        admission_adjust_interval=0.5,
+    )
+    _learn(svc.dsn())
+    out: dict[str, Any] = {}
+    threads = [
+        threading.Thread(target=_timed, args=(svc.dsn(), "SELECT pg_sleep(2.5)", out, f"l{i}"))
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.8)  # three active backends on one core: above saturation for 3 intervals
+    with psycopg.connect(svc.dsn("pgsage"), autocommit=True) as admin:
+        lanes = dict(admin.execute("SHOW LANES").fetchall())
+    for t in threads:
+        t.join(10)
+    assert all(isinstance(out[f"l{i}"], float) for i in range(3)), out
+    assert int(lanes["limit"]) < 3, lanes
+    assert lanes["upstream_cores"] == "1" and float(lanes["upstream_active"]) >= 2, lanes
+    assert "active backends on 1 cores" in lanes["last_adjustment"], lanes
+    text = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
+    assert "pgsage_admission_upstream_load" in text
