@@ -48,7 +48,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,7 +82,7 @@ def _no_progress(stage: str, fraction: float) -> None:
 
 @dataclass
 class AdvisorConfig:
-    #: the workload: logged executions since this (default: the last `window_days`)
+    #: the workload: logged executions since this (default: the `window_days` before the newest)
     since: datetime | None = None
     window_days: float = 7.0
     database: str | None = None
@@ -171,7 +171,12 @@ class AdviceReport:
 
 async def load_workload(conn: Any, config: AdvisorConfig) -> Workload:
     """Fingerprints of the logged workload (weight = calls x mean ms) and writes per table."""
-    since = config.since or datetime.now(UTC) - timedelta(days=config.window_days)
+    since = config.since
+    if since is None:
+        # the window ends at the newest logged execution, not the wall clock: under the workload
+        # simulator's clock the log is stamped in simulated time, possibly months away
+        newest = await conn.fetchval("SELECT max(started_at) FROM metadata.query_logs")
+        since = (newest or datetime.now(UTC)) - timedelta(days=config.window_days)
     rows = await conn.fetch(
         """
         SELECT fingerprint, command, min(normalized_text) AS normalized, count(*) AS calls,
@@ -708,9 +713,14 @@ async def reject_recommendation(conn: Any, rec_id: int, reason: str = "") -> dic
 
 
 async def measure(
-    conn: Any, sqls: Mapping[str, Sequence[str]], repeats: int, timeout_ms: int
+    conn: Any,
+    sqls: Mapping[str, Sequence[str]],
+    repeats: int,
+    timeout_ms: int,
+    indexes: dict[str, set[str]] | None = None,
 ) -> dict[str, list[float]]:
-    """Execution + planning ms of each SQL `repeats` times (after one warm-up), per key.
+    """Execution + planning ms of each SQL `repeats` times (after one warm-up), per key; with
+    `indexes`, also the names of the indexes each key's plans scan (filled in place).
 
     Every run is an EXPLAIN ANALYZE inside a READ ONLY transaction that is rolled back.
     """
@@ -718,15 +728,24 @@ async def measure(
     for _ in range(repeats + 1):
         for key, texts in sqls.items():
             for sql in texts:
-                ms = await _timed(conn, sql, timeout_ms)
-                if ms is not None:
-                    out[key].append(ms)
+                timed = await _timed(conn, sql, timeout_ms)
+                if timed is not None:
+                    out[key].append(timed[0])
+                    if indexes is not None:
+                        indexes.setdefault(key, set()).update(timed[1])
     # the first round was the warm-up
     n = {k: sum(1 for _ in v) for k, v in sqls.items()}
     return {k: v[n[k] :] for k, v in out.items() if len(v) > n[k]}
 
 
-async def _timed(conn: Any, sql: str, timeout_ms: int) -> float | None:
+def _plan_indexes(node: Mapping[str, Any]) -> set[str]:
+    names = {str(node["Index Name"])} if "Index Name" in node else set()
+    for child in node.get("Plans", ()):
+        names |= _plan_indexes(child)
+    return names
+
+
+async def _timed(conn: Any, sql: str, timeout_ms: int) -> tuple[float, set[str]] | None:
     body = sql.strip().rstrip(";")
     try:
         async with conn.transaction(readonly=True):
@@ -736,7 +755,8 @@ async def _timed(conn: Any, sql: str, timeout_ms: int) -> float | None:
         return None
     doc = json.loads(out) if isinstance(out, str) else out
     doc = doc[0]
-    return float(doc.get("Execution Time", 0.0)) + float(doc.get("Planning Time", 0.0))
+    ms = float(doc.get("Execution Time", 0.0)) + float(doc.get("Planning Time", 0.0))
+    return ms, _plan_indexes(doc.get("Plan", {}))
 
 
 def compare(
@@ -745,8 +765,14 @@ def compare(
     calls: Mapping[str, float],
     own: Sequence[str],
     config: AdvisorConfig,
+    affected: Collection[str] | None = None,
 ) -> dict[str, Any]:
-    """Mann-Whitney U verdict: speedup over the candidate's own fingerprints, regressions."""
+    """Mann-Whitney U verdict: speedup over the candidate's own fingerprints, regressions.
+
+    A regression is a fingerprint significantly slower after the build, by over
+    `max_regression` — among `affected` (those whose plans use the new index) when given: a
+    query planned without the index cannot be slowed by it, and counting it would read a
+    change in the machine's load between the two measurements as the index's fault."""
     from scipy.stats import mannwhitneyu
 
     per: dict[str, Any] = {}
@@ -762,7 +788,13 @@ def compare(
         worse = float(mannwhitneyu(a, b, alternative="greater").pvalue)
         better = float(mannwhitneyu(b, a, alternative="greater").pvalue)
         per[fp] = {"before_ms": mb, "after_ms": ma, "p_faster": better, "p_slower": worse}
-        if ma > config.max_regression * mb and worse < config.alpha:
+        if affected is not None:
+            per[fp]["uses_index"] = fp in affected
+        if (
+            ma > config.max_regression * mb
+            and worse < config.alpha
+            and (affected is None or fp in affected)
+        ):
             regressions.append(fp)
         if fp in own:
             pooled_b += [x / mb for x in b]
@@ -866,9 +898,11 @@ async def apply_recommendation(
             {"reason": "no replayable SELECT samples (log_parameters off?)"},
         )
         return await _get(conn, rec_id)
-    after = await measure(wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms)
+    scanned: dict[str, set[str]] = {}
+    after = await measure(wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms, scanned)
     progress("measure after", 1.0)
-    verdict = compare(before, after, calls, own, cfg)
+    affected = {fp for fp, names in scanned.items() if name in names}
+    verdict = compare(before, after, calls, own, cfg, affected)
     validation = {k: v for k, v in verdict.items() if k != "keep"}
     validation["samples"] = {k: len(v) for k, v in sqls.items()}
     scans = await _idx_scan(wh, schema, name)

@@ -217,3 +217,27 @@ def test_greedy_counts_only_what_a_second_index_adds_and_respects_the_budget():
     c.write_cost = 60.0  # maintenance outweighs its 50 ms gain
     assert greedy_select([a, b, c], 10_000) == [a]
     assert math.isclose(a.gain, 90.0)
+
+
+def test_a_regression_needs_a_plan_that_uses_the_index() -> None:
+    """Validation's verdict: a fingerprint slower after the build is a regression only when
+    its plans scan the new index; one planned without it was slowed by something else."""
+    from models.advisor import AdvisorConfig, _plan_indexes, compare
+
+    cfg = AdvisorConfig()
+    before = {"own": [10.0, 11.0, 10.5, 10.2, 10.8, 10.1], "other": [5.0, 5.1, 5.2, 5.0, 5.1, 5.3]}
+    after = {"own": [1.0, 1.1, 1.2, 1.0, 1.1, 1.05], "other": [7.0, 7.2, 7.1, 7.3, 7.0, 7.2]}
+    calls = {"own": 10.0, "other": 10.0}
+    blind = compare(before, after, calls, ["own"], cfg)
+    assert blind["regressions"] == ["other"] and not blind["keep"]
+    unused = compare(before, after, calls, ["own"], cfg, affected={"own"})
+    assert unused["regressions"] == [] and unused["keep"] and unused["speedup"] > 5
+    assert unused["per_fingerprint"]["other"]["uses_index"] is False
+    used = compare(before, after, calls, ["own"], cfg, affected={"own", "other"})
+    assert used["regressions"] == ["other"] and not used["keep"]
+
+    plan = {"Node Type": "Nested Loop", "Plans": [
+        {"Node Type": "Index Scan", "Index Name": "pgsage_a_1"},
+        {"Node Type": "Bitmap Heap Scan", "Plans": [
+            {"Node Type": "Bitmap Index Scan", "Index Name": "t_pkey"}]}]}  # fmt: skip
+    assert _plan_indexes(plan) == {"pgsage_a_1", "t_pkey"}
