@@ -31,6 +31,7 @@ RELOADABLE = frozenset(
         "retrain_interval",
         "retrain_qerror_threshold",
         "retrain_min_gap",
+        "retrain_models",
         "clock_start",
         "cache_ttl",
         "cache_min_ms",

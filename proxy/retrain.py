@@ -1,5 +1,9 @@
 """Retraining inside `pgsage serve`: on a schedule and when the online q-error drifts.
 
+A scheduled run retrains every model of `retrain_models` in turn (by default the cost model,
+then the workload clusters, the forecaster that counts arrivals per cluster, and the anomaly
+detector that reads both); a drift of the online q-error retrains the cost model alone.
+
 Training runs as a separate process (`pgsage train MODEL --json`), so the event loop never
 stalls; the log worker notices a newly active version within `cost_refresh_interval` and swaps
 to it. A failed run leaves the previous model serving; the registry row says why.
@@ -69,8 +73,11 @@ class Retrainer:
         while True:
             await asyncio.sleep(CHECK_PERIOD)
             trigger = self.due(time.monotonic())
-            if trigger is not None:
+            if trigger == "drift":
                 await self.run("cost", trigger)
+            elif trigger is not None:
+                for model in list(self.settings.retrain_models):
+                    await self.run(model, trigger)
 
     async def run(self, model: str, trigger: str) -> dict[str, Any]:
         self.last_run = time.monotonic()

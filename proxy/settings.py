@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     #: ... and when the online median q-error exceeds this (0: never on drift)
     retrain_qerror_threshold: float = Field(default=3.0, ge=0)
     retrain_min_gap: float = Field(default=600.0, ge=0)
+    #: what a scheduled run retrains, in this order (drift retrains the cost model alone)
+    retrain_models: list[Literal["cost", "clusters", "forecast", "anomaly", "advisor_rank"]] = (
+        Field(default_factory=lambda: ["cost", "clusters", "forecast", "anomaly"])
+    )
 
     # ---- result cache for repeated read-only SELECTs (see proxy/cache.py)
     cache_enabled: bool = False

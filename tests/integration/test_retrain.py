@@ -40,7 +40,7 @@ def test_scheduled_runs_fail_without_data_then_activate_with_it(
     make_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setenv("PGSAGE_MODEL_DIR", str(tmp_path / "models"))
-    svc = make_service(retrain_interval=1.0, retrain_min_gap=1.0)
+    svc = make_service(retrain_interval=1.0, retrain_min_gap=1.0, retrain_models=["cost"])
     retrainer = svc.service.retrainer
 
     def registry() -> list[tuple[int, str, str]]:
@@ -82,3 +82,30 @@ def test_scheduled_runs_fail_without_data_then_activate_with_it(
     result = svc.call(retrainer.run("cost", "schedule"), timeout=120)
     assert result["status"] == "active", result
     assert "active" in {status for _, status, _ in registry()}
+
+
+def test_a_schedule_retrains_every_configured_model_in_order(
+    make_service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The schedule reclusters and re-forecasts too (here on an empty log: each run fails,
+    says why in the registry, and is counted by model)."""
+    monkeypatch.setenv("PGSAGE_MODEL_DIR", str(tmp_path / "models"))
+    svc = make_service(retrain_interval=1.0, retrain_min_gap=1.0,
+                       retrain_models=["clusters", "forecast"])  # fmt: skip
+
+    def registry() -> list[tuple[str, str, str]]:
+        with psycopg.connect(direct_dsn(svc.database)) as conn:
+            return conn.execute(
+                "select model_name, status, coalesce(reason, '') from ml.model_registry"
+                " order by created_at"
+            ).fetchall()
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and {r[0] for r in registry()} != {"clusters", "forecast"}:
+        time.sleep(0.5)
+    rows = registry()
+    svc.settings.retrain_interval = 0
+    assert [r[0] for r in rows][:2] == ["clusters", "forecast"], rows
+    assert all(status == "failed" and reason for _, status, reason in rows), rows
+    metrics = urllib.request.urlopen(f"{svc.http_url}/metrics").read().decode()
+    assert 'model="clusters",status="failed",trigger="schedule"' in metrics
