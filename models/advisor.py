@@ -111,6 +111,9 @@ class AdvisorConfig:
     statement_timeout_ms: int = 60_000
     #: fingerprints re-measured per validation (the heaviest ones on the table)
     max_validate_fingerprints: int = 10
+    #: keep an index that regresses at most this many fingerprints when a steering hint set
+    #: restores each of them (pinned in metadata.optimization_history; 0: always revert)
+    max_pins: int = 0
     # ---- automatic mode
     unused_days: float = 30.0
     use_ranker: bool = True
@@ -694,6 +697,8 @@ async def _event(
             _finite(before),
             _finite(after),
         )
+        if status == "reverted":  # the index is gone: so are the plans pinned around it
+            await release_pins(conn, rec["id"], str(detail.get("reason", "index reverted")))
 
 
 def _finite(v: float | None) -> float | None:
@@ -718,9 +723,11 @@ async def measure(
     repeats: int,
     timeout_ms: int,
     indexes: dict[str, set[str]] | None = None,
+    off: Sequence[str] = (),
 ) -> dict[str, list[float]]:
     """Execution + planning ms of each SQL `repeats` times (after one warm-up), per key; with
-    `indexes`, also the names of the indexes each key's plans scan (filled in place).
+    `indexes`, also the names of the indexes each key's plans scan (filled in place); `off`:
+    planner switches turned off for these runs (a steering arm's, from models.steering.ARMS).
 
     Every run is an EXPLAIN ANALYZE inside a READ ONLY transaction that is rolled back.
     """
@@ -728,7 +735,7 @@ async def measure(
     for _ in range(repeats + 1):
         for key, texts in sqls.items():
             for sql in texts:
-                timed = await _timed(conn, sql, timeout_ms)
+                timed = await _timed(conn, sql, timeout_ms, off)
                 if timed is not None:
                     out[key].append(timed[0])
                     if indexes is not None:
@@ -745,11 +752,15 @@ def _plan_indexes(node: Mapping[str, Any]) -> set[str]:
     return names
 
 
-async def _timed(conn: Any, sql: str, timeout_ms: int) -> tuple[float, set[str]] | None:
+async def _timed(
+    conn: Any, sql: str, timeout_ms: int, off: Sequence[str] = ()
+) -> tuple[float, set[str]] | None:
     body = sql.strip().rstrip(";")
     try:
         async with conn.transaction(readonly=True):
             await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+            for switch in off:  # names from models.steering.ARMS only
+                await conn.execute(f"SET LOCAL {quote_ident(switch)} = off")
             out = await conn.fetchval(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {body}")
     except Exception:
         return None
@@ -903,10 +914,19 @@ async def apply_recommendation(
     progress("measure after", 1.0)
     affected = {fp for fp, names in scanned.items() if name in names}
     verdict = compare(before, after, calls, own, cfg, affected)
+    pins: dict[str, dict[str, Any]] = {}
+    if _pinnable(verdict, cfg):
+        progress("pin regressions", 0.0)
+        pins = await find_pins(wh, sqls, before, verdict["regressions"], cfg)
+        if len(pins) == len(verdict["regressions"]):
+            verdict["keep"] = True
     validation = {k: v for k, v in verdict.items() if k != "keep"}
     validation["samples"] = {k: len(v) for k, v in sqls.items()}
     scans = await _idx_scan(wh, schema, name)
     if verdict["keep"]:
+        if pins:
+            await record_pins(conn, rec, pins)
+            validation["pins"] = pins
         await _event(
             conn,
             rec,
@@ -935,11 +955,106 @@ async def apply_recommendation(
     return await _get(conn, rec_id)
 
 
+def _pinnable(verdict: Mapping[str, Any], cfg: AdvisorConfig) -> bool:
+    """Only the regressions stand between the index and a keep, and there are few of them."""
+    n = len(verdict["regressions"])
+    return (
+        0 < n <= cfg.max_pins
+        and verdict["p_value"] < cfg.alpha
+        and verdict["speedup"] >= cfg.min_speedup
+    )
+
+
+async def find_pins(
+    wh: Any,
+    sqls: Mapping[str, Sequence[str]],
+    before: Mapping[str, list[float]],
+    regressions: Sequence[str],
+    cfg: AdvisorConfig,
+) -> dict[str, dict[str, Any]]:
+    """For each regressed fingerprint, the fastest steering arm (hint set) with the new index in
+    place under which its samples are back to their time before the index: within
+    `max_regression` of it, or not significantly slower (Mann-Whitney U, `alpha`)."""
+    from scipy.stats import mannwhitneyu
+
+    from .steering import ARMS, STOCK
+
+    pins: dict[str, dict[str, Any]] = {}
+    for fp in regressions:
+        base = statistics.median(before[fp])
+        best: tuple[float, str, list[float]] | None = None
+        for arm, off in ARMS.items():
+            if arm == STOCK:
+                continue
+            got = await measure(wh, {fp: sqls[fp]}, cfg.replay_repeats, cfg.statement_timeout_ms,
+                                off=off)  # fmt: skip
+            times = got.get(fp, [])
+            if len(times) >= 2 and (best is None or statistics.median(times) < best[0]):
+                best = (statistics.median(times), arm, times)
+        if best is None:
+            continue
+        slower = float(mannwhitneyu(best[2], before[fp], alternative="greater").pvalue)
+        if best[0] <= cfg.max_regression * base or slower >= cfg.alpha:
+            pins[fp] = {"arm": best[1], "before_ms": base, "pinned_ms": best[0],
+                        "p_slower_than_before": slower}  # fmt: skip
+    return pins
+
+
+async def record_pins(
+    conn: Any, rec: Mapping[str, Any], pins: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Pin each fingerprint's arm for the proxy's plan steering (it reads the active pins)."""
+    from .steering import ARMS
+
+    for fp, pin in pins.items():
+        detail = {
+            "arm": pin["arm"],
+            "settings_off": list(ARMS[pin["arm"]]),
+            "reason": f"index {rec['index_name']} made it slower; this hint set restores it",
+            "index": rec["index_name"],
+            "recommendation_id": rec["id"],
+        }
+        await conn.execute(
+            "INSERT INTO metadata.optimization_history (kind, target, action, status, detail,"
+            " measured_before_ms, measured_after_ms)"
+            " VALUES ('steering', $1, 'pin', 'active', $2::jsonb, $3, $4)",
+            fp,
+            _dumps(_clean(detail)),
+            _finite(pin["before_ms"]),
+            _finite(pin["pinned_ms"]),
+        )
+
+
+async def release_pins(conn: Any, recommendation_id: int, why: str) -> int:
+    """The index is gone: its pins are withdrawn (the proxy stops applying them)."""
+    result = await conn.execute(
+        "UPDATE metadata.optimization_history SET status = 'withdrawn',"
+        " detail = detail || jsonb_build_object('withdrawn_because', $2::text)"
+        " WHERE kind = 'steering' AND action = 'pin' AND status = 'active'"
+        " AND (detail->>'recommendation_id')::bigint = $1",
+        recommendation_id,
+        why,
+    )
+    return int(result.split()[-1])
+
+
+async def active_pins(conn: Any) -> dict[str, str]:
+    """{fingerprint: arm} of the active pins (the newest per fingerprint)."""
+    rows = await conn.fetch(
+        "SELECT DISTINCT ON (target) target, detail->>'arm' AS arm"
+        " FROM metadata.optimization_history"
+        " WHERE kind = 'steering' AND action = 'pin' AND status = 'active'"
+        " ORDER BY target, id DESC"
+    )
+    return {r["target"]: r["arm"] for r in rows}
+
+
 def _why_not(verdict: Mapping[str, Any], cfg: AdvisorConfig) -> str:
     if verdict["regressions"]:
         return (
             f"{len(verdict['regressions'])} fingerprint(s) slower by over"
             f" {round((cfg.max_regression - 1) * 100)}%"
+            + (" and no hint set restores them" if _pinnable(verdict, cfg) else "")
         )
     if not (verdict["p_value"] < cfg.alpha):
         return f"speedup not significant (Mann-Whitney p={verdict['p_value']:.3g})"

@@ -92,6 +92,13 @@ def advise(
     max_candidates: Annotated[int, typer.Option(help="candidates costed by what-if")] = 40,
     min_rows: Annotated[float, typer.Option(help="skip tables with fewer rows")] = 10_000,
     no_hypopg: Annotated[bool, typer.Option("--no-hypopg", help="force the fallback")] = False,
+    pin_regressions: Annotated[
+        int,
+        typer.Option(
+            help="keep an index that slows at most this many fingerprints when a steering hint"
+            " set restores each (pinned for proxies with steering on)"
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Recommend indexes for the logged workload; with --validate, build and measure them."""
@@ -109,6 +116,7 @@ def advise(
         max_candidates=max_candidates,
         min_rows=min_rows,
         hypopg=False if no_hypopg else None,
+        max_pins=pin_regressions,
     )
     console = Console(stderr=True)
 

@@ -68,6 +68,16 @@ class Optimiser:
 
     # ---------------------------------------------------------------- index advisor
 
+    def advisor_config(self) -> Any:
+        """The advisor's settings; regressions are pinned only where steering applies pins."""
+        from models.advisor import AdvisorConfig
+
+        s = self.settings
+        return AdvisorConfig(
+            budget_share=s.advisor_budget_share,
+            max_pins=s.advisor_max_pins if s.steering_enabled else 0,
+        )
+
     async def recommendations(self, include_closed: bool = False) -> list[dict[str, Any]]:
         from models.advisor import list_recommendations
 
@@ -78,12 +88,11 @@ class Optimiser:
             await conn.close()
 
     async def advise(self) -> list[dict[str, Any]]:
-        from models.advisor import AdvisorConfig, advise
+        from models.advisor import advise
 
         conn = await self._connect()
         try:
-            config = AdvisorConfig(budget_share=self.settings.advisor_budget_share)
-            report = await advise(conn, None, config)
+            report = await advise(conn, None, self.advisor_config())
             return [r if isinstance(r, dict) else vars(r) for r in report.recommendations]
         finally:
             await conn.close()
@@ -93,7 +102,9 @@ class Optimiser:
 
         conn = await self._connect()
         try:
-            return await apply_recommendation(conn, rec_id, validate=validate)
+            return await apply_recommendation(
+                conn, rec_id, validate=validate, config=self.advisor_config()
+            )
         finally:
             await conn.close()
 
@@ -209,11 +220,27 @@ class Optimiser:
         finally:
             await conn.close()
 
+    async def pins(self) -> dict[str, str]:
+        """{fingerprint: arm} the index advisor pinned (plans its indexes would slow)."""
+        from models.advisor import active_pins
+
+        conn = await self._connect()
+        try:
+            return await active_pins(conn)
+        finally:
+            await conn.close()
+
     async def steering_loop(self, *learners: Any) -> None:
         """Every steering_eval_interval: A/B-test steering arms and rewrites against their
         holdouts, and record the decisions (and rewrites found not equivalent)."""
         while True:
             await asyncio.sleep(self.settings.steering_eval_interval)
+            steering = learners[0] if learners else None
+            if steering is not None:
+                try:
+                    steering.pins = await self.pins()
+                except Exception as exc:
+                    self.log.debug("steering pins not loaded", error=str(exc))
             for learner in learners:
                 if learner is None:
                     continue
@@ -248,11 +275,11 @@ class Optimiser:
     async def auto_pass(self) -> dict[str, Any]:
         """One pass of automatic mode: advise, then apply validated proposals and re-check
         applied ones (dropping those whose benefit is gone)."""
-        from models.advisor import AdvisorConfig, advise, recheck
+        from models.advisor import advise, recheck
 
         conn = await self._connect()
         try:
-            config = AdvisorConfig(budget_share=self.settings.advisor_budget_share)
+            config = self.advisor_config()
             await advise(conn, None, config)
             result = await recheck(conn, config=config, auto_apply=True)
         finally:

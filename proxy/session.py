@@ -53,7 +53,7 @@ from .protocol.errors import (
 from .protocol.frontend import Query
 from .records import SessionInfo, StatementRecord
 from .rewriting import APPLY as REWRITE_APPLY
-from .steering import DRY_RUN, HOLDOUT, SteeringController
+from .steering import DRY_RUN, HOLDOUT, PIN, SteeringController
 from .telemetry.apps import app_class
 
 if TYPE_CHECKING:
@@ -838,7 +838,7 @@ class ClientConnection(asyncio.Protocol):
                 if decision is not None:
                     arm, mode = decision[1], decision[2]
                     ex.hint_set = mode if mode == HOLDOUT else (
-                        f"dry_run:{arm}" if mode == DRY_RUN else arm
+                        f"{mode}:{arm}" if mode in (DRY_RUN, PIN) else arm
                     )  # fmt: skip
                     self.steer = None
                 if decision is not None or self.tracker.transaction_status == "I":

@@ -249,6 +249,9 @@ class Settings(BaseSettings):
     advisor_interval: float = Field(default=3600.0, ge=10)
     #: storage budget for recommended indexes, as a share of the database size
     advisor_budget_share: float = Field(default=0.2, gt=0, le=1)
+    #: keep an index that slows at most this many fingerprints when a steering hint set restores
+    #: each (the proxy pins it; only with steering_enabled, which applies the pins)
+    advisor_max_pins: int = Field(default=3, ge=0)
 
     # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
     # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it

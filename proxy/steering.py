@@ -8,6 +8,11 @@ executions that run the stock plan regardless) with a Mann-Whitney U test: an ar
 not beat the holdout significantly is withdrawn, and every decision is returned for
 `metadata.optimization_history`.
 
+Pins: the index advisor keeps an index that slows a few fingerprints when a hint set restores
+each of them, and records the pin (`models.advisor.record_pins`); the service loads the active
+pins every `steering_eval_interval` into `pins`, and a pinned fingerprint runs its arm on every
+execution (no exploration, no holdout; logged as `pin:ARM`) until the index is reverted.
+
 The session applies an arm by sending `SET enable_... = off` before the statement and `RESET`
 after it on the client's own connection, swallowing both replies (see session.py).
 """
@@ -29,7 +34,7 @@ from .settings import Settings
 
 _SELECT = re.compile(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(?:select|with)\b", re.I | re.S)
 _WRITES = re.compile(r"\b(?:insert|update|delete|merge|into|for\s+update|for\s+share)\b", re.I)
-HOLDOUT, STEER, DRY_RUN = "holdout", "steer", "dry_run"
+HOLDOUT, STEER, DRY_RUN, PIN = "holdout", "steer", "dry_run", "pin"
 
 
 class SteeringController:
@@ -40,6 +45,8 @@ class SteeringController:
         self.states: OrderedDict[str, TemplateState] = OrderedDict()
         self._keys: OrderedDict[str, str | None] = OrderedDict()
         self.validated: dict[str, str] = {}
+        #: fingerprint -> arm pinned by the index advisor (loaded by the service)
+        self.pins: dict[str, str] = {}
         self.decisions = 0
         self.applied = 0
         if registry is not None:
@@ -91,6 +98,16 @@ class SteeringController:
         if key is None:
             return None
         st = self.states.get(key)
+        if self.pins:
+            st = st or self._state(key, sql)
+            pinned = self.pins.get(st.fingerprint)
+            if pinned in ARMS and st.fingerprint not in s.steering_exclude:
+                self.decisions += 1
+                if s.steering_dry_run:
+                    return self._count(key, pinned, DRY_RUN)
+                if pinned != STOCK:
+                    self.applied += 1
+                return self._count(key, pinned, PIN)
         if st is None or st.fingerprint in s.steering_exclude:
             return None
         stock = st.arms[STOCK]
@@ -129,7 +146,7 @@ class SteeringController:
             return
         key, arm, mode = decision
         found = self.states.get(key)
-        if found is None:
+        if found is None or mode == PIN or found.fingerprint in self.pins:
             return
         st = found
         if mode == HOLDOUT:
@@ -201,10 +218,11 @@ class SteeringController:
         out = []
         for key, st in self.states.items():
             stock = st.arms[STOCK]
-            if stock.n < self.policy.min_pulls:
+            if stock.n < self.policy.min_pulls and st.fingerprint not in self.pins:
                 continue
             status = (
-                "withdrawn" if st.withdrawn
+                f"pinned:{self.pins[st.fingerprint]}" if st.fingerprint in self.pins
+                else "withdrawn" if st.withdrawn
                 else "validated" if key in self.validated
                 else f"converged:{st.converged}" if st.converged
                 else "exploring" if st.decisions else "watching"

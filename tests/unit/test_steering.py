@@ -105,3 +105,34 @@ def test_hint_sql_comes_from_the_arm_table_only() -> None:
         "RESET enable_nestloop; RESET enable_mergejoin; RESET plan_cache_mode"
     )
     assert set_sql(STOCK, custom_plan=True) == "SET plan_cache_mode = force_custom_plan"
+
+
+def test_a_pinned_fingerprint_runs_its_arm_every_time() -> None:
+    """Pins from the index advisor: from the first execution, no exploration, no holdout,
+    no learning; dry run only reports; steering_exclude still wins; SHOW STEERING says so."""
+    from optimizer.fingerprint import compute_fingerprint
+    from proxy.settings import Settings
+    from proxy.steering import DRY_RUN, PIN, SteeringController
+
+    sql = "SELECT id FROM shop.events WHERE flag = 1 ORDER BY created DESC LIMIT 7"
+    other = "SELECT id FROM shop.events WHERE created = 5"
+    fp = compute_fingerprint(sql).id
+    ctl = SteeringController(Settings(steering_enabled=True, steering_holdout=0.5))
+    ctl.pins = {fp: "no_indexscan"}
+    decisions = [ctl.decide(sql) for _ in range(50)]
+    assert {d[1:] for d in decisions if d is not None} == {("no_indexscan", PIN)}
+    assert None not in decisions and ctl.decide(other) is None
+    key = decisions[0][0]
+    ctl.observe(sql, decisions[0], 123.0)
+    assert ctl.states[key].arms["no_indexscan"].n == 0  # a pin is not an experiment
+    assert any(r[0] == fp and r[1] == "pinned:no_indexscan" for r in ctl.rows())
+
+    dry = SteeringController(Settings(steering_enabled=True, steering_dry_run=True))
+    dry.pins = {fp: "no_indexscan"}
+    assert dry.decide(sql)[1:] == ("no_indexscan", DRY_RUN)  # type: ignore[index]
+    excluded = SteeringController(Settings(steering_enabled=True, steering_exclude=[fp]))
+    excluded.pins = {fp: "no_indexscan"}
+    assert excluded.decide(sql) is None
+    unknown = SteeringController(Settings(steering_enabled=True))
+    unknown.pins = {fp: "not_an_arm"}  # never reaches SQL: only ARMS names are applied
+    assert unknown.decide(sql) is None
