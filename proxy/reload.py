@@ -52,6 +52,7 @@ RELOADABLE = frozenset(
         "admission_probe_interval",
         "forecast_refresh_interval",
         "rewrite_active",
+        "rewrite_context_interval",
         "rewrite_dry_run",
         "rewrite_holdout",
         "rewrite_disabled_rules",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import time
 from collections import OrderedDict
@@ -135,7 +136,12 @@ class RewriteController:
         assert self.connect is not None
         conn = None
         while True:
-            sql = await self.queue.get()
+            try:
+                sql: str | None = await asyncio.wait_for(
+                    self.queue.get(), self.settings.rewrite_context_interval
+                )
+            except TimeoutError:
+                sql = None  # nothing new to analyse: still keep the watermarks current
             try:
                 if conn is None or conn.is_closed():
                     conn = await self.connect()
@@ -143,20 +149,29 @@ class RewriteController:
                         "SET default_transaction_read_only = on; SET statement_timeout = "
                         f"{int(self.settings.rewrite_timeout_ms)}"
                     )
+                if sql is None:
+                    await self.refresh_context(conn)
+                    continue
                 await self.analyse(conn, sql)
             except Exception as exc:  # the database went away: try again later
                 self.log.warning("rewrite analysis failed", error=str(exc))
-                self.verdicts[sql] = None
+                if sql is not None:
+                    self.verdicts[sql] = None
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
                 conn = None
             finally:
-                self._queued.discard(sql)
+                if sql is not None:
+                    self._queued.discard(sql)
 
     async def refresh_context(self, conn: Any) -> None:
-        """NOT NULL columns and primary keys of every user table, for the rules."""
-        if time.monotonic() - self._ctx_at < 300 and self._ctx_at:
+        """NOT NULL columns and primary keys of every user table, and the gold watermarks, for
+        the rules (every `rewrite_context_interval`). A watermark that moved drops every
+        verdict, so texts are re-analysed against it: a gold rewrite proven while gold was
+        fresh is not applied once gold no longer covers the query's days."""
+        interval = self.settings.rewrite_context_interval
+        if self._ctx_at and time.monotonic() - self._ctx_at < interval:
             return
         rows = await conn.fetch(
             "SELECT n.nspname || '.' || c.relname AS t, a.attname, a.attnotnull,"
@@ -175,7 +190,11 @@ class RewriteController:
                 not_null[r["t"]].add(r["attname"])
             if r["pk"]:
                 keys.setdefault(r["t"], []).append(r["attname"])
-        self.ctx = RuleContext(not_null=not_null, primary_keys=keys)
+        marks = await gold_watermarks(conn)
+        if marks != dict(self.ctx.gold_watermarks) and self._ctx_at:
+            self.log.info("gold watermark moved: rewrites re-analysed", watermarks=str(marks))
+            self.verdicts.clear()
+        self.ctx = RuleContext(not_null=not_null, primary_keys=keys, gold_watermarks=marks)
         self._ctx_at = time.monotonic()
 
     async def analyse(self, conn: Any, sql: str) -> None:
@@ -292,3 +311,32 @@ async def _cost(conn: Any, sql: str) -> float | None:
 
     doc = json.loads(plan) if isinstance(plan, str) else plan
     return float(doc[0]["Plan"]["Total Cost"])
+
+
+_GOLD_WATERMARK_SQL = """
+WITH g AS (SELECT max(refreshed_at) AS refreshed, max(sale_date) AS last_day
+           FROM gold.sales_summary)
+SELECT g.last_day,
+       (SELECT min(s.sold_at)::date FROM silver.sales_cleaned s
+        WHERE s._loaded_at > g.refreshed) AS first_unrefreshed
+FROM g
+"""
+
+
+async def gold_watermarks(conn: Any) -> dict[str, dt.date]:
+    """The last day gold.sales_summary answers exactly: its newest day, or the day before the
+    first day of any sales line loaded into silver after gold's last refresh (the ETL writes
+    silver and gold in one transaction, where now() stamps both alike; a line written any
+    other way is newer than the refresh and makes its days stale). None without the tables."""
+    present = await conn.fetchval(
+        "SELECT to_regclass('gold.sales_summary') IS NOT NULL"
+        " AND to_regclass('silver.sales_cleaned') IS NOT NULL"
+    )
+    if not present:
+        return {}
+    row = await conn.fetchrow(_GOLD_WATERMARK_SQL)
+    last, stale = row["last_day"], row["first_unrefreshed"]
+    if last is None:
+        return {}
+    mark = last if stale is None else min(last, stale - dt.timedelta(days=1))
+    return {"gold.sales_summary": mark}

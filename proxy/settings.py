@@ -226,6 +226,8 @@ class Settings(BaseSettings):
 
     # ---- rewrites (optimizer/rules, proxy/rewriting.py): proven equivalent before use
     rewrite_enabled: bool = False
+    #: seconds between re-reads of the rules' catalog facts and gold watermarks
+    rewrite_context_interval: float = Field(default=60.0, gt=0)
     #: runtime kill switch
     rewrite_active: bool = True
     #: log the would-be rewrite, send the original

@@ -95,3 +95,83 @@ def test_writes_transactions_and_opt_out_are_left_alone(make_service: Any) -> No
     update = "UPDATE shop.o SET amount = amount WHERE id = 1"
     assert rewriter.verdicts.get(update, "absent") is None  # not a SELECT: never a candidate
     assert not rewriter.templates  # nothing was analysed
+
+
+def test_the_gold_rewrite_follows_the_gold_watermark(make_service: Any) -> None:
+    """An aggregate over silver sales that gold answers is sent to gold while gold covers its
+    days; a sales line written into silver outside the ETL makes those days stale, and from
+    the next context refresh the query runs on silver again — every answer the database's own."""
+    import asyncio
+    import datetime as dt
+
+    from bench.warehouse import drop_database_async, init_warehouse_async
+
+    name = f"pgsage_gold_{int(time.time() * 1000) % 10**8}"
+    asyncio.run(init_warehouse_async(direct_dsn(), 0.03, 5, name, progress=False))
+    try:
+        with psycopg.connect(direct_dsn(name), autocommit=True) as c:
+            last = c.execute("SELECT max(sale_date) FROM gold.sales_summary").fetchone()[0]
+        start, end = last - dt.timedelta(days=30), last - dt.timedelta(days=1)
+        sql = (
+            "SELECT s.channel, sum(s.net_amount) AS revenue FROM silver.sales_cleaned s"
+            f" WHERE s.sold_at >= '{start}' AND s.sold_at < '{end}'"
+            " GROUP BY s.channel ORDER BY s.channel"
+        )
+        svc = make_service(warehouse_database=name, rewrite_enabled=True, rewrite_holdout=0.0,
+                           rewrite_context_interval=1)  # fmt: skip
+        rewriter = svc.service.proxy.rewriter
+
+        def direct() -> list[tuple[Any, ...]]:
+            with WireClient("127.0.0.1", 5432, database=name) as d:
+                return _rows(d, sql)
+
+        def verdict(kind: type) -> Any:
+            deadline = time.monotonic() + 20
+            while not isinstance(rewriter.verdicts.get(sql, False), kind):
+                assert time.monotonic() < deadline, rewriter.verdicts.get(sql, "unseen")
+                with WireClient(svc.host, svc.port, database=name) as client:
+                    _rows(client, sql)  # (re)queues the text for analysis when unknown
+                time.sleep(0.2)
+            return rewriter.verdicts[sql]
+
+        expected = direct()
+        assert rewriter is not None
+        rule, new_sql = verdict(tuple)
+        assert rule == "gold_aggregate" and "gold.sales_summary" in new_sql
+        assert rewriter.ctx.gold_watermarks == {"gold.sales_summary": last}
+        with WireClient(svc.host, svc.port, database=name) as client:
+            assert _rows(client, sql) == expected
+
+        # a line for a day inside the range, written straight into silver: gold is stale there
+        stale_day = end - dt.timedelta(days=3)
+        with psycopg.connect(direct_dsn(name), autocommit=True) as c:
+            c.execute(
+                "INSERT INTO silver.sales_cleaned (transaction_id, line_no, transaction_type,"
+                " customer_id, product_id, channel, sold_at, quantity, unit_price, net_amount,"
+                " _bronze_row_id, _etl_run_id)"
+                " SELECT max(transaction_id) + 1, 1, 'sale', min(customer_id), min(product_id),"
+                " 'online', %s::date + time '12:00', 1, 1000, 1000, 0, 0"
+                " FROM silver.sales_cleaned",
+                (stale_day,),
+            )
+        changed = direct()
+        assert changed != expected
+        deadline = time.monotonic() + 20
+        while rewriter.ctx.gold_watermarks != {
+            "gold.sales_summary": stale_day - dt.timedelta(days=1)
+        }:
+            assert time.monotonic() < deadline, rewriter.ctx.gold_watermarks
+            time.sleep(0.2)
+        assert verdict(type(None)) is None  # re-analysed: the rule declines stale days
+        with WireClient(svc.host, svc.port, database=name) as client:
+            for _ in range(3):
+                assert _rows(client, sql) == changed
+        svc.flush()
+        with psycopg.connect(direct_dsn(name)) as m:
+            rules = m.execute(
+                "SELECT rewrite_rule, count(*) FROM metadata.query_logs"
+                " WHERE normalized_text LIKE 'SELECT s.channel, sum(s.net_amount)%' GROUP BY 1"
+            ).fetchall()
+        assert dict(rules).get("gold_aggregate", 0) >= 1, rules
+    finally:
+        asyncio.run(drop_database_async(direct_dsn(), name))
