@@ -190,11 +190,14 @@ class RewriteController:
                 not_null[r["t"]].add(r["attname"])
             if r["pk"]:
                 keys.setdefault(r["t"], []).append(r["attname"])
-        marks = await gold_watermarks(conn)
-        if marks != dict(self.ctx.gold_watermarks) and self._ctx_at:
-            self.log.info("gold watermark moved: rewrites re-analysed", watermarks=str(marks))
+        marks, complete = await gold_freshness(conn)
+        moved = (marks, complete) != (dict(self.ctx.gold_watermarks), self.ctx.gold_complete)
+        if moved and self._ctx_at:
+            self.log.info("gold watermark moved: rewrites re-analysed", watermarks=str(marks),
+                          complete=sorted(complete))  # fmt: skip
             self.verdicts.clear()
-        self.ctx = RuleContext(not_null=not_null, primary_keys=keys, gold_watermarks=marks)
+        self.ctx = RuleContext(not_null=not_null, primary_keys=keys, gold_watermarks=marks,
+                               gold_complete=complete)  # fmt: skip
         self._ctx_at = time.monotonic()
 
     async def analyse(self, conn: Any, sql: str) -> None:
@@ -313,30 +316,28 @@ async def _cost(conn: Any, sql: str) -> float | None:
     return float(doc[0]["Plan"]["Total Cost"])
 
 
-_GOLD_WATERMARK_SQL = """
-WITH g AS (SELECT max(refreshed_at) AS refreshed, max(sale_date) AS last_day
-           FROM gold.sales_summary)
-SELECT g.last_day,
-       (SELECT min(s.sold_at)::date FROM silver.sales_cleaned s
-        WHERE s._loaded_at > g.refreshed) AS first_unrefreshed
-FROM g
-"""
+async def gold_freshness(conn: Any) -> tuple[dict[str, dt.date], frozenset[str]]:
+    """(watermarks, complete gold tables) for the gold rewrite.
 
-
-async def gold_watermarks(conn: Any) -> dict[str, dt.date]:
-    """The last day gold.sales_summary answers exactly: its newest day, or the day before the
-    first day of any sales line loaded into silver after gold's last refresh (the ETL writes
-    silver and gold in one transaction, where now() stamps both alike; a line written any
-    other way is newer than the refresh and makes its days stale). None without the tables."""
+    gold.sales_summary is exact for every day but those whose silver sales lines were written
+    outside the ETL since its last run (silver.sales_stale_days, kept by triggers; migration
+    0080): its watermark is its newest day, or the day before the first stale day, and it is
+    complete when no day is stale. Without those tables: nothing (the rule stays off)."""
     present = await conn.fetchval(
         "SELECT to_regclass('gold.sales_summary') IS NOT NULL"
-        " AND to_regclass('silver.sales_cleaned') IS NOT NULL"
+        " AND to_regclass('silver.sales_stale_days') IS NOT NULL"
     )
     if not present:
-        return {}
-    row = await conn.fetchrow(_GOLD_WATERMARK_SQL)
-    last, stale = row["last_day"], row["first_unrefreshed"]
-    if last is None:
-        return {}
-    mark = last if stale is None else min(last, stale - dt.timedelta(days=1))
-    return {"gold.sales_summary": mark}
+        return {}, frozenset()
+    row = await conn.fetchrow(
+        "SELECT (SELECT max(sale_date) FROM gold.sales_summary) AS last_day,"
+        " min(sale_date) FILTER (WHERE isfinite(sale_date)) AS first_stale,"
+        " coalesce(bool_or(NOT isfinite(sale_date)), false) AS truncated"
+        " FROM silver.sales_stale_days"
+    )
+    last, stale = row["last_day"], row["first_stale"]
+    if last is None or row["truncated"]:
+        return {}, frozenset()  # empty gold, or a TRUNCATE since the last refresh
+    if stale is None:
+        return {"gold.sales_summary": last}, frozenset({"gold.sales_summary"})
+    return {"gold.sales_summary": min(last, stale - dt.timedelta(days=1))}, frozenset()

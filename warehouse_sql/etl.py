@@ -216,12 +216,14 @@ async def _run(
         run_id, started_at = await conn.fetchrow(
             "INSERT INTO silver.etl_runs DEFAULT VALUES RETURNING run_id, started_at"
         )
+        # the stale-days triggers of silver.sales_cleaned leave this run's own writes alone
+        await conn.execute("SELECT set_config('pgsage.etl_run', $1, true)", str(run_id))
         run = _Run(run_id, bulk_rows)
         for t in transforms:
             t0 = time.perf_counter()
             if t.layer == "silver":
                 await _silver_step(conn, run, t, bounds[t.source or ""])
-            elif run.changed.intersection(t.inputs):
+            elif run.changed.intersection(t.inputs) or await _stale_days(conn, t) is not None:
                 await _gold_step(conn, run, t)
             else:
                 continue
@@ -271,10 +273,30 @@ async def _silver_step(conn: Any, run: _Run, t: Transform, bounds: tuple[int, in
     await _analyze_and_size(conn, t.target, q.rows_out, bool(restore), run.mostly_new)
 
 
+#: gold tables kept exact for days written outside the ETL (migration 0080_gold_freshness)
+STALE_DAYS = {"gold.sales_summary": "silver.sales_stale_days"}
+
+
+async def _stale_days(conn: Any, t: Transform) -> str | None:
+    """For a gold table with days of its input written outside the ETL: 'all' (a TRUNCATE)
+    or 'some'; None when there are none (or the table does not track them)."""
+    table = STALE_DAYS.get(t.target)
+    if table is None or not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+        return None
+    found = await conn.fetchval(
+        f"SELECT bool_or(NOT isfinite(sale_date)) FROM {table}"  # a constant of STALE_DAYS
+    )
+    return None if found is None else "all" if found else "some"
+
+
 async def _gold_step(conn: Any, run: _Run, t: Transform) -> None:
     # a full refresh when most of an input is new: one parallel aggregation beats looking up
-    # every key (and the planner sees a literal, not a parameter)
-    full = t.refresh == "full" or bool(run.mostly_new.intersection(t.inputs))
+    # every key (and the planner sees a literal, not a parameter); or after a TRUNCATE
+    full = (
+        t.refresh == "full"
+        or bool(run.mostly_new.intersection(t.inputs))
+        or await _stale_days(conn, t) == "all"
+    )
     await conn.execute(t.render(run_id=run.run_id, full=int(full)))
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, t.target)
     run.refreshed.append(t.target)

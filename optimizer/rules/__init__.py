@@ -52,6 +52,9 @@ class RuleContext:
     #: per gold table, the last day it answers exactly (gold equals silver for every day up to
     #: and including it); a datetime means the days strictly before its date
     gold_watermarks: Mapping[str, dt.date] = field(default_factory=dict)
+    #: gold tables that hold every day silver holds (no silver line loaded after their last
+    #: refresh): only these answer queries with no upper bound on the day
+    gold_complete: Collection[str] = ()
     #: the cost model's verdict on a candidate: does rewritten_sql beat original_sql?
     cost_pays: Callable[[str, str], bool] = _always
     #: schemas unqualified table names resolve in, in order

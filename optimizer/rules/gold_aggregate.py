@@ -11,9 +11,14 @@ that groups and filters only by those four dimensions and aggregates only
     sum(net_amount), sum(quantity), count(*), min/max/count(DISTINCT <dimension>)
 
 is answered exactly by summing the gold rows. Filters on the raw timestamp are exact only at day
-boundaries: ``sold_at >= 'YYYY-MM-DD'`` and ``sold_at < 'YYYY-MM-DD'``. The rewrite is made only
-while gold is fresh: the query's last day (from a literal upper bound) must be on or before the
-gold table's watermark in the context.
+boundaries: ``sold_at >= 'YYYY-MM-DD'`` and ``sold_at < 'YYYY-MM-DD'`` (or a timestamp literal
+at midnight, as client-side binding renders it: ``'YYYY-MM-DD 00:00:00'::timestamp``).
+``date_trunc(unit, sold_at)`` for a unit of a day or longer is a dimension too
+(``date_trunc(unit, sale_date::timestamp)``: the same timestamps). The rewrite is made only while
+gold is fresh: the query's last day (from a literal upper bound) must be on or before the gold
+table's watermark in the context; a query with no upper bound only while gold is complete
+(`RuleContext.gold_complete`). An aggregate that is not the whole statement but a derived table
+(``FROM (SELECT ... GROUP BY ...) m``, under window functions for instance) is rewritten in place.
 
 >>> import datetime as dt
 >>> from optimizer.rules import RuleContext
@@ -123,7 +128,11 @@ _DIMENSIONS = {
 }
 #: the dimension tables and the key they join the sales lines on
 _JOIN_KEYS = {CUSTOMER: "customer_id", PRODUCT: "product_id"}
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})(?:[ T]00:00(?::00(?:\.0+)?)?)?")
+#: date_trunc units of a day or longer: the truncation of sold_at depends on its day alone
+_TRUNC_UNITS = {"DAY", "WEEK", "MONTH", "QUARTER", "YEAR", "DECADE", "CENTURY", "MILLENNIUM"}
+#: casts a day-boundary literal may carry (not timestamptz: that depends on the TimeZone)
+_DAY_CASTS = (exp.DataType.Type.DATE, exp.DataType.Type.TIMESTAMP)
 _BLOCKERS = ("distinct", "with", "qualify", "windows", "locks", "into")
 
 
@@ -132,6 +141,22 @@ class _NotAnswerable(Exception):
 
 
 def apply(expr: exp.Expr, ctx: RuleContext) -> exp.Expr | None:
+    whole = _apply_select(expr, ctx)
+    if whole is not None or not isinstance(expr, exp.Select):
+        return whole
+    # derived tables: each one gold answers is replaced by its gold form (the same rows)
+    out = expr.copy()
+    changed = False
+    for sub in list(out.find_all(exp.Subquery)):
+        if isinstance(sub.parent, (exp.From, exp.Join)) and isinstance(sub.this, exp.Select):
+            new = _apply_select(sub.this, ctx)
+            if new is not None:
+                sub.set("this", new)
+                changed = True
+    return out if changed else None
+
+
+def _apply_select(expr: exp.Expr, ctx: RuleContext) -> exp.Expr | None:
     if not isinstance(expr, exp.Select) or any(expr.args.get(a) for a in _BLOCKERS):
         return None
     if has_subquery(expr) or expr.find(exp.Window) or is_volatile(expr):
@@ -143,7 +168,7 @@ def apply(expr: exp.Expr, ctx: RuleContext) -> exp.Expr | None:
     if watermark is None or scope is None:
         return None
     try:
-        return _rewrite(expr, _Translator(scope), watermark)
+        return _rewrite(expr, _Translator(scope), watermark, GOLD in ctx.gold_complete)
     except _NotAnswerable:
         return None
 
@@ -222,6 +247,17 @@ class _Translator:
     def dimension(self, node: exp.Expr) -> exp.Expr | None:
         if self.is_sale_date(node):
             return column_ref("sale_date")
+        if isinstance(node, exp.TimestampTrunc) and not node.args.get("zone"):
+            unit = node.args.get("unit")
+            inner = unparen(node.this)
+            if (
+                isinstance(unit, exp.Var)
+                and str(unit.this).upper() in _TRUNC_UNITS
+                and (self.is_sold_at(inner) or self.is_sale_date(inner))
+            ):
+                day = exp.cast(column_ref("sale_date"), exp.DataType.Type.TIMESTAMP)
+                return exp.TimestampTrunc(this=day, unit=unit.copy())
+            return None
         if isinstance(node, exp.Column) and not isinstance(node.this, exp.Star):
             gold = _DIMENSIONS.get(self.resolve(node))
             return column_ref(gold) if gold else None
@@ -269,7 +305,7 @@ class _Translator:
         return out
 
 
-def _rewrite(select: exp.Select, tr: _Translator, watermark: dt.date) -> exp.Select:
+def _rewrite(select: exp.Select, tr: _Translator, watermark: dt.date, complete: bool) -> exp.Select:
     outputs = {pg_output_name(item) for item in select.expressions}
     out = select.copy()
     out.set("joins", None)
@@ -286,7 +322,7 @@ def _rewrite(select: exp.Select, tr: _Translator, watermark: dt.date) -> exp.Sel
 
     where = select.args.get("where")
     parts, last_day = _filters(conjuncts(where.this if where is not None else None), tr)
-    if last_day is None or last_day > watermark:
+    if (last_day is None and not complete) or (last_day is not None and last_day > watermark):
         raise _NotAnswerable
     out.set("where", exp.Where(this=and_all(parts)) if parts else None)
 
@@ -383,19 +419,20 @@ def _raw_timestamp_bound(part: exp.Expr, tr: _Translator) -> exp.Expr | None:
 
 
 def _date_literal(node: exp.Expr) -> dt.date | None:
-    """The day of a 'YYYY-MM-DD' string literal, possibly cast to date."""
+    """The day of a 'YYYY-MM-DD' (or 'YYYY-MM-DD 00:00:00') string literal, possibly cast to
+    date or timestamp (any number of times, as client-side binding writes it)."""
     node = unparen(node)
-    if isinstance(node, exp.Cast):
-        if not node.to.is_type(exp.DataType.Type.DATE):
+    while isinstance(node, exp.Cast):
+        if not any(node.to.is_type(t) for t in _DAY_CASTS):
             return None
         node = unparen(node.this)
     if not isinstance(node, exp.Literal) or not node.is_string:
         return None
-    text = str(node.this)
-    if not _DATE.fullmatch(text):
+    found = _DATE.fullmatch(str(node.this))
+    if not found:
         return None
     try:
-        return dt.date.fromisoformat(text)
+        return dt.date.fromisoformat(found.group(1))
     except ValueError:
         return None
 

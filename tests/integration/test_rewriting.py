@@ -99,8 +99,9 @@ def test_writes_transactions_and_opt_out_are_left_alone(make_service: Any) -> No
 
 def test_the_gold_rewrite_follows_the_gold_watermark(make_service: Any) -> None:
     """An aggregate over silver sales that gold answers is sent to gold while gold covers its
-    days; a sales line written into silver outside the ETL makes those days stale, and from
-    the next context refresh the query runs on silver again — every answer the database's own."""
+    days; a sales line written into silver outside the ETL makes its day stale (a trigger notes
+    it), and from the next context refresh the query runs on silver again; the next ETL run
+    recomputes the day and gold answers again — every answer the database's own."""
     import asyncio
     import datetime as dt
 
@@ -163,9 +164,50 @@ def test_the_gold_rewrite_follows_the_gold_watermark(make_service: Any) -> None:
             assert time.monotonic() < deadline, rewriter.ctx.gold_watermarks
             time.sleep(0.2)
         assert verdict(type(None)) is None  # re-analysed: the rule declines stale days
+        assert rewriter.ctx.gold_complete == frozenset()
         with WireClient(svc.host, svc.port, database=name) as client:
             for _ in range(3):
                 assert _rows(client, sql) == changed
+
+        # the ETL recomputes the stale day: gold is exact (and complete) again
+        from warehouse_sql.etl import run_etl
+
+        async def etl() -> None:
+            import asyncpg
+
+            from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER
+
+            conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=name)
+            try:
+                await run_etl(conn)
+                assert await conn.fetchval("SELECT count(*) FROM silver.sales_stale_days") == 0
+            finally:
+                await conn.close()
+
+        asyncio.run(etl())
+        deadline = time.monotonic() + 20
+        while rewriter.ctx.gold_complete != frozenset({"gold.sales_summary"}):
+            assert time.monotonic() < deadline, rewriter.ctx.gold_watermarks
+            time.sleep(0.2)
+        assert verdict(tuple)[0] == "gold_aggregate"
+        with WireClient(svc.host, svc.port, database=name) as client:
+            assert _rows(client, sql) == changed  # from gold, with the line the ETL took in
+        # complete: a query with no upper bound on the day is answered from gold too
+        monthly = (
+            "SELECT month, revenue, revenue - lag(revenue) OVER (ORDER BY month) AS change"
+            " FROM (SELECT date_trunc('month', sold_at) AS month, sum(net_amount) AS revenue"
+            " FROM silver.sales_cleaned GROUP BY 1) m ORDER BY month"
+        )
+        with WireClient("127.0.0.1", 5432, database=name) as d:
+            expected_monthly = _rows(d, monthly)
+        with WireClient(svc.host, svc.port, database=name) as client:
+            _rows(client, monthly)
+            deadline = time.monotonic() + 20
+            while not isinstance(rewriter.verdicts.get(monthly), tuple):
+                assert time.monotonic() < deadline, "the monthly rewrite was never proven"
+                time.sleep(0.2)
+            assert "gold.sales_summary" in rewriter.verdicts[monthly][1]
+            assert _rows(client, monthly) == expected_monthly
         svc.flush()
         with psycopg.connect(direct_dsn(name)) as m:
             rules = m.execute(

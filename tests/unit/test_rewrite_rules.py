@@ -44,6 +44,7 @@ def make_context(overrides: dict[str, Any] | None = None) -> RuleContext:
         not_null={k: frozenset(v) for k, v in raw["not_null"].items()},
         primary_keys={k: tuple(v) for k, v in raw["primary_keys"].items()},
         gold_watermarks=raw["gold_watermarks"],
+        gold_complete=frozenset(raw.get("gold_complete", ())),
         search_path=tuple(raw["search_path"]),
         cost_pays=lambda original, rewritten: bool(pays),
     )

@@ -2,16 +2,24 @@
 -- inputs: silver.sales_cleaned silver.product_cleaned silver.customer_cleaned
 --
 -- Recomputes the days this run touched: days with new sales lines, and days with sales of
--- products or customers whose category or region may have changed (updated rows); all days
--- when ${full} = 1 (the runner's choice when most of an input is new, e.g. a first load).
+-- products or customers whose category or region may have changed (updated rows), and days
+-- whose sales lines were written outside the ETL (silver.sales_stale_days); all days when
+-- ${full} = 1 (the runner's choice when most of an input is new, e.g. a first load, or after a
+-- TRUNCATE of the sales lines).
 --
 -- Shape of every gold refresh: the new rows are computed into a temp table first, because
 -- CREATE TABLE AS may run in parallel and INSERT .. SELECT may not (PostgreSQL 15); then the
 -- old rows are deleted (DELETE, not TRUNCATE, so readers keep seeing the old rows until the
 -- run commits) and the new ones inserted.
 
+-- Days written outside the ETL (silver.sales_stale_days, migration 0080) are recomputed too
+-- and cleared; writers wait for this run's commit, so none is cleared unseen.
+LOCK TABLE silver.sales_cleaned IN SHARE MODE;
+
 CREATE TEMP TABLE etl_gold_sales_days ON COMMIT DROP AS
 SELECT sale_date FROM etl_sales_changed
+UNION
+SELECT sale_date FROM silver.sales_stale_days WHERE isfinite(sale_date)
 UNION
 SELECT s.sold_at::date FROM silver.sales_cleaned s
 WHERE EXISTS (SELECT 1 FROM etl_product_changed WHERE NOT inserted)
@@ -55,3 +63,6 @@ INSERT INTO gold.sales_summary
 SELECT sale_date, category, region, channel, transactions, lines, units_sold, units_returned,
        gross_revenue, discount_amount, returns_amount, net_revenue
 FROM etl_gold_sales_summary;
+
+DELETE FROM silver.sales_stale_days
+WHERE ${full} = 1 OR sale_date IN (SELECT sale_date FROM etl_gold_sales_days);
