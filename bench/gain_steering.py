@@ -97,7 +97,11 @@ async def _statements(args: argparse.Namespace) -> list[tuple[str, str, tuple]]:
     return out
 
 
-async def _round(target: str, stmts: list[tuple[str, str, tuple]]) -> list[tuple[float, Any]]:
+async def _round(
+    target: str, stmts: list[tuple[str, str, tuple]], protocol: str = "extended"
+) -> list[tuple[float, Any]]:
+    if protocol == "literal":
+        return await _round_literal(target, stmts)
     conn = await asyncpg.connect(target, command_timeout=120)
     try:
         out = []
@@ -108,6 +112,42 @@ async def _round(target: str, stmts: list[tuple[str, str, tuple]]) -> list[tuple
         return out
     finally:
         await conn.close()
+
+
+def client_side(sql: str) -> str:
+    """$n placeholders -> psycopg's %(pn)s (a literal % doubled), for client-side binding."""
+    import re
+
+    return re.sub(r"\$(\d+)", r"%(p\1)s", sql.replace("%", "%%"))
+
+
+async def _round_literal(
+    target: str, stmts: list[tuple[str, str, tuple]]
+) -> list[tuple[float, Any]]:
+    """As psql, psycopg2 and most BI tools send statements: literals bound on the client, one
+    simple-protocol Query each (psycopg's client-side-binding cursor)."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    conn = await psycopg.AsyncConnection.connect(
+        target, autocommit=True, row_factory=dict_row, cursor_factory=psycopg.AsyncClientCursor
+    )
+    try:
+        out = []
+        for _, sql, params in stmts:
+            text = client_side(sql)
+            values = {f"p{i + 1}": v for i, v in enumerate(params)}
+            t0 = time.perf_counter()
+            cur = await conn.execute(text, values)
+            rows = await cur.fetchall()
+            out.append((time.perf_counter() - t0, [_Row(r) for r in rows]))
+        return out
+    finally:
+        await conn.close()
+
+
+class _Row(dict):  # type: ignore[type-arg]
+    """A psycopg dict row that answers `values()` and `keys()` like an asyncpg Record."""
 
 
 def sort_keys(sql: str) -> list[str] | None:
@@ -165,7 +205,8 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             ("off", {"PGSAGE_STEERING_ENABLED": "false"}),
             ("on", {"PGSAGE_STEERING_ENABLED": "true",
                     "PGSAGE_STEERING_MIN_MS": str(args.min_ms),
-                    "PGSAGE_STEERING_SEED": str(args.seed)}),
+                    "PGSAGE_STEERING_SEED": str(args.seed),
+                    "PGSAGE_REWRITE_ENABLED": str(args.rewrites).lower()}),
         ):  # fmt: skip
             p, h = free_port(), free_port()
             children[mode] = start_pgsage(upstream, workdir, p, h, args.pgsage, args.database,
@@ -184,7 +225,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             task = bars.add_task("rounds", total=args.rounds)
             for r in range(args.rounds):
                 order = ("on", "off") if r % 2 == 0 else ("off", "on")
-                res = {m: asyncio.run(_round(targets[m], stmts)) for m in order}
+                res = {m: asyncio.run(_round(targets[m], stmts, args.protocol)) for m in order}
                 for (name, sql, _), a, b in zip(stmts, res["on"], res["off"], strict=True):
                     if _digest(a[1]) != _digest(b[1]):
                         tied = same_result(sql, a[1], b[1])
@@ -275,7 +316,8 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
         "average_gain_of_improved": statistics.mean(1 - 1 / r["speedup"] for r in improved)
         if improved else None,
         "config": {"scale": args.scale, "rounds": args.rounds, "per_template": args.per_template,
-                   "min_ms": args.min_ms, "statements_per_round": len(stmts)},
+                   "min_ms": args.min_ms, "statements_per_round": len(stmts),
+                   "protocol": args.protocol, "rewrites": args.rewrites},
         "templates": rows,
     }  # fmt: skip
 
@@ -313,6 +355,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--per-template", type=int, default=3)
     ap.add_argument("--min-ms", type=float, default=20.0)
+    ap.add_argument(
+        "--protocol",
+        choices=("extended", "literal"),
+        default="extended",
+        help="extended: asyncpg, server-side parameters; literal: client-side"
+        " binding, simple-protocol Query (psql, psycopg2, most BI tools)",
+    )
+    ap.add_argument("--rewrites", action="store_true",
+                    help="equivalence-checked rewrites on too (they apply to simple-protocol"
+                    " Query messages: use with --protocol literal)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
