@@ -10,7 +10,9 @@ proxy sees every template's executions, so per-template posteriors are cheap and
 * an arm whose log latency is above the stock arm's by more than `regression` with confidence
   (Welch's t above `t_retire`) is *retired* for that template;
 * once one arm is the best in at least `confidence` of joint posterior draws, exploration stops
-  and that arm is used (the template has *converged*); a holdout share still runs stock.
+  and that arm is used (the template has *converged*); a holdout share still runs stock, and
+  the A/B trial that judges the arm starts afresh (its samples and the holdout's cleared, so
+  both come from the same period: latencies drift with the load).
 
 Pure Python (the proxy calls it per eligible statement); `mann_whitney` is the A/B test the
 proxy applies periodically off the hot path, comparing an arm with the holdout executions.
@@ -164,6 +166,10 @@ class Policy:
             leader = self._leader(st, rng)
             if leader is not None:
                 st.converged = leader
+                if leader != STOCK:
+                    # the A/B trial starts now: arm and holdout samples of the same period
+                    st.samples[leader] = []
+                    st.holdout.clear()
                 return f"converged:{leader}"
         return None
 

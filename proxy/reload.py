@@ -60,6 +60,7 @@ RELOADABLE = frozenset(
         "steering_active",
         "steering_dry_run",
         "steering_holdout",
+        "steering_trial_holdout",
         "steering_min_ms",
         "steering_disabled_arms",
         "steering_exclude",

@@ -208,6 +208,9 @@ class Settings(BaseSettings):
     steering_dry_run: bool = False
     #: share of eligible executions that run the stock plan regardless (the A/B control)
     steering_holdout: float = Field(default=0.1, ge=0, le=0.9)
+    #: holdout share of a template whose converged arm the A/B test has not judged yet: the
+    #: trial runs stock and arm side by side, under the same load, until the test decides
+    steering_trial_holdout: float = Field(default=0.5, ge=0, le=0.9)
     #: only templates whose stock runs take at least this long are steered
     steering_min_ms: float = Field(default=20.0, ge=0)
     #: arms never used (per-rule kill switch), e.g. ["no_indexscan"]

@@ -117,7 +117,10 @@ class SteeringController:
             return None
         self.decisions += 1
         st.decisions += 1
-        if self.rng.random() < s.steering_holdout:
+        holdout = s.steering_holdout
+        if st.converged not in (None, STOCK) and key not in self.validated:
+            holdout = max(holdout, s.steering_trial_holdout)  # on trial: half stock, half arm
+        if self.rng.random() < holdout:
             return self._count(key, STOCK, HOLDOUT)
         arm = self.policy.choose(st, self.rng, s.steering_disabled_arms)
         if s.steering_dry_run:
@@ -171,14 +174,17 @@ class SteeringController:
                 continue
             treated = st.samples.get(arm, [])
             control = st.holdout
-            if len(treated) < s.steering_ab_min_samples or len(control) < s.steering_ab_min_holdout:
+            if min(len(treated), len(control)) < s.steering_ab_min_holdout:
                 continue
             p, ratio = mann_whitney(treated, control)
-            better = p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+            enough = len(treated) >= s.steering_ab_min_samples
+            better = enough and p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+            # slower than the stock plan with confidence: withdrawn at once
+            worse = mann_whitney(control, treated)[0] < s.steering_ab_alpha
             if better and self.validated.get(key) != arm:
                 self.validated[key] = arm
                 out.append(self._decision(key, st, arm, "validate", "validated", p, ratio))
-            elif not better and len(treated) >= 2 * s.steering_ab_min_samples:
+            elif worse or (not better and len(treated) >= 2 * s.steering_ab_min_samples):
                 st.withdrawn = True
                 self.validated.pop(key, None)
                 out.append(self._decision(key, st, arm, "revert", "reverted", p, ratio))

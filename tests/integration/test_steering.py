@@ -63,11 +63,13 @@ def test_steering_finds_the_arm_and_keeps_results_and_settings(
         assert c.execute("SHOW work_mem").fetchone() == ("8MB",)
     rows = p.call_soon(p.server.steering.rows)
     assert rows and rows[0][1] == "converged:no_indexscan", rows
-    first, last = statistics.median(times[:3]), statistics.median(times[-20:])
-    assert last < first / 5, (first, last)
+    # converged, the arm is on trial (no A/B evaluation runs in a bare proxy): half the
+    # executions run it, half the stock plan beside it as the test's control
+    first, fast = statistics.median(times[:3]), sorted(times[-20:])[:5]
+    assert max(fast) < first / 5, (first, fast)
     hints = [r.execution.hint_set for r in p.records if r.execution.sql == QUERY]
     assert hints[:3] == [None, None, None]  # the stock history that made it eligible
-    assert hints[-20:].count("no_indexscan") >= 14 and "holdout" in hints
+    assert hints[-20:].count("no_indexscan") >= 5 and hints[-20:].count("holdout") >= 4
 
 
 def test_a_session_that_sets_planner_switches_is_never_steered(

@@ -136,3 +136,57 @@ def test_a_pinned_fingerprint_runs_its_arm_every_time() -> None:
     unknown = SteeringController(Settings(steering_enabled=True))
     unknown.pins = {fp: "not_an_arm"}  # never reaches SQL: only ARMS names are applied
     assert unknown.decide(sql) is None
+
+
+def test_a_converged_arm_is_on_trial_until_the_ab_test_decides() -> None:
+    """After convergence, half the executions run stock (the trial's control, same period);
+    an arm slower than its holdout with confidence is withdrawn without waiting for the full
+    sample; a validated arm keeps the usual 10% holdout."""
+    from proxy.settings import Settings
+    from proxy.steering import HOLDOUT, STEER, SteeringController
+
+    sql = "SELECT count(*) FROM t WHERE a = 1"
+    ctl = SteeringController(Settings(steering_enabled=True, steering_seed=1))
+    key = ctl.key(sql)
+    assert key is not None
+    for _ in range(5):
+        ctl.observe(sql, None, 100.0)  # stock runs make the template eligible
+    st = ctl.states[key]
+    st.converged = "no_nestloop"
+    modes = [ctl.decide(sql)[2] for _ in range(2000)]  # type: ignore[index]
+    assert 0.44 < modes.count(HOLDOUT) / len(modes) < 0.56
+    # the trial: the arm is clearly slower than the stock runs beside it -> withdrawn early
+    st.samples["no_nestloop"] = [150.0 + i for i in range(8)]
+    st.holdout = [100.0 + i for i in range(8)]
+    (d,) = ctl.evaluate()
+    assert (d["action"], d["status"]) == ("revert", "reverted") and st.withdrawn
+    assert ctl.decide(sql) is None  # withdrawn: the stock plan, unsteered
+
+    # a faster arm with enough samples is validated; then the holdout drops to 10%
+    other = "SELECT count(*) FROM t WHERE b = 1"
+    k2 = ctl.key(other)
+    assert k2 is not None
+    for _ in range(5):
+        ctl.observe(other, None, 100.0)
+    st2 = ctl.states[k2]
+    st2.converged = "no_hashjoin"
+    st2.samples["no_hashjoin"] = [50.0 + i for i in range(20)]
+    st2.holdout = [100.0 + i for i in range(8)]
+    (d2,) = ctl.evaluate()
+    assert d2["status"] == "validated"
+    modes = [ctl.decide(other)[2] for _ in range(2000)]  # type: ignore[index]
+    assert 0.06 < modes.count(HOLDOUT) / len(modes) < 0.14 and STEER in modes
+
+
+def test_convergence_starts_the_trial_afresh() -> None:
+    import random
+
+    from models.steering import STOCK, Policy, TemplateState
+
+    policy, st, rng = Policy(), TemplateState(), random.Random(0)
+    for _ in range(10):
+        policy.update(st, STOCK, 100.0, rng)
+    st.holdout = [100.0] * 5  # holdout runs from the exploration phase
+    events = [policy.update(st, "no_nestloop", 20.0, rng) for _ in range(6)]
+    assert "converged:no_nestloop" in events
+    assert st.holdout == [] and len(st.samples["no_nestloop"]) < 6
