@@ -1,6 +1,8 @@
 """The cost (latency) predictor, its baselines and the accuracy report they share.
 
-`CostModel` is LightGBM regression on log latency over the features of `models.dataset`.
+`CostModel` is LightGBM regression on log latency over the features of `models.dataset`, with a
+second, history-free booster for templates that have no history yet (``hist_count`` 0: a template
+never seen before, in training or online), which the main booster has hardly any rows of.
 Baselines, fitted on the same training rows and scored on the same held-out rows:
 
 - `FingerprintMedian`: the template's median latency (global median for unseen templates);
@@ -27,6 +29,12 @@ from sklearn.base import BaseEstimator, RegressorMixin
 MIN_MS = 0.01
 #: a fast/medium/slow class split for the confusion matrix, in ms
 CLASS_EDGES = (1.0, 100.0)
+#: features of a template's own past executions (blank for a template never seen before)
+HISTORY_PREFIX = "hist_"
+HISTORY_COUNT = "hist_count"
+CALIBRATED, MEDIAN, PLAN_COST = "hist_calibrated_ms", "hist_median_ms", "plan_total_cost"
+#: the line after which a saved model file holds the cold-start booster
+COLD_MARKER = "# pgsage: cold-start booster"
 
 
 def log_ms(values: Any) -> np.ndarray:
@@ -34,7 +42,13 @@ def log_ms(values: Any) -> np.ndarray:
 
 
 class CostModel(RegressorMixin, BaseEstimator):
-    """LightGBM on log(latency in ms); `predict` returns ms."""
+    """LightGBM on log(latency in ms); `predict` returns ms.
+
+    With `cold_start` (and a ``hist_count`` column), a second booster is fitted on the same rows
+    without the history features and predicts the rows whose template has no history yet: the
+    main booster learns to lean on a template's history and has only its first execution to
+    learn what to do without it, which generalises badly to new templates.
+    """
 
     def __init__(
         self,
@@ -46,6 +60,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         colsample_bytree: float = 0.9,
         reg_lambda: float = 1.0,
         early_stopping_rounds: int = 40,
+        cold_start: bool = True,
         random_state: int = 0,
         n_jobs: int = 1,
     ) -> None:
@@ -57,6 +72,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         self.colsample_bytree = colsample_bytree
         self.reg_lambda = reg_lambda
         self.early_stopping_rounds = early_stopping_rounds
+        self.cold_start = cold_start
         self.random_state = random_state
         self.n_jobs = n_jobs
 
@@ -85,26 +101,48 @@ class CostModel(RegressorMixin, BaseEstimator):
         """Fit on latencies `y` (ms); with `eval_set`, stop early on its log-space L2."""
         self.feature_names_ = [str(c) for c in X.columns]
         self.n_features_in_ = len(self.feature_names_)
-        train = lgb.Dataset(X, label=log_ms(y), free_raw_data=True)
+        self.booster_, self.best_iteration_ = self._train(X, y, eval_set, self.feature_names_)
+        self.cold_booster_: lgb.Booster | None = None
+        self.cold_iteration_ = 0
+        cold = [f for f in self.feature_names_ if not f.startswith(HISTORY_PREFIX)]
+        if self.cold_start and HISTORY_COUNT in self.feature_names_ and cold:
+            self.cold_booster_, self.cold_iteration_ = self._train(X, y, eval_set, cold)
+        return self
+
+    def _train(
+        self,
+        X: pd.DataFrame,
+        y: Any,
+        eval_set: tuple[pd.DataFrame, Any] | None,
+        names: list[str],
+    ) -> tuple[lgb.Booster, int]:
+        train = lgb.Dataset(X[names], label=log_ms(y), free_raw_data=True)
         valid = []
         callbacks = []
         if eval_set is not None:
             Xv, yv = eval_set
-            valid = [lgb.Dataset(Xv[self.feature_names_], label=log_ms(yv), reference=train)]
+            valid = [lgb.Dataset(Xv[names], label=log_ms(yv), reference=train)]
             callbacks = [lgb.early_stopping(self.early_stopping_rounds, verbose=False)]
-        self.booster_ = lgb.train(
+        booster = lgb.train(
             self._lgb_params(),
             train,
             num_boost_round=self.n_estimators,
             valid_sets=valid,
             callbacks=callbacks,
         )
-        self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
-        return self
+        return booster, int(booster.best_iteration or booster.num_trees())
 
     def predict_log(self, X: pd.DataFrame) -> np.ndarray:
+        X = _fill_calibration(X)
         out = self.booster_.predict(X[self.feature_names_], num_iteration=self.best_iteration_)
-        return np.asarray(out, dtype=float)
+        out = np.asarray(out, dtype=float)
+        cold_booster = getattr(self, "cold_booster_", None)
+        if cold_booster is not None and HISTORY_COUNT in X.columns:
+            rows = np.flatnonzero(~(X[HISTORY_COUNT].to_numpy(float) > 0))  # 0 or unknown
+            if len(rows):
+                cold = X.iloc[rows][cold_booster.feature_name()]
+                out[rows] = cold_booster.predict(cold, num_iteration=self.cold_iteration_)
+        return out
 
     def predict(self, X: pd.DataFrame) -> np.ndarray:
         return np.exp(self.predict_log(X))
@@ -117,17 +155,48 @@ class CostModel(RegressorMixin, BaseEstimator):
         return {name: round(float(g) / total, 5) for name, g in pairs}
 
     def save(self, path: Path) -> None:
-        """LightGBM's own text format (the best iteration only)."""
-        self.booster_.save_model(str(path), num_iteration=self.best_iteration_)
+        """LightGBM's own text format (the best iteration only), with the cold-start booster,
+        if any, appended after `COLD_MARKER`: LightGBM itself reads such a file as the main
+        booster alone, and the artifact stays one file."""
+        text = self.booster_.model_to_string(num_iteration=self.best_iteration_)
+        if getattr(self, "cold_booster_", None) is not None:
+            cold = self.cold_booster_.model_to_string(num_iteration=self.cold_iteration_)
+            text = f"{text.rstrip()}\n{COLD_MARKER}\n{cold}"
+        Path(path).write_text(text)
 
     @classmethod
     def load(cls, path: Path, params: dict[str, Any] | None = None) -> CostModel:
         model = cls(**(params or {}))
-        model.booster_ = lgb.Booster(model_file=str(path))
+        main, _, cold = Path(path).read_text().partition(f"\n{COLD_MARKER}\n")
+        model.booster_ = lgb.Booster(model_str=main)
         model.feature_names_ = list(model.booster_.feature_name())
         model.n_features_in_ = len(model.feature_names_)
         model.best_iteration_ = model.booster_.num_trees()
+        model.cold_booster_, model.cold_iteration_ = None, 0
+        if model.cold_start and cold.strip():  # versions saved before cold start have none
+            model.cold_booster_ = lgb.Booster(model_str=cold)
+            model.cold_iteration_ = model.cold_booster_.num_trees()
         return model
+
+
+def _fill_calibration(X: pd.DataFrame) -> pd.DataFrame:
+    """``hist_calibrated_ms`` from ``hist_median_ms`` where a row has history and a plan cost
+    but no calibration: the live aggregates serving reads (models/serve.py) keep no latency per
+    unit of cost, and for a template run at one plan cost the two are the same. Training rows
+    never look like that (with history and a plan cost, the calibration is always there), and
+    without this the model would read those rows as a template's first execution."""
+    if not {CALIBRATED, MEDIAN, HISTORY_COUNT, PLAN_COST} <= set(X.columns):
+        return X
+    cal = X[CALIBRATED].to_numpy(float)
+    fill = (
+        np.isnan(cal)
+        & (X[HISTORY_COUNT].to_numpy(float) > 0)
+        & np.isfinite(X[MEDIAN].to_numpy(float))
+        & np.isfinite(X[PLAN_COST].to_numpy(float))
+    )
+    if not fill.any():
+        return X
+    return X.assign(**{CALIBRATED: np.where(fill, X[MEDIAN].to_numpy(float), cal)})
 
 
 class FingerprintMedian(RegressorMixin, BaseEstimator):

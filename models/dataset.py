@@ -2,14 +2,16 @@
 
 A row is one logged execution. Its features:
 
-- *static*, per (fingerprint, literal class): the SQL shape of one sqlglot parse per fingerprint,
-  catalog statistics of its tables, and the plan of ``EXPLAIN (FORMAT JSON)`` (never ANALYZE),
-  fetched by `Explainer` on pgsage's own connection inside a READ ONLY transaction with a
-  statement_timeout. Texts logged with their literals are explained as sent; texts logged only
-  normalised ($n) get PostgreSQL's generic plan. Static features are upserted to
-  `ml.feature_store`.
+- *static*, per (fingerprint, literal class, text variant; `static_class`): the SQL shape of one
+  sqlglot parse per fingerprint and text variant, catalog statistics of its tables, and the plan
+  of ``EXPLAIN (FORMAT JSON)`` (never ANALYZE), fetched by `Explainer` on pgsage's own
+  connection inside a READ ONLY transaction with a statement_timeout. Texts logged with their
+  literals are explained as sent; texts logged only normalised ($n) get PostgreSQL's generic
+  plan. Static features are upserted to `ml.feature_store`.
 - *temporal*: calendar of the (simulated-clock) start time, in the database's time zone.
-- *load*: statements of the log running when this one started.
+- *load*: statements of the log running when this one started, and how slow the latest
+  executions were against their own templates' medians (`load_slowdown`, 0 when nothing is
+  known: the machine's current speed, which moves every template at once).
 - *history*: the fingerprint's previous executions that had *finished* before this one started
   (count, rolling median, last, rate over the past hour). `history_features` is the single
   implementation, used for training rows and for serving alike, so nothing from the future of a
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,7 +59,7 @@ HISTORY_FEATURES: tuple[str, ...] = (
     "hist_rate_1h",
     "hist_calibrated_ms",
 )
-LOAD_FEATURES: tuple[str, ...] = ("concurrent_statements",)
+LOAD_FEATURES: tuple[str, ...] = ("concurrent_statements", "load_slowdown")
 STATIC_FEATURES: tuple[str, ...] = SQL_FEATURES + CATALOG_FEATURES + PLAN_FEATURES
 #: every column the cost model may use, in a fixed order
 FEATURES: tuple[str, ...] = STATIC_FEATURES + TEMPORAL_FEATURES + LOAD_FEATURES + HISTORY_FEATURES
@@ -64,8 +67,11 @@ FEATURE_SET = "cost_v1"
 #: commands whose cost is modelled (utility statements, BEGIN/SET and catalog reads are not)
 MODELLED_COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
 HISTORY_WINDOW = 50
+#: executions (of any template) whose slowdown makes up `load_slowdown`
+LOAD_WINDOW = 20
 
 Progress = Callable[[str, float], None]
+_SPACES = re.compile(r"\s+")
 
 
 def _no_progress(stage: str, fraction: float) -> None:
@@ -160,12 +166,32 @@ async def fetch_catalog(conn: Any, tables: Iterable[str]) -> dict[str, TableStat
     return out
 
 
+# ------------------------------------------------------------------------ static feature keys
+
+
+def text_variant(normalized: str) -> str:
+    """A short id of a template's normalised text.
+
+    pg_query's fingerprint leaves out the name of an aliased table (``FROM a f JOIN ...`` and
+    ``FROM b f JOIN ...`` share one fingerprint), so parses and static features are keyed by this
+    too: each table keeps its own catalog statistics and its own plan.
+    """
+    text = _SPACES.sub(" ", normalized.strip()) if isinstance(normalized, str) else ""
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
+
+
+def static_class(text: str, normalized: str) -> str:
+    """The key of one row's static features within its fingerprint: the literal class of the
+    text as sent and the variant of its normalised text."""
+    return f"{literal_class(text)}.{text_variant(normalized)}"
+
+
 # -------------------------------------------------------------------------------- the planner
 
 
 @dataclass
 class Explainer:
-    """EXPLAIN (FORMAT JSON) on pgsage's own connection, cached per (fingerprint, literal class).
+    """EXPLAIN (FORMAT JSON) on pgsage's own connection, cached per (fingerprint, static class).
 
     Runs inside a READ ONLY transaction with a statement_timeout that is rolled back, so it can
     neither change data nor hold a client up; an error or timeout yields no plan (None).
@@ -178,8 +204,7 @@ class Explainer:
     _seq: int = 0
 
     async def plan(self, fingerprint: str, text: str, normalized: str, tree: Any) -> Any:
-        lclass = literal_class(text)
-        key = (fingerprint, lclass)
+        key = (fingerprint, static_class(text, normalized))
         if key not in self.cache:
             self.cache[key] = await self._explain(text, normalized, tree)
         return self.cache[key]
@@ -276,26 +301,57 @@ def _ns(values: pd.Series) -> np.ndarray:
     return values.astype("int64").to_numpy()
 
 
-def add_history(frame: pd.DataFrame) -> pd.DataFrame:
-    """History and load columns for every row of a log frame (sorted by start)."""
+def load_slowdown(
+    past_finished: np.ndarray,
+    past_slowdown: np.ndarray,
+    at: np.ndarray,
+    window: int = LOAD_WINDOW,
+) -> np.ndarray:
+    """Median slowdown of the last `window` executions that finished before each time in `at`.
+
+    An execution's slowdown is log(its latency / its template's median latency before it); NaN
+    (its template had no history yet) is skipped. It moves every template at once when the host is
+    busy. 0 ("as fast as usual") when nothing is known, which is also what the model reads when
+    serving does not provide the feature: LightGBM takes a missing value of a feature it never saw
+    missing in training as 0.
+    """
+    ok = np.isfinite(past_slowdown)
+    finished, slow = past_finished[ok], past_slowdown[ok]
+    order = np.argsort(finished, kind="stable")
+    rolled = pd.Series(slow[order]).rolling(window, min_periods=1).median().to_numpy()
+    k = np.searchsorted(finished[order], at, side="left")
+    return np.append(0.0, rolled)[k]
+
+
+def add_history(frame: pd.DataFrame, known: np.ndarray | None = None) -> pd.DataFrame:
+    """History and load columns for every row of a log frame (sorted by start).
+
+    With `known` (a boolean per row), only those rows' latencies feed the history and load of any
+    row: e.g. the training rows, to score test rows with what was known when training ended.
+    """
     out = {name: np.full(len(frame), np.nan) for name in HISTORY_FEATURES}
+    known = np.ones(len(frame), dtype=bool) if known is None else np.asarray(known, dtype=bool)
     started, finished = _ns(frame["started_at"]), _ns(frame["finished_at"])
     duration = frame["duration_ms"].to_numpy(float)
     cost = frame["plan_total_cost"].to_numpy(float)
     for _fp, idx in frame.groupby("fingerprint", sort=False).indices.items():
+        past = idx[known[idx]]
         hist = history_features(
-            started[idx], finished[idx], duration[idx], started[idx], cost[idx], cost[idx]
+            started[past], finished[past], duration[past], started[idx], cost[past], cost[idx]
         )
         for name, values in hist.items():
             out[name][idx] = values
     result = frame.assign(**out)
     result["concurrent_statements"] = concurrency(started, finished)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slowdown = np.log(np.maximum(duration, 1e-3)) - np.log(out["hist_median_ms"])
+    result["load_slowdown"] = load_slowdown(finished[known], slowdown[known], started)
     return result
 
 
 @dataclass
 class StaticFeatures:
-    """Static features per (fingerprint, literal class), computed once each."""
+    """Static features per (fingerprint, static class), computed once each."""
 
     explainer: Explainer | None
     catalog_conn: Any = None
@@ -306,10 +362,10 @@ class StaticFeatures:
     async def features(self, fingerprint: str, text: str | None, normalized: str) -> dict[str, Any]:
         # query_text is NULL (NaN in a frame) for rows logged without log_parameters
         text = text if isinstance(text, str) and text else normalized
-        key = (fingerprint, literal_class(text))
+        key = (fingerprint, static_class(text, normalized))
         if key in self.computed:
             return self.computed[key]
-        tree = self.parses.parse(fingerprint, normalized)
+        tree = self.parses.parse(f"{fingerprint}.{text_variant(normalized)}", normalized)
         shape = sql_shape(tree)
         missing = [t for t in shape.tables if t not in self.catalog]
         if missing and self.catalog_conn is not None:
@@ -407,7 +463,7 @@ async def build_dataset(
     keys = frame[["fingerprint", "query_text", "normalized_text", "database_name"]]
     uniq = keys.assign(
         lclass=[
-            literal_class(t if isinstance(t, str) and t else n)
+            static_class(t if isinstance(t, str) and t else n, n)
             for t, n in zip(keys.query_text, keys.normalized_text, strict=True)
         ]
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.base import clone
 
 from models.cost import (
+    COLD_MARKER,
     CostModel,
     ExplainCostFit,
     FingerprintMedian,
@@ -70,6 +72,100 @@ def test_cost_model_learns_log_latency_and_round_trips_through_text(tmp_path):
     assert path.read_text().startswith("tree")
     loaded = CostModel.load(path)
     assert np.allclose(loaded.predict(X[1200:]), pred)
+
+
+def with_history(frame: pd.DataFrame, y: np.ndarray) -> pd.DataFrame:
+    """The synthetic rows with a template history: the median of the template's earlier rows."""
+    logs = pd.Series(np.log(y), index=frame.index)
+    grouped = logs.groupby(frame["fingerprint"])
+    median = grouped.transform(lambda s: s.expanding().median().shift(1))
+    out = frame.assign(
+        hist_count=grouped.cumcount().astype(float),
+        hist_median_ms=np.exp(median),
+        hist_calibrated_ms=np.exp(median),
+    )
+    return out[["plan_total_cost", "noise", "hist_count", "hist_median_ms", "hist_calibrated_ms"]]
+
+
+def test_templates_without_history_get_the_cold_start_booster(tmp_path):
+    frame, y = synthetic()
+    X = with_history(frame, y)
+    model = CostModel(n_estimators=200).fit(X[:1200], y[:1200])
+    assert model.cold_booster_ is not None
+    assert "hist_median_ms" not in model.cold_booster_.feature_name()
+    test = X[1200:]
+    cold = test.assign(hist_count=0.0, hist_median_ms=np.nan, hist_calibrated_ms=np.nan)
+    expected = model.cold_booster_.predict(cold[model.cold_booster_.feature_name()])
+    assert np.allclose(model.predict_log(cold), expected)
+    assert not np.allclose(model.predict_log(test), expected)
+    path = tmp_path / "model.txt"
+    model.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.txt"]  # one artifact file
+    loaded = CostModel.load(path)
+    assert np.allclose(loaded.predict(cold), model.predict(cold))
+    assert np.allclose(loaded.predict(test), model.predict(test))
+    # LightGBM alone reads the file as the main booster
+    assert np.allclose(lgb.Booster(model_file=str(path)).predict(test), model.predict_log(test))
+    main = path.read_text().partition(COLD_MARKER)[0]
+    path.write_text(main)  # a version saved before cold start: main booster only
+    assert CostModel.load(path).cold_booster_ is None
+    assert np.allclose(CostModel.load(path).predict(test), model.predict(test))
+    plain = CostModel(n_estimators=50, cold_start=False).fit(X[:1200], y[:1200])
+    assert plain.cold_booster_ is None
+
+
+def test_serving_without_a_calibration_reads_the_template_median():
+    """The live aggregates serving reads keep no latency per unit of plan cost."""
+    frame, y = synthetic()
+    X = with_history(frame, y)
+    model = CostModel(n_estimators=100).fit(X[:1200], y[:1200])
+    test = X[1200:]
+    served = test.assign(hist_calibrated_ms=np.nan)
+    expected = test.assign(hist_calibrated_ms=test["hist_median_ms"])
+    assert np.allclose(model.predict(served), model.predict(expected))
+    no_plan = served.assign(plan_total_cost=np.nan)  # as in training: no plan, no calibration
+    assert (
+        np.isnan(no_plan["hist_calibrated_ms"]).all() and np.isfinite(model.predict(no_plan)).all()
+    )
+
+
+def test_a_load_feature_serving_leaves_blank_reads_as_usual_load():
+    """`load_slowdown` is never missing in training (0 when nothing is known), so LightGBM reads
+    a blank value at serving as 0, "as fast as usual", rather than as the rare-NaN branch."""
+    frame, y = synthetic(1200)
+    rng = np.random.default_rng(1)
+    frame["load_slowdown"] = rng.normal(0, 0.5, len(frame))
+    y = y * np.exp(frame["load_slowdown"].to_numpy())
+    X = frame[["plan_total_cost", "template", "load_slowdown"]]
+    model = CostModel(n_estimators=100).fit(X, y)
+    blank, usual = X[:50].assign(load_slowdown=np.nan), X[:50].assign(load_slowdown=0.0)
+    assert np.allclose(model.predict(blank), model.predict(usual))
+    slow = model.predict(X[:50].assign(load_slowdown=1.0)) / model.predict(usual)
+    assert np.median(slow) > 1.5  # the feature is used: a busy host predicts slower
+
+
+def test_accuracy_bench_checks_targets_and_every_baseline_on_each_split():
+    from bench.accuracy import checks
+
+    def split(p90: float, base: float) -> dict[str, dict[str, float]]:
+        return {"cost_model": {"qerror_p90": p90}, "explain_cost_global": {"qerror_p90": base}}
+
+    result = {
+        "time_split": {
+            "cost_model": {"r2_log": 0.91, "qerror_p50": 1.31, "qerror_p90": 2.0},
+            "fingerprint_median": {"qerror_p90": 1.9},
+        },
+        "held_out_templates": {**split(3.0, 4.0), "fingerprints": 5},
+        "held_out_templates_cold": split(5.0, 4.0),
+    }
+    assert checks(result) == {
+        "time_split r2_log >= 0.9": True,
+        "time_split qerror_p50 <= 1.3": False,
+        "time_split qerror_p90 <= 2.5": True,
+        "time_split qerror_p90 < fingerprint_median": False,
+        "held_out_templates qerror_p90 < explain_cost_global": True,
+        "held_out_templates_cold qerror_p90 < explain_cost_global": False,
+    }
 
 
 def test_baselines():

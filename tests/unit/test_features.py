@@ -10,7 +10,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.dataset import add_history, concurrency, history_features, template_split, time_split
+from models.dataset import (
+    add_history,
+    concurrency,
+    history_features,
+    load_slowdown,
+    static_class,
+    template_split,
+    text_variant,
+    time_split,
+)
 from optimizer.features import (
     PLAN_FEATURES,
     SQL_FEATURES,
@@ -241,6 +250,31 @@ def test_literal_class_separates_magnitudes_and_range_widths():
     assert literal_class("select * from t where id = $1") == "generic"
 
 
+def test_static_features_are_keyed_by_the_text_variant_too():
+    """pg_query's fingerprint ignores the name of an aliased table: such texts share a
+    fingerprint, but each needs its own catalog statistics and plan."""
+    import asyncio
+
+    from models.dataset import StaticFeatures
+
+    a = "SELECT count(*) FROM cm_small f JOIN d ON d.id = f.grp WHERE f.id < $1"
+    b = a.replace("cm_small", "cm_large")
+    assert text_variant(a) == text_variant(a.replace(" FROM ", "\n  FROM  "))
+    assert text_variant(a) != text_variant(b)
+    assert static_class(a.replace("$1", "10"), a) != static_class(b.replace("$1", "10"), b)
+    static = StaticFeatures(None, None)
+    static.catalog.update(
+        {
+            "cm_small": TableStats(1_000, 10),
+            "cm_large": TableStats(50_000, 500),
+            "d": TableStats(100, 1),
+        }
+    )
+    small = asyncio.run(static.features("fp", a.replace("$1", "10"), a))
+    large = asyncio.run(static.features("fp", b.replace("$1", "10"), b))
+    assert (small["cat_rows_max"], large["cat_rows_max"]) == (1_000, 50_000)
+
+
 def test_temporal_features():
     assert temporal_features(datetime(2024, 6, 3, 10, 30)) == {  # a Monday
         "hour": 10.0,
@@ -296,6 +330,38 @@ def test_add_history_and_concurrency_on_a_frame():
     assert out["hist_median_ms"].iloc[3] == 4500.0
     assert list(out["concurrent_statements"]) == [0, 1, 2, 0]
     assert list(concurrency(np.array([0, 0]), np.array([1, 1]))) == [1, 1]
+    # only the last row has a template median (4500 ms) to compare a finished execution with,
+    # and nothing with one had finished before any row started: the load is "as usual"
+    assert list(out["load_slowdown"]) == [0.0, 0.0, 0.0, 0.0]
+    # rows that are not known feed nobody's history: the last row sees only the first
+    frozen = add_history(frame, known=np.array([True, True, False, False]))
+    assert list(frozen["hist_count"]) == [0, 0, 0, 1]
+    assert frozen["hist_median_ms"].iloc[3] == 5000.0
+
+
+def test_load_slowdown_is_the_median_of_the_latest_executions_finished_before():
+    ns = 10**9
+    finished = np.array([1, 2, 3, 4, 5]) * ns
+    slowdown = np.array([0.0, np.log(4), np.nan, np.log(2), np.log(8)])
+    at = np.array([0, 1, 2.5, 4, 4.5, 6]) * ns
+    out = load_slowdown(finished.astype(np.int64), slowdown, at.astype(np.int64), window=2)
+    assert out[0] == 0.0 and out[1] == 0.0  # nothing had finished (finished == at is not before)
+    assert out[2] == pytest.approx(np.log(2))  # median of log 1 and log 4
+    assert out[3] == pytest.approx(np.log(2))  # the NaN (no template median yet) is skipped
+    assert out[4] == pytest.approx(np.log(8) / 2)  # the last two with a value: log 4, log 2
+    assert out[5] == pytest.approx(np.log(4))  # log 2, log 8
+    frame = pd.DataFrame(
+        {
+            "fingerprint": ["a", "a", "a", "b"],
+            "started_at": pd.to_datetime([0, 2, 4, 6], unit="s", utc=True),
+            "finished_at": pd.to_datetime([1, 3, 5, 7], unit="s", utc=True),
+            "duration_ms": [1000.0, 1000.0, 4000.0, 10.0],
+            "plan_total_cost": 1.0,
+        }
+    )
+    out = add_history(frame)["load_slowdown"]
+    # the third execution took 4x its template's median: the next row (another template) sees it
+    assert list(out[:3]) == [0.0, 0.0, 0.0] and out[3] == pytest.approx(np.log(4) / 2)
 
 
 def test_splits():
