@@ -186,7 +186,8 @@ def replayable(response: bytes) -> tuple[str | None, int | None] | None:
     if tag is None:
         return None, rows
     count = tag[7:]
-    return tag, int(count) if count.isdigit() else None
+    # isdigit() alone accepts digits such as "²" that int() rejects (found by bench.fuzz --codec)
+    return tag, int(count) if count.isascii() and count.isdigit() else None
 
 
 def parse_then_sync(parse_message: bytes) -> bytes:
