@@ -128,10 +128,14 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         console.print(report.stdout.strip() or report.stderr[-2000:])
+        if cfg.wait:
+            # blocked before the prompt, so a Ctrl-C right after it is waited for, not raised
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         console.print(_where(user, listen, http, cfg.database))
         if cfg.wait:
             console.print("[dim]pgsage keeps running; Ctrl-C stops everything.[/]")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         return 0
     except KeyboardInterrupt:
         return 130
