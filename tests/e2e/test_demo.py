@@ -9,9 +9,12 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.fix_proxy import drop_database
 
 
+@pytest.mark.timeout(900)  # the whole loop: minutes on a loaded 2-core machine
 def test_quick_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     """The whole loop, then pgsage keeps running until Ctrl-C, which stops everything (0)."""
     import re
@@ -84,6 +87,7 @@ def _port_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.timeout(600)
 def test_ctrl_c_during_the_run_stops_everything(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the simulated
     users run: the demo exits promptly with 130 and pgsage serve is gone."""
