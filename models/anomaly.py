@@ -5,22 +5,50 @@ One implementation serves training, evaluation and the online detector in the qu
 *before* it (leak-free: running per-fingerprint baselines, trailing windows), scores it and updates
 its state. Detectors, each with the cause it reports as the incident kind:
 
-- ``latency`` (per execution): an Isolation Forest over the residual between the actual and the
-  expected latency (log ratio; expected = the cost model's ``predicted_cost_ms`` when the log has
-  one, else the fingerprint's running median), that residual scaled by the fingerprint's spread
-  and the fingerprint's previous residual (a slow plan persists, a hiccup does not), rows and
-  bytes relative to the fingerprint's median, the error flag, the hour of the (simulated) clock
-  and the template's rarity. The threshold is calibrated on the training rows' labels when the
-  workload simulator left some, else it is the `contamination` quantile of the training scores.
+- ``latency`` (per execution): Isolation Forests over the residual between the actual and the
+  expected latency: the log ratio to the cost model's ``predicted_cost_ms`` when the log has one,
+  else to the fingerprint's running median, net of the system's level (the larger of the median
+  log ratio and the median milliseconds beyond their templates' expected of the last `CONTEXT`
+  warm executions of any template: a busy machine slows everything at once, and mostly by the
+  same few milliseconds, x30 for a 0.5 ms lookup and x1.2 for a 50 ms aggregate). Every scored
+  execution gets the vector `FEATURES` (the residual, its persistence over the fingerprint's last
+  executions, the milliseconds beyond the expected, the residual over the fingerprint's spread,
+  the system's level, rows and bytes against the fingerprint's median, the error flag, the hour
+  of the simulated clock and the template's rarity); one forest per view of `IF_VIEWS` is fitted
+  on the successful executions of warm fingerprints, the executions it judges:
+
+  * a spike: the residual and the milliseconds beyond the expected (a lock wait adds seconds,
+    the machine's noise tens of milliseconds), and
+  * a level shift: the median of the fingerprint's last five residuals (a plan regression or a
+    growing scan slows every execution, a hiccup one).
+
+  A view's score counts as its rank among the training executions' (the views' raw scores are not
+  comparable); an execution is flagged when it is slower than expected and either again, or by
+  far (x20, or more milliseconds than all but 0.1% of the training executions), and some view
+  ranks it at or above that view's threshold, or its residual is past the training range (+ log
+  2). Thresholds: calibrated together on the training rows' labels when the workload simulator
+  left some (best F1 of the whole detector, each view among the top 2% of its training ranks or
+  off, ties to the fewer flags), else each view flags `contamination / views` of the training.
+  Why not one forest over every column: the columns that do not describe the latency (hour,
+  rarity, rows, bytes, the error flag) dilute it, as a forest isolates on a random column at
+  each split: on the simulated runs each one added to the residual moved the labelled slow
+  executions down the ranking, and one forest over all of them ranked one to ten unlabelled
+  executions at or above each of three lock waits of 0.6 to 1.4 s on a 1.8 ms lookup (x296 to
+  x777), which the views rank above all of them.
+  ``AnomalyModel(views=(FEATURES,))`` fits that forest, for comparison.
 - ``rate_burst`` (workload): a fingerprint's arrivals in the trailing `rate_window_s` against an
   interval: the forecast's (``metadata.workload_forecasts``) when given, else a trailing seasonal
   baseline: the fingerprint's share of the traffic times the rest of the traffic in the window
-  (the rest follows the day's shape), upper bound a Poisson quantile. A confirmed burst covers the
-  fingerprint's executions in that window.
+  (the rest follows the day's shape; when the window is quieter than the training history at
+  that hour of the day, the history's traffic stands in: a burst at night has no one else to
+  scale by), upper bound the larger of a Poisson quantile and `rate_factor` times the mean, and
+  at least `rate_min_count` arrivals. A confirmed burst covers the fingerprint's executions in
+  that window.
 - ``error_burst`` (workload): failed executions in the trailing window beyond the interval of the
   training error rate.
-- ``heavy_unseen`` (workload): a fingerprint run fewer than `unseen_calls` times before whose
-  execution is expensive (above the training latency quantile `unseen_quantile`).
+- ``heavy_unseen`` (workload): a fingerprint run fewer than `unseen_calls` times before (never or
+  hardly ever seen) whose execution is expensive (above the training latency quantile
+  `unseen_quantile`).
 
 `ZScoreDetector` is the baseline to beat: |latency - mean| / std per fingerprint. `IncidentTracker`
 groups consecutive flags of one cause into incidents with a severity from score and impact.
@@ -55,11 +83,16 @@ CAUSE_OF_LABEL = {
     "heavy_unseen": "heavy_unseen",
 }
 LABEL_KINDS = tuple(CAUSE_OF_LABEL)
-IF_FEATURES = (
-    "residual",
-    "residual_z",
-    "residual_min2",
-    "context",
+#: each scored execution's feature vector (`Detector._features`), computed from what came before it
+FEATURES = (
+    "residual",  # log(actual / expected) net of the system's level (`CONTEXT`)
+    "residual_run2",  # min of this residual and the fingerprint's previous one
+    "residual_run3",  # ... and the one before: a plan or a lock persists, a hiccup does not
+    "residual_med5",  # median of the fingerprint's last five (this one included): a level shift
+    "excess",  # log1p of the milliseconds beyond the expected: the machine's noise adds tens of
+    # milliseconds to everything (a ratio of 20 on a 0.5 ms lookup), a lock wait adds seconds
+    "residual_z",  # the residual over the fingerprint's spread
+    "context",  # the system's level itself
     "rows_ratio",
     "bytes_ratio",
     "error",
@@ -67,9 +100,20 @@ IF_FEATURES = (
     "hour_cos",
     "rarity",
 )
+#: the forests' inputs, one Isolation Forest per view, each with its own threshold: a spike (how
+#: far, in ratio and in milliseconds, beyond the expected) and a level shift (the fingerprint's
+#: last executions). See the module doc for why not one forest over every column;
+#: `AnomalyModel(views=(FEATURES,))` fits that one for comparison.
+IF_VIEWS = (("residual", "excess"), ("residual_med5",))
+IF_FEATURES = tuple(dict.fromkeys(f for view in IF_VIEWS for f in view))
+_RES, _RUN2, _EXCESS, _Z = (
+    FEATURES.index(n) for n in ("residual", "residual_run2", "excess", "residual_z")
+)
 VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to be believed
+LATE_QUANTILE = 0.999
 MAX_FINGERPRINTS = 20_000  # per-fingerprint baselines kept by a detector
 CONTEXT = 15  # recent executions (all templates) whose median residual is the system's level
+RUN = 5  # a fingerprint's last executions whose residuals tell a lasting slowdown from a hiccup
 SEVERITIES = ("low", "medium", "high")
 FORECAST_WINDOW_S = 300.0  # the forecaster's window (metadata.workload_forecasts)
 #: the simulator's own bookkeeping connections: not simulated users, not scored
@@ -116,8 +160,8 @@ def scored(ex: Execution) -> bool:
 class _Fp:
     """A fingerprint's running baseline: recent log latency, rows and bytes."""
 
-    __slots__ = ("bytes", "bytes_med", "calls", "errors", "lat", "med", "prev", "rows", "rows_med",
-                 "spread", "stale")  # fmt: skip
+    __slots__ = ("bytes", "bytes_med", "calls", "errors", "lat", "med", "recent", "rows",
+                 "rows_med", "spread", "stale")  # fmt: skip
 
     def __init__(self, window: int) -> None:
         self.calls = 0
@@ -129,7 +173,8 @@ class _Fp:
         self.rows_med = 0.0
         self.bytes_med = 0.0
         self.spread = 0.5
-        self.prev = 0.0
+        #: the net residuals of the last successful executions, oldest first
+        self.recent: deque[float] = deque(maxlen=RUN - 1)
         self.stale = 0
 
     def refresh(self) -> None:
@@ -171,10 +216,10 @@ class DetectorConfig:
     rate_window_s: float = 600.0
     rate_alpha: float = 1e-3
     rate_factor: float = 3.0
-    rate_min_count: int = 8
+    rate_min_count: int = 12
     error_window_s: float = 600.0
     error_min_count: int = 3
-    unseen_calls: int = 3
+    unseen_calls: int = 5
     unseen_quantile: float = 0.95
     min_calls: int = 5  # a fingerprint's latency is judged after this many executions
     #: executions seen before "never seen" and arrival rates mean anything (cold start)
@@ -199,6 +244,8 @@ class Detector:
         self.error_rate = model.error_rate_ if model is not None else 0.0
         self.expensive_ms = model.expensive_ms_ if model is not None else 50.0
         self.global_log_ms = model.global_log_ms_ if model is not None else 0.0
+        #: scored arrivals per second by hour of the day (training), [] without a model
+        self.hourly: list[float] = list(model.hourly_) if model is not None else []
         self.intervals: dict[str, list[Interval]] = {}  # per cluster, from the forecaster
         self.cluster_of: dict[str, str] = {}
         self._iv_starts: dict[str, list[float]] = {}
@@ -210,8 +257,12 @@ class Detector:
         self._errors: deque[tuple[float, int, str, str | None]] = deque()
         self._flagged: set[int] = set()
         self._recent_flagged: deque[int] = deque(maxlen=100_000)
+        # the system's level: recent warm executions' log ratios and milliseconds beyond their
+        # templates' expected, and the medians of both
         self._context: deque[float] = deque(maxlen=CONTEXT)
+        self._context_ms: deque[float] = deque(maxlen=CONTEXT)
         self._context_level = 0.0
+        self._context_level_ms = 0.0
         if model is not None:
             for fp, (lat, rows, nbytes) in model.baselines_.items():
                 st = self.fps[fp] = _Fp(c.history)
@@ -223,12 +274,18 @@ class Detector:
 
     # ---------------------------------------------------------------- features
 
-    def _features(self, ex: Execution, st: _Fp | None) -> tuple[list[float], float, float]:
-        """IF features, the net residual and the expected ms of one execution (before updating).
+    def _features(
+        self, ex: Execution, st: _Fp | None
+    ) -> tuple[list[float], float, float, float, float]:
+        """`FEATURES`, the net residual and the expected ms of one execution (before updating),
+        and its raw log ratio and milliseconds beyond the template's expected (for the level).
 
-        The residual is net of the system's level (the median residual of the last `CONTEXT`
-        executions of any template): when everything is slow at once, that is the machine's
-        trouble, not one statement's.
+        The residual is net of the system's level, the larger of two readings of the last
+        `CONTEXT` executions of any template: their median log ratio (everything runs x times
+        slower) and their median milliseconds beyond the expected (everything waits y ms more:
+        a busy CPU or a stalled event loop adds the same to a 0.5 ms lookup and a 50 ms
+        aggregate, x100 to one and x3 to the other). When everything is slow at once, that is
+        the machine's trouble, not one statement's.
         """
         log_ms = math.log(max(ex.duration_ms, 1e-3))
         known = st is not None and st.calls >= self.config.min_calls and len(st.lat) > 0
@@ -241,7 +298,12 @@ class Detector:
             expected = self.global_log_ms
         ctx = self._context_level
         raw = 0.0 if ex.error else log_ms - expected
-        residual = raw - ctx if known else raw
+        raw_ms = 0.0 if ex.error else ex.duration_ms - math.exp(expected)
+        if known:  # the template's expected, and then the system's level on top of it
+            expected_ms = max(math.exp(expected + ctx), math.exp(expected) + self._context_level_ms)
+        else:
+            expected_ms = math.exp(expected)
+        residual = raw if ex.error else log_ms - math.log(expected_ms)
         spread = st.spread if known and st is not None else 1.0
         log_rows = math.log1p(max(ex.rows or 0, 0))
         log_bytes = math.log1p(max(ex.bytes or 0, 0))
@@ -252,11 +314,17 @@ class Detector:
         if share is None and st is not None and self.total_seen:
             share = st.calls / self.total_seen
         rarity = min(-math.log10(max(share or 0.0, 1e-7)), 7.0)
-        prev = st.prev if st is not None else 0.0
+        excess = 0.0 if ex.error else math.log1p(max(ex.duration_ms - expected_ms, 0.0))
+        recent = list(st.recent) if st is not None else []
+        # (a fingerprint with fewer executions behind it counts the missing ones as ordinary)
+        run = [0.0] * (RUN - 1 - len(recent)) + recent + [residual]
         feats = [
             residual,
+            min(run[-2:]),
+            min(run[-3:]),
+            sorted(run)[RUN // 2],
+            excess,
             residual / spread,
-            min(residual, prev),
             ctx,
             rows_ratio,
             bytes_ratio,
@@ -265,7 +333,7 @@ class Detector:
             math.cos(hour / 24 * 2 * math.pi),
             rarity,
         ]
-        return feats, residual, math.exp(expected + (ctx if known else 0.0))
+        return feats, residual, expected_ms, raw, raw_ms
 
     # ---------------------------------------------------------------- processing
 
@@ -283,7 +351,7 @@ class Detector:
             if not scored(ex):
                 continue
             st = self.fps.get(ex.fingerprint)
-            feats, residual, expected_ms = self._features(ex, st)
+            feats, residual, expected_ms, raw, raw_ms = self._features(ex, st)
             warm = st is not None and st.calls > min_calls
             if features_out is not None:
                 features_out.append(feats)
@@ -300,19 +368,28 @@ class Detector:
                 continue
             log_ms = math.log(max(ex.duration_ms, 1e-3))
             st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
-            st.prev = residual
+            st.recent.append(residual)
             if warm:
-                self._context.append(feats[0] + self._context_level)
-                self._context_level = float(np.median(self._context))
+                self._context.append(raw)
+                self._context_level = _small_median(self._context)
+                self._context_ms.append(raw_ms)
+                self._context_level_ms = max(_small_median(self._context_ms), 0.0)
         if model is not None and model.forest_ is not None and batch:
-            scores = model.score(np.asarray([b[2] for b in batch], float))
-            for (i, ex, f, _residual, expected_ms, warm), s in zip(batch, scores, strict=True):
-                # a young fingerprint is the unseen rule's; faster than expected is no trouble
+            # only what could be flagged is scored (the forests are the costly part): a young
+            # fingerprint is the unseen rule's, a failure the error rule's, and faster than
+            # expected (or one hiccup) is no trouble
+            late = model.late_
+            judged = [b for b in batch if b[5] and not b[1].error and _slow(b[2], late)]
+            if judged:
+                views = model.view_scores(np.asarray([b[2] for b in judged], float))
+                hit = model.over_threshold(views)
+                top = views.max(axis=0)  # (the flag's score: the forests' own, for severity)
+            for k, (i, ex, f, _residual, expected_ms, _warm) in enumerate(judged):
                 # beyond the residuals the forest was fitted on, its path lengths stop growing:
                 # a residual past the training range (+ log 2) is anomalous whatever the score
-                beyond = f[0] > model.residual_max_ + math.log(2.0)
-                if warm and (s >= model.threshold_ or beyond) and _slow(f) and not ex.error:
-                    flags.append(self._flag(i, ex, "latency", float(s),
+                beyond = f[_RES] > model.residual_max_ + math.log(2.0)
+                if hit[k] or beyond:
+                    flags.append(self._flag(i, ex, "latency", float(top[k]),
                                             max(ex.duration_ms - expected_ms, 0.0)))  # fmt: skip
         elif model is None:
             # cold start (no trained model yet): a plain residual rule on warm fingerprints
@@ -321,7 +398,7 @@ class Detector:
                 st = self.fps.get(ex.fingerprint)
                 if not (settled and warm and st is not None and st.calls > 4 * min_calls):
                     continue  # fresh tables and plans make the first executions noisy
-                if not ex.error and residual > math.log(5.0) and feats[1] > 4.0:
+                if not ex.error and residual > math.log(5.0) and feats[_Z] > 4.0:
                     score = min(0.5 + residual / 10.0, 1.0)
                     flags.append(self._flag(i, ex, "latency", score,
                                             max(ex.duration_ms - expected_ms, 0.0)))  # fmt: skip
@@ -433,8 +510,13 @@ class Detector:
         self.cluster_of = cluster_of
 
     def _rate_upper(self, fp: str, now: float, others: int) -> float | None:
+        """Upper bound of `fp`'s arrivals in the trailing window: its share of the traffic times
+        the rest of the traffic in the window, or, when the window is quieter than the training
+        history's at this hour of the day (a burst at night has no one else to scale by), the
+        rest of the traffic that history expects."""
         c = self.config
-        if others < 2:
+        usual = self.hourly[int(now % 86400.0 // 3600.0)] * c.rate_window_s if self.hourly else 0.0
+        if others < 2 and usual < 2:
             return None  # no other traffic to scale an expectation by
         share = self.shares.get(fp)
         if share is None:
@@ -443,7 +525,7 @@ class Detector:
                 return None  # nothing to compare with yet
             share = max(st.calls / self.total_seen, 1.0 / self.total_seen)
         share = min(share, 0.5)
-        mu = share * others / (1.0 - share)
+        mu = share * max(others, usual * (1.0 - share)) / (1.0 - share)
         return max(_poisson_upper(mu, c.rate_alpha), c.rate_factor * mu)
 
 
@@ -455,20 +537,29 @@ class AnomalyModel:
 
     def __init__(
         self,
-        n_estimators: int = 200,
+        n_estimators: int = 100,  # per view
         max_samples: int | str = 256,
         contamination: float = 0.005,
         random_state: int = 0,
         config: DetectorConfig | None = None,
+        views: Sequence[Sequence[str]] = IF_VIEWS,
     ) -> None:
         self.n_estimators = n_estimators
         self.max_samples = max_samples
         self.contamination = contamination
         self.random_state = random_state
         self.config = config or DetectorConfig()
+        unknown = [f for view in views for f in view if f not in FEATURES]
+        if unknown or not views or not all(views):
+            raise ValueError(f"unknown forest features {unknown} (choose from {FEATURES})")
+        self.views = tuple(tuple(view) for view in views)
 
     def fit(self, executions: Sequence[Execution]) -> AnomalyModel:
-        """Replay the history (leak-free features), fit the forest, keep the final baselines."""
+        """Replay the history (leak-free features), fit the forests, keep the final baselines.
+
+        The forests are fitted on the executions they will judge: successful ones of warm
+        fingerprints (failures are the error rule's, young templates the unseen rule's).
+        """
         from sklearn.ensemble import IsolationForest
 
         rows = [e for e in executions if scored(e)]
@@ -486,38 +577,85 @@ class AnomalyModel:
         self.total_ = len(rows)
         self.shares_ = {fp: n / len(rows) for fp, n in counts.items()}
         self.error_rate_ = sum(e.error for e in rows) / len(rows)
+        self.hourly_ = _hourly_rate(rows)
         self.forest_ = None
-        self.threshold_ = math.inf
+        self.threshold_: list[float] = [math.inf] * len(self.views)
         self.baselines_: dict[str, tuple[list[float], list[float], list[float]]] = {}
         self.calls_: dict[str, int] = {}
-        replay = Detector(None, self.config)
-        replay.shares = dict(self.shares_)
-        replay.expensive_ms = self.expensive_ms_
-        replay.global_log_ms = self.global_log_ms_
+        self.columns_ = [[FEATURES.index(f) for f in view] for view in self.views]
+        replay = self._replay()
         feats: list[list[float]] = []
         replay.process(rows, feats)
         X = np.asarray(feats, float)
-        warm = _warm_mask(rows, self.config.min_calls)
-        self.residual_max_ = float(X[warm, 0].max()) if warm.any() else math.inf
-        self.forest_ = IsolationForest(
-            n_estimators=self.n_estimators,
-            max_samples=self.max_samples if isinstance(self.max_samples, str)
-            else min(int(self.max_samples), len(X)),
-            random_state=self.random_state,
-        ).fit(X)  # fmt: skip
-        self.train_scores_ = self.score(X)
-        self.threshold_ = float(np.quantile(self.train_scores_, 1.0 - self.contamination))
+        judged = _warm_mask(rows, self.config.min_calls) & ~np.array([e.error for e in rows])
+        if not judged.any():
+            judged = np.ones(len(rows), bool)  # a short history: fit on what there is
+        self.residual_max_ = float(X[judged, _RES].max())
+        #: a delay (log1p ms beyond the expected) that needs no second slow execution to count:
+        #: beyond what all but one in a thousand of the judged training executions saw
+        self.late_ = float(np.quantile(X[judged, _EXCESS], LATE_QUANTILE))
+        Xj = X[judged]
+        self.forests_ = [
+            IsolationForest(
+                n_estimators=self.n_estimators,
+                max_samples=self.max_samples if isinstance(self.max_samples, str)
+                else min(int(self.max_samples), len(Xj)),
+                random_state=self.random_state,
+            ).fit(Xj[:, cols])
+            for cols in self.columns_
+        ]  # fmt: skip
+        self.forest_ = self.forests_[0]
+        #: each view's scores of the judged training rows, sorted (the reference of `surprise`)
+        self.view_ref_ = [np.sort(v) for v in self.view_scores(Xj)]
+        self.train_scores_ = self.surprise(self.view_scores(Xj))
+        # without labels: each view flags its `contamination / views` most surprising share
+        self.threshold_ = [
+            float(np.quantile(v, 1.0 - self.contamination / len(self.views)))
+            for v in self.train_scores_
+        ]
         self.baselines_ = {
             fp: (list(st.lat), list(st.rows), list(st.bytes)) for fp, st in replay.fps.items()
         }
         self.calls_ = {fp: st.calls for fp, st in replay.fps.items()}
-        self.feature_names_ = list(IF_FEATURES)
+        self.feature_names_ = list(dict.fromkeys(f for view in self.views for f in view))
         return self
 
-    def score(self, X: np.ndarray) -> np.ndarray:
-        """Anomaly scores in (0, 1]: the paper's s(x, n); ~0.5 is ordinary, near 1 is isolated."""
+    def _replay(self) -> Detector:
+        """A detector with no fitted state but this model's training statistics (leak-free
+        features of the training rows, and the rules as they would have fired on them)."""
+        det = Detector(None, self.config)
+        det.shares, det.expensive_ms = dict(self.shares_), self.expensive_ms_
+        det.global_log_ms = self.global_log_ms_
+        det.hourly = self.hourly_
+        return det
+
+    def view_scores(self, X: np.ndarray) -> np.ndarray:
+        """Each view's forest score of `FEATURES` rows (views x rows): the paper's s(x, n) in
+        (0, 1], ~0.5 ordinary, near 1 isolated."""
         assert self.forest_ is not None
-        return np.asarray(-self.forest_.score_samples(X), float)
+        X = np.asarray(X, float)
+        pairs = zip(self.forests_, self.columns_, strict=True)
+        return np.array([-forest.score_samples(X[:, cols]) for forest, cols in pairs])
+
+    def surprise(self, view_scores: np.ndarray) -> np.ndarray:
+        """Per view (views x rows), one minus the share of the judged training executions that
+        the view scores at least as high: 0.995 is rarer than one in two hundred. The views' raw
+        scores are not comparable (a view of more features tops out lower: past the training
+        range a forest's path lengths stop shrinking), their ranks are."""
+        out = []
+        for ref, s in zip(self.view_ref_, view_scores, strict=True):
+            n = len(ref)
+            out.append(1.0 - (n - np.searchsorted(ref, s, side="left") + 1) / (n + 1))
+        return np.asarray(out, float)
+
+    def over_threshold(self, view_scores: np.ndarray) -> np.ndarray:
+        """Rows some view finds at least as surprising as its threshold (`threshold_`)."""
+        s = self.surprise(view_scores)
+        return np.asarray(np.any(s >= np.asarray(self.threshold_, float)[:, None], axis=0), bool)
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores of `FEATURES` rows in (0, 1]: the highest of the views' s(x, n)."""
+        return np.asarray(self.view_scores(X).max(axis=0), float)
 
     def detector(self) -> Detector:
         return Detector(self, self.config)
@@ -529,34 +667,53 @@ class AnomalyModel:
     def calibrate(
         self, executions: Sequence[Execution], positive: np.ndarray, scope: np.ndarray
     ) -> dict[str, Any]:
-        """Pick the forest's threshold that maximises F1 of the whole detector on labelled rows
-        (rows the model was fitted on: the test rows stay unseen), within the top 1% of scores
-        (a handful of labelled slow runs must not teach it to flag a tenth of the traffic)."""
-        det = Detector(None, self.config)
-        det.shares, det.expensive_ms = dict(self.shares_), self.expensive_ms_
-        det.global_log_ms = self.global_log_ms_
+        """Pick each view's threshold so that the whole detector's F1 on labelled rows is best
+        (rows the model was fitted on: the test rows stay unseen). Each view's candidates are
+        the top 2% of the judged rows' surprise (a handful of labelled slow runs must not teach
+        it to flag a tenth of the traffic) and "off": a view that costs F1 on the training labels
+        at every level is not used, but one the training labels say nothing about (no labelled
+        anomaly of its kind, no false alarm either) stays on at its strictest level. Other ties
+        go to the higher thresholds (the fewer flags)."""
+        from itertools import product
+
+        det = self._replay()
         feats: list[list[float]] = []
         workload = det.process(executions, feats)
         rule = np.zeros(len(executions), bool)
         for f in workload:
             rule[f.seq] = f.kind != "latency"  # (the cold rule's flags are not the forest's)
-        idx = [i for i, e in enumerate(executions) if scored(e)]
-        scores = np.full(len(executions), -np.inf)
-        scores[idx] = self.score(np.asarray(feats, float))
+        idx = np.array([i for i, e in enumerate(executions) if scored(e)], int)
         slow = np.zeros(len(executions), bool)
-        slow[idx] = [_slow(f) for f in feats]
-        warm = _warm_mask(executions, self.config.min_calls)
-        best = (-1.0, self.threshold_)
-        grid = np.unique(np.quantile(scores[idx], np.linspace(0.99, 0.9995, 40)))
-        beyond = np.full(len(executions), False)
-        beyond[idx] = [f[0] > self.residual_max_ + math.log(2.0) for f in feats]
-        for t in grid:
-            flagged = rule | (((scores >= t) | beyond) & slow & warm)
-            m = confusion(flagged[scope], positive[scope])
-            if m["f1"] > best[0]:
-                best = (m["f1"], float(t))
-        self.threshold_ = best[1]
-        return {"threshold": self.threshold_, "train_f1": best[0]}
+        slow[idx] = [_slow(f, self.late_) for f in feats]
+        ok = np.array([not e.error for e in executions], bool)
+        judged = _warm_mask(executions, self.config.min_calls) & ok
+        beyond = np.zeros(len(executions), bool)
+        beyond[idx] = [f[_RES] > self.residual_max_ + math.log(2.0) for f in feats]
+        surprise = np.full((len(self.views), len(executions)), -np.inf)
+        if len(idx):
+            surprise[:, idx] = self.surprise(self.view_scores(np.asarray(feats, float)))
+        candidate = slow & judged
+        points = 24 if len(self.views) <= 2 else 8
+        grids = [
+            [*np.unique(np.quantile(s[judged], np.linspace(0.98, 0.9995, points))), math.inf]
+            if judged.any() else [math.inf]
+            for s in surprise
+        ]  # fmt: skip
+        hits = [[s >= t for t in grid] for s, grid in zip(surprise, grids, strict=True)]
+        best: tuple[float, int, int, tuple[int, ...]] = (-1.0, 0, 0, ())
+        for combo in product(*(range(len(g)) for g in grids)):
+            over = beyond.copy()
+            for v, k in enumerate(combo):
+                over |= hits[v][k]
+            flagged = rule | (over & candidate)
+            f1 = confusion(flagged[scope], positive[scope])["f1"]
+            on = sum(k < len(g) - 1 for k, g in zip(combo, grids, strict=True))
+            key = (f1, on, sum(combo), combo)
+            if key[:3] > best[:3]:
+                best = key
+        if best[3]:
+            self.threshold_ = [float(g[k]) for g, k in zip(grids, best[3], strict=True)]
+        return {"threshold": list(self.threshold_), "train_f1": best[0]}
 
     def save(self, path: Any) -> None:
         import joblib
@@ -570,13 +727,47 @@ class AnomalyModel:
         model = joblib.load(path)
         if not isinstance(model, AnomalyModel):
             raise TypeError(f"{path} does not hold an AnomalyModel")
+        if not all(hasattr(model, a) for a in ("forests_", "view_ref_", "hourly_", "late_")):
+            raise TypeError(f"{path} holds an anomaly model of an older layout: retrain it")
         return model
 
 
-def _slow(feats: Sequence[float]) -> bool:
+def _small_median(values: Iterable[float]) -> float:
+    """The median of a few numbers (numpy's costs more than the sort for fifteen of them)."""
+    v = sorted(values)
+    n = len(v)
+    if not n:
+        return 0.0
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0
+
+
+def _hourly_rate(rows: Sequence[Execution]) -> list[float]:
+    """Scored arrivals per second at each hour of the day over the (whole hours of the) history:
+    the day's shape the rate rule falls back on when the trailing window has no other traffic."""
+    if not rows:
+        return [0.0] * 24
+    first, last = math.ceil(rows[0].ts / 3600.0), math.floor(rows[-1].ts / 3600.0)
+    if last <= first:
+        return [0.0] * 24
+    per_hour = np.zeros(last - first)
+    for e in rows:
+        k = int(e.ts // 3600.0) - first
+        if 0 <= k < len(per_hour):
+            per_hour[k] += 1
+    out = []
+    for h in range(24):
+        hours = [k for k in range(len(per_hour)) if (first + k) % 24 == h]
+        out.append(float(np.mean(per_hour[hours])) / 3600.0 if hours else 0.0)
+    return out
+
+
+def _slow(feats: Sequence[float], late: float = math.inf) -> bool:
     """Slower than expected, and either again (the template's previous execution was slow too:
-    a plan or a lock persists, a hiccup of the machine does not) or by far (x20)."""
-    return feats[0] > 0 and (feats[2] > 0 or feats[0] > VERY_SLOW)
+    a plan or a lock persists, a hiccup of the machine does not) or by far: x20, or more
+    milliseconds beyond the expected than `late` (log1p ms; the model's `late_`)."""
+    return feats[_RES] > 0 and (
+        feats[_RUN2] > 0 or feats[_RES] > VERY_SLOW or feats[_EXCESS] > late
+    )
 
 
 def _warm_mask(executions: Sequence[Execution], min_calls: int) -> np.ndarray:
@@ -1044,9 +1235,10 @@ async def train_anomaly(
     card = new_card(
         NAME,
         version,
-        "Anomalous executions and workload windows: Isolation Forest on the"
-        " latency residual (vs the cost model or the running median) with rows, errors, hour"
-        " and rarity; arrival, error-rate and unseen-template rules; z-score baseline.",
+        "Anomalous executions and workload windows: Isolation Forests on the"
+        " latency residual (vs the cost model or the running median, net of the system's level):"
+        " a spike view (residual, milliseconds beyond the expected) and a level-shift view;"
+        " arrival, error-rate and unseen-template rules; z-score baseline.",
         config,
     )
 
@@ -1072,14 +1264,15 @@ async def train_anomaly(
         final = AnomalyModel(random_state=config.seed).fit(executions)
         calibrated = result.info.get("calibration", {}).get("iforest")
         if calibrated:
-            final.threshold_ = result.model.threshold_
+            final.threshold_ = list(result.model.threshold_)  # (ranks: they carry over)
         card.update(result.info)
         card["metrics"] = _metrics(result.info)
         card["params"] = {
             "n_estimators": final.n_estimators,
             "max_samples": final.max_samples,
             "contamination": final.contamination,
-            "threshold": final.threshold_,
+            "views": [list(view) for view in final.views],
+            "threshold": list(final.threshold_),  # per view, in training ranks
             "detector": vars(final.config),
         }
         card["features"] = list(IF_FEATURES)

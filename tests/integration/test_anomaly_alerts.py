@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ class Receiver:
 
 
 @pytest.fixture
-def receiver():
+def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.close()
@@ -67,8 +68,8 @@ def _metric(text: str, prefix: str) -> float:
 
 
 def test_slow_execution_raises_incident_webhook_and_metrics(
-    make_service, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+    make_service: Any, receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PGSAGE_MODEL_DIR", str(tmp_path / "models"))
     svc = make_service(
         anomaly_webhook_url=receiver.url, anomaly_refresh_interval=0.3, cost_serving=False
@@ -95,7 +96,7 @@ def test_slow_execution_raises_incident_webhook_and_metrics(
         try:
             result = await train_anomaly(conn, None, Registry(conn, tmp_path / "models"),
                                          TrainConfig(min_rows=100))  # fmt: skip
-            return result.status
+            return str(result.status)
         finally:
             await conn.close()
 
