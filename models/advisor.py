@@ -917,7 +917,7 @@ async def apply_recommendation(
     pins: dict[str, dict[str, Any]] = {}
     if _pinnable(verdict, cfg):
         progress("pin regressions", 0.0)
-        pins = await find_pins(wh, sqls, before, verdict["regressions"], cfg)
+        pins = await find_pins(wh, sqls, before, verdict["regressions"], cfg, after, name)
         if len(pins) == len(verdict["regressions"]):
             verdict["keep"] = True
     validation = {k: v for k, v in verdict.items() if k != "keep"}
@@ -971,10 +971,14 @@ async def find_pins(
     before: Mapping[str, list[float]],
     regressions: Sequence[str],
     cfg: AdvisorConfig,
+    after: Mapping[str, list[float]] | None = None,
+    index: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """For each regressed fingerprint, the fastest steering arm (hint set) with the new index in
-    place under which its samples are back to their time before the index: within
-    `max_regression` of it, or not significantly slower (Mann-Whitney U, `alpha`)."""
+    """For each regressed fingerprint, the fastest steering arm (hint set) that gives it back its
+    old plan with the new index in place: a plan that does not scan `index`, and times back to
+    before the index (within `max_regression`, or not significantly slower: Mann-Whitney U) or
+    significantly faster than the regressed runs just measured (`after`) — the machine's load
+    moves between measurements, so the old plan is the criterion and the times confirm it."""
     from scipy.stats import mannwhitneyu
 
     from .steering import ARMS, STOCK
@@ -986,17 +990,24 @@ async def find_pins(
         for arm, off in ARMS.items():
             if arm == STOCK:
                 continue
+            scanned: dict[str, set[str]] = {}
             got = await measure(wh, {fp: sqls[fp]}, cfg.replay_repeats, cfg.statement_timeout_ms,
-                                off=off)  # fmt: skip
+                                scanned, off=off)  # fmt: skip
             times = got.get(fp, [])
+            if index is not None and index in scanned.get(fp, set()):
+                continue  # still the plan the index brought
             if len(times) >= 2 and (best is None or statistics.median(times) < best[0]):
                 best = (statistics.median(times), arm, times)
         if best is None:
             continue
         slower = float(mannwhitneyu(best[2], before[fp], alternative="greater").pvalue)
-        if best[0] <= cfg.max_regression * base or slower >= cfg.alpha:
+        faster = math.nan
+        if after is not None and len(after.get(fp, [])) >= 2:
+            faster = float(mannwhitneyu(best[2], after[fp], alternative="less").pvalue)
+        if best[0] <= cfg.max_regression * base or slower >= cfg.alpha or faster < cfg.alpha:
             pins[fp] = {"arm": best[1], "before_ms": base, "pinned_ms": best[0],
-                        "p_slower_than_before": slower}  # fmt: skip
+                        "p_slower_than_before": slower,
+                        "p_faster_than_regressed": faster}  # fmt: skip
     return pins
 
 
@@ -1066,6 +1077,10 @@ async def _drop_index(wh: Any, schema: str, name: str) -> None:
 
 
 async def _idx_scan(wh: Any, schema: str, name: str) -> int | None:
+    # this connection's own scans (the validation's replays) reach the shared statistics only
+    # when the backend flushes them; PostgreSQL 15 flushes at its next idle moment on request
+    with contextlib.suppress(Exception):
+        await wh.execute("SELECT pg_stat_force_next_flush()")
     v = await wh.fetchval(
         "SELECT idx_scan FROM pg_stat_user_indexes WHERE schemaname = $1 AND indexrelname = $2",
         schema,

@@ -4,8 +4,9 @@ that hint set; the proxy's plan steering applies the pin; reverting the index wi
 
 The regression is the classic one: with an index on `created`, the planner walks it backwards
 for `WHERE flag = 1 ORDER BY created DESC LIMIT n`, expecting flagged rows to be spread evenly,
-but they all sit at the far end, so it reads nearly the whole index; without the index (or with
-index scans off) a seq scan and a top-N sort are twice as fast.
+but they all sit at the far end, so it reads nearly the whole index (about 70 ms); without the
+index, or with index scans off, it reads the flagged rows through the index on `flag` and sorts
+them (about 1 ms).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ CREATE TABLE shop.events (id bigint PRIMARY KEY, created int NOT NULL, flag int 
                           payload text);
 INSERT INTO shop.events
 SELECT i, i, CASE WHEN i <= 2000 THEN 1 ELSE 0 END, md5(i::text) FROM generate_series(1, {ROWS}) i;
+CREATE INDEX events_flag ON shop.events (flag);
 ANALYZE;
 """
 CONFIG = AdvisorConfig(replay_samples=4, replay_repeats=4, max_pins=3)
@@ -112,11 +114,19 @@ def test_a_regression_is_pinned_applied_by_steering_and_released(make_service: A
         fps, done, pins = asyncio.run(validate())
         flagged = fps["_latest_flagged"]
         validation = done["detail"].get("validation", {})
-        assert done["status"] == "validated", validation
+        why = (done["detail"].get("reason"), validation.get("per_fingerprint"))
+        assert done["status"] == "validated", why
         assert validation["regressions"] == [flagged], validation
         assert validation["per_fingerprint"][flagged]["uses_index"] is True
-        assert validation["pins"][flagged]["arm"] == "no_indexscan", validation["pins"]
-        assert pins == {flagged: "no_indexscan"}
+        pin = validation["pins"][flagged]
+        arm = pin["arm"]  # the fastest hint set that restores it (no_indexscan, or another
+        # that keeps the planner off the backward walk): ties are decided by the machine's noise
+        assert (
+            pin["pinned_ms"] <= 1.1 * pin["before_ms"]
+            or pin["p_slower_than_before"] >= 0.05
+            or pin["p_faster_than_regressed"] < 0.05
+        ), pin
+        assert pins == {flagged: arm}
 
         # the proxy's plan steering loads the pin and runs the fingerprint with its hint set
         svc = make_service(warehouse_database=db, steering_enabled=True, steering_eval_interval=1)
@@ -135,10 +145,10 @@ def test_a_regression_is_pinned_applied_by_steering_and_released(make_service: A
                 " AND hint_set IS NOT NULL ORDER BY started_at DESC LIMIT 1",
                 (flagged,),
             ).fetchone()
-        assert hint == ("pin:no_indexscan",)
+        assert hint == (f"pin:{arm}",)
         with psycopg.connect(svc.dsn("pgsage"), autocommit=True) as admin:
             rows = admin.execute("SHOW STEERING").fetchall()
-        assert any(r[0] == flagged and r[1] == "pinned:no_indexscan" for r in rows), rows
+        assert any(r[0] == flagged and r[1] == f"pinned:{arm}" for r in rows), rows
 
         # the index is reverted (not scanned since its check): its pin goes with it
         async def revert() -> tuple[dict[str, str], list[dict[str, Any]]]:
