@@ -52,13 +52,21 @@ def test_serve_without_upstream_starts_embedded_postgres(tmp_path: Path) -> None
                 time.sleep(0.5)
         assert row is not None, "embedded PostgreSQL never became reachable through pgsage"
         assert Path(row[0]).resolve() == data_dir.resolve()
-        # the warehouse's metadata lives in the embedded server too
-        with psycopg.connect(
-            f"host=127.0.0.1 port={port} user={PG_USER} dbname=warehouse", connect_timeout=5
-        ) as conn:
-            tables = conn.execute(
-                "select count(*) from pg_tables where schemaname in ('metadata', 'ml')"
-            ).fetchone()
+        # the warehouse's metadata lives in the embedded server too (created and migrated at
+        # start-up, a moment after the proxy listens: retried like the first connection)
+        tables = None
+        while time.monotonic() < deadline + 30 and tables is None:
+            try:
+                with psycopg.connect(
+                    f"host=127.0.0.1 port={port} user={PG_USER} dbname=warehouse",
+                    connect_timeout=5,
+                ) as conn:
+                    tables = conn.execute(
+                        "select count(*) from pg_tables where schemaname in ('metadata', 'ml')"
+                    ).fetchone()
+            except psycopg.OperationalError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                time.sleep(0.5)
         assert tables is not None and tables[0] >= 5
     finally:
         proc.send_signal(signal.SIGTERM)
