@@ -1,6 +1,7 @@
 """Accuracy of the workload forecaster on the workload simulator's planned arrivals.
 
-    python -m bench.accuracy_forecast                 # 42 simulated days, the last 21 evaluated
+    python -m bench.accuracy_forecast                 # 42 simulated days, the last 28 evaluated
+    python -m bench.accuracy_forecast --seed 1        # another plan (arrivals, anomalies)
     python -m bench.accuracy_forecast --days 21 --val-days 3 --test-days 4   # quicker
     (the lead's `python -m bench.accuracy --forecast` dispatches here)
 
@@ -11,8 +12,10 @@ and template. Templates are clustered as `pgsage train clusters` does (SQL featu
 template's parse + the cosine shape of its hourly arrivals; the simulator gives no latencies, so
 that feature is constant here), and `models.forecast.ForecastModel` runs the trainer's pipeline
 on the total and per-cluster 5-minute series: walk-forward with a refit at every simulated
-midnight over the last val+test days, the first --val-days choose the model per series, the last
---test-days are scored. Prints JSON (also written to bench/results/forecast.json) and a table.
+midnight over the last val+test days, the first --val-days (two weeks: every weekday twice, so
+one unusual day such as the first month end in the history does not decide) choose the model per
+series, the last --test-days (two weeks, never seen by the choice) are scored. Prints JSON (also
+written to bench/results/forecast.json) and a table.
 
 Targets (issue 9): MAPE <= 10% at 1 h on the total, >= 25% better than seasonal naive, peak
 hours right on >= 90% of days. Definitions are in models/forecast.py's docstring.
@@ -224,7 +227,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--days", type=float, default=42.0, help="simulated days planned")
-    parser.add_argument("--val-days", type=float, default=7.0, help="days choosing the model")
+    parser.add_argument("--val-days", type=float, default=14.0, help="days choosing the model")
     parser.add_argument("--test-days", type=float, default=14.0, help="days reported")
     parser.add_argument("--start", default="2026-01-05", help="simulated start (a Monday)")
     parser.add_argument("--qps", type=float, default=80.0, help="statements per real second")

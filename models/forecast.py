@@ -2,22 +2,30 @@
 
 Series are statement counts per 5-minute window of the logged clock (``query_logs.started_at``,
 simulated time when the workload simulator's clock runs), one per cluster of the active
-`models.clusters` model plus ``"total"``. Each series gets three kinds of forecasters, all
-scikit-learn style (``fit`` returns self; ``predict_at(y, start, origins, steps)`` forecasts the
-`steps` windows after each origin using only ``y[:origin]``):
+`models.clusters` model plus ``"total"``. Each series gets these forecasters, all scikit-learn
+style (``fit`` returns self; ``predict_at(y, start, origins, steps)`` forecasts the `steps`
+windows after each origin using only ``y[:origin]``):
 
 - `SeasonalNaive`: the same window one day (``season=288``) or one week (``2016``) earlier — the
   baseline;
 - `HoltWinters`: additive daily seasonality on ``log1p(counts)`` (multiplicative in counts, so a
   quiet weekend scales the whole day down); smoothing parameters estimated by statsmodels'
   ``ExponentialSmoothing``, the filter re-run here so every walk-forward origin is cheap;
-- `LagBoost`: LightGBM (Poisson objective) on lags, smoothed same-window-of-past-days profiles,
-  the recent level against yesterday's and last week's, and the target window's calendar
-  (minute of day, weekday, weekend, month end); one direct model for leads 1..72.
+- `DayProfile`: day level per weekday (times a month-end factor once month ends have been seen)
+  times each window's share of the day, pooled over the last four weeks per day type (weekday /
+  weekend), scaled by the last 3 h's actual-to-expected ratio (credibility-weighted, fading with
+  the hours ahead);
+- `LagBoost`: LightGBM (Poisson objective) boosting from the `DayProfile` forecast, on lags,
+  smoothed same-window-of-past-days profiles, the recent level against yesterday's and last
+  week's, the profile's expectation and ratio, and the target window's calendar (minute of day,
+  weekday, weekend, month end); one direct model for leads 1..72;
+- `Blend`: the mean of two or three of Holt-Winters, the day profile and LightGBM (`BLENDS`).
 
 Walk-forward validation (`evaluate_series`): models are refitted at every day boundary of the
-evaluation span and forecast from every hourly origin; the first `val_days` choose the model of
-each series (lowest WAPE over both horizons), the last `test_days` are what the card reports.
+evaluation span and forecast from every hourly origin (a blend's forecasts are its members'
+mean); the first `val_days` choose the model of each series (lowest mean of MAPE and WAPE over
+both horizons, `SELECTION_METRICS`), the last `test_days` are what the card reports; the seasonal
+naive baseline is whichever of day / week has the lower validation WAPE.
 Horizon metrics are on hourly counts: ``mape_1h`` is the MAPE of the arrivals predicted for the
 next hour (windows 1-12 after the origin), ``mape_6h`` of the hour 5-6 h ahead (windows 61-72);
 ``peak_hit_rate`` is the share of test days on which at least 2 of the 3 busiest hours predicted
@@ -206,7 +214,8 @@ class HoltWinters:
             new_level = a * (z[t] - s) + (1 - a) * level
             season[t % m] = g * (z[t] - level) + (1 - g) * s
             level = new_level
-        return np.maximum(out, 0.0)
+        clipped: np.ndarray = np.maximum(out, 0.0)
+        return clipped
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,6 +224,165 @@ class HoltWinters:
             "alpha": self.alpha_,
             "gamma": self.gamma_,
         }
+
+
+class DayProfile:
+    """A window's expected count is its day's level times its share of the day, scaled by how
+    busy the last hours were against that expectation.
+
+    - level: per weekday, the recency-weighted (half-life `half_life` days) mean log day total
+      of the last `days` whole days, month-end days left out (a weekday not seen yet takes its
+      day type's mean); month-end days (`calendar`'s ``is_month_end``) scale it by the mean
+      excess of the month-end days seen, shrunk by one pseudo-day (none seen: no factor);
+    - shares: per day type (weekday / weekend), each 5-minute window's share of the day,
+      pooled over those days with the same weights, the weekend's shrunk towards the weekday's
+      by `weekend_prior` pseudo-days, smoothed over +-`smooth` windows. Pooling many days is
+      what makes the busiest hours come out in a stable order;
+    - from each origin, ``log((actual + prior) / (expected + prior))`` over the last
+      `window` windows (a Poisson-gamma credibility ratio: a quiet night hardly moves it, a
+      busy morning's shift is followed) is added in log space, fading by `persistence` per hour
+      ahead.
+
+    All of it is fitted on ``y[:fold start]``; `predict_at` reads only ``y[:origin]``.
+    """
+
+    def __init__(
+        self,
+        days: int = 28,
+        half_life: float = 14.0,
+        weekend_prior: float = 1.0,
+        smooth: int = 2,
+        window: int = 3 * PER_HOUR,
+        prior: float = 100.0,
+        persistence: float = 0.8,
+    ) -> None:
+        self.days = days
+        self.half_life = half_life
+        self.weekend_prior = weekend_prior
+        self.smooth = smooth
+        self.window = window
+        self.prior = prior
+        self.persistence = persistence
+
+    name = "day_profile"
+
+    def fit(self, y: np.ndarray, start: pd.Timestamp) -> DayProfile:
+        y = np.asarray(y, dtype=float)
+        first = (-_slot(start)) % PER_DAY  # the first midnight
+        whole = max((len(y) - first) // PER_DAY, 0)
+        n = min(whole, self.days)
+        self.month_end_ = 0.0
+        if n < 1:  # not one whole day yet: a flat day at the mean rate
+            mean = max(float(np.mean(y)), 0.0) if len(y) else 0.0
+            self.level_ = np.full(7, math.log1p(mean * PER_DAY))
+            self.shape_ = np.full((2, PER_DAY), 1.0 / PER_DAY)
+            return self
+        d0 = first + (whole - n) * PER_DAY
+        days = y[d0 : d0 + n * PER_DAY].reshape(n, PER_DAY)
+        cal = calendar(pd.Timestamp(start), d0 + np.arange(n) * PER_DAY)
+        weekday = cal["weekday"].astype(int)
+        weekend = cal["is_weekend"].astype(int)
+        month_end = cal["is_month_end"].astype(bool)
+        weight = 0.5 ** ((n - 1 - np.arange(n)) / self.half_life)
+        totals = days.sum(axis=1)
+        log_totals = np.log1p(totals)
+
+        ordinary = ~month_end if (~month_end).any() else np.ones(n, dtype=bool)
+
+        def wmean(sel: np.ndarray, default: float) -> float:
+            return float(np.average(log_totals[sel], weights=weight[sel])) if sel.any() else default
+
+        overall = wmean(ordinary, 0.0)
+        by_type = [wmean(ordinary & (weekend == g), overall) for g in (0, 1)]
+        self.level_ = np.array(
+            [wmean(ordinary & (weekday == k), by_type[int(k >= 5)]) for k in range(7)]
+        )
+        if month_end.any() and (~month_end).any():
+            excess = log_totals[month_end] - self.level_[weekday[month_end]]
+            self.month_end_ = float(excess.sum() / (len(excess) + 1.0))
+
+        # per day type: weighted arrivals per window, weighted arrivals per day
+        num = [(weight[weekend == g, None] * days[weekend == g]).sum(axis=0) for g in (0, 1)]
+        den = [float((weight[weekend == g] * totals[weekend == g]).sum()) for g in (0, 1)]
+        shape = np.full((2, PER_DAY), 1.0 / PER_DAY)
+        if den[0] > 0:
+            shape[0] = num[0] / den[0]
+        elif den[1] > 0:
+            shape[0] = num[1] / den[1]
+        # weekend shares from few, quiet days: shrunk towards the weekday's
+        seen = float(weight[weekend == 1].sum())
+        prior = self.weekend_prior * den[1] / seen if seen > 0 else 0.0
+        shape[1] = (num[1] + prior * shape[0]) / (den[1] + prior) if den[1] > 0 else shape[0]
+        if self.smooth > 0:
+            k = self.smooth
+            kernel = np.concatenate([np.arange(1, k + 2), np.arange(k, 0, -1)]).astype(float)
+            kernel /= kernel.sum()
+            for g in (0, 1):
+                wrapped = np.concatenate([shape[g][-k:], shape[g], shape[g][:k]])
+                shape[g] = np.convolve(wrapped, kernel, mode="valid")
+        self.shape_ = shape
+        return self
+
+    def expected(self, start: pd.Timestamp, positions: np.ndarray) -> np.ndarray:
+        """Expected count of windows `positions` (any shape) from the profile alone."""
+        t = np.asarray(positions, dtype=np.int64)
+        cal = calendar(pd.Timestamp(start), t.ravel())
+        level = self.level_[cal["weekday"].astype(int)] + self.month_end_ * cal["is_month_end"]
+        share = self.shape_[cal["is_weekend"].astype(int), cal["slot_of_day"].astype(int)]
+        out: np.ndarray = (np.expm1(level) * share).reshape(t.shape)
+        return out
+
+    def components(
+        self, y: np.ndarray, start: pd.Timestamp, origins: np.ndarray, leads: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expected count of window ``origin + lead - 1``, the log ratio of the last `window`
+        windows before the origin, the forecast) for rows of origins and leads."""
+        y = np.asarray(y, dtype=float)
+        o = np.asarray(origins, dtype=np.int64)
+        h = np.asarray(leads, dtype=np.int64)
+        if len(o) == 0:
+            empty = np.zeros(0)
+            return empty, empty, empty
+        upto = int(max(o.max(), (o + h - 1).max())) + 1
+        exp_all = self.expected(start, np.arange(upto))
+        cs_exp = np.concatenate([[0.0], np.cumsum(exp_all)])
+        cs_y = np.concatenate([[0.0], np.cumsum(y[: int(o.max())])])
+        lo = np.clip(o - self.window, 0, None)
+        ratio = np.log((cs_y[o] - cs_y[lo] + self.prior) / (cs_exp[o] - cs_exp[lo] + self.prior))
+        expected = exp_all[o + h - 1]
+        fade = self.persistence ** ((h - 1) // PER_HOUR)
+        return expected, ratio, expected * np.exp(ratio * fade)
+
+    def predict_at(
+        self, y: np.ndarray, start: pd.Timestamp, origins: np.ndarray, steps: int = STEPS
+    ) -> np.ndarray:
+        o = np.repeat(np.asarray(origins, dtype=np.int64), steps)
+        h = np.tile(np.arange(1, steps + 1), len(origins))
+        return self.components(y, start, o, h)[2].reshape(len(origins), steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "day_profile",
+            "days": self.days,
+            "half_life": self.half_life,
+            "weekend_prior": self.weekend_prior,
+            "smooth": self.smooth,
+            "window": self.window,
+            "prior": self.prior,
+            "persistence": self.persistence,
+            "level": [float(v) for v in self.level_],
+            "month_end": self.month_end_,
+            "shape": [[float(v) for v in row] for row in self.shape_],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DayProfile:
+        params = ("days", "half_life", "weekend_prior", "smooth", "window", "prior", "persistence")
+        model = cls(**{k: d[k] for k in params})
+        model.level_ = np.asarray(d["level"], dtype=float)
+        model.month_end_ = float(d["month_end"])
+        model.shape_ = np.asarray(d["shape"], dtype=float)
+        return model
 
 
 LAG_FEATURES: tuple[str, ...] = (
@@ -313,7 +481,8 @@ def baseline(X: np.ndarray) -> np.ndarray:
         gap = ~np.isfinite(base)
         base[gap] = X[gap, _COL[col]]
     base[~np.isfinite(base)] = 1.0
-    return np.maximum(base, 0.05)
+    floored: np.ndarray = np.maximum(base, 0.05)
+    return floored
 
 
 def _daytype_profile(
@@ -335,8 +504,19 @@ def _daytype_profile(
     return out
 
 
+#: features LightGBM adds when it boosts from the day profile (`LagBoost(profile=True)`)
+PROFILE_FEATURES: tuple[str, ...] = ("profile_expected", "profile_ratio", "profile_forecast")
+
+
 class LagBoost:
-    """LightGBM (Poisson) on `LAG_FEATURES`, one direct model for every lead 1..`steps`."""
+    """LightGBM (Poisson) on `LAG_FEATURES`, one direct model for every lead 1..`steps`.
+
+    With ``profile`` (the default) a `DayProfile` is fitted on the same history; its forecast
+    is the offset LightGBM boosts from and, with its expected count and recent ratio, three more
+    features (`PROFILE_FEATURES`), so the trees learn corrections to a calendar-aware profile
+    rather than the profile itself. ``profile=False`` is the earlier model (offset: `baseline`,
+    `LAG_FEATURES` only); artifacts saved before the profile existed load as that.
+    """
 
     def __init__(
         self,
@@ -348,6 +528,7 @@ class LagBoost:
         steps: int = STEPS,
         random_state: int = 0,
         n_jobs: int = 1,
+        profile: bool = True,
     ) -> None:
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -357,8 +538,13 @@ class LagBoost:
         self.steps = steps
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.profile = profile
 
     name = "lightgbm"
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(LAG_FEATURES) + (list(PROFILE_FEATURES) if self.profile else [])
 
     def _params(self) -> dict[str, Any]:
         return {
@@ -375,10 +561,23 @@ class LagBoost:
             "verbosity": -1,
         }
 
+    def _design(
+        self, y: np.ndarray, start: pd.Timestamp, o: np.ndarray, h: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(features, offset in counts) of rows (origin, lead)."""
+        X = lag_features(y, start, o, h)
+        if not self.profile:
+            return X, baseline(X)
+        expected, ratio, forecast = self.profile_.components(y, start, o, h)
+        X = np.column_stack([X, expected, ratio, forecast])
+        return X, np.maximum(forecast, 0.05)
+
     def fit(self, y: np.ndarray, start: pd.Timestamp) -> LagBoost:
         """Rows: every origin with a day of history before it, `leads_per_origin` random leads
         whose target lies inside `y`."""
         y = np.asarray(y, dtype=float)
+        if self.profile:
+            self.profile_ = DayProfile().fit(y, start)
         rng = np.random.default_rng(self.random_state)
         first = min(PER_DAY, max(len(y) // 3, 1))
         origins = np.arange(first, len(y))
@@ -388,12 +587,12 @@ class LagBoost:
         h = rng.integers(1, self.steps + 1, size=len(o))
         keep = o + h - 1 < len(y)
         o, h = o[keep], h[keep]
-        X = lag_features(y, start, o, h)
+        X, offset = self._design(y, start, o, h)
         data = lgb.Dataset(
             X,
             label=y[o + h - 1],
-            init_score=np.log(baseline(X)),
-            feature_name=list(LAG_FEATURES),
+            init_score=np.log(offset),
+            feature_name=self.feature_names,
         )
         self.booster_ = lgb.train(self._params(), data, num_boost_round=self.n_estimators)
         return self
@@ -403,42 +602,92 @@ class LagBoost:
     ) -> np.ndarray:
         o = np.repeat(np.asarray(origins, dtype=np.int64), steps)
         h = np.tile(np.arange(1, steps + 1), len(origins))
-        X = lag_features(y, start, o, h)
+        X, offset = self._design(np.asarray(y, dtype=float), start, o, h)
         raw = np.asarray(self.booster_.predict(X, raw_score=True), dtype=float)
-        return np.exp(raw + np.log(baseline(X))).reshape(len(origins), steps)
+        pred: np.ndarray = np.exp(raw + np.log(offset)).reshape(len(origins), steps)
+        return pred
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "kind": "lightgbm",
             "n_estimators": self.n_estimators,
             "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves,
             "min_child_samples": self.min_child_samples,
         }
+        if self.profile:
+            d["profile"] = self.profile_.to_dict()
+        return d
 
     def save(self, path: Path) -> None:
         self.booster_.save_model(str(path))
 
     @classmethod
     def load(cls, path: Path, params: dict[str, Any]) -> LagBoost:
-        model = cls(**{k: v for k, v in params.items() if k != "kind"})
+        profile = params.get("profile")
+        kwargs = {k: v for k, v in params.items() if k not in ("kind", "profile", "file")}
+        model = cls(**kwargs, profile=profile is not None)
+        if profile is not None:
+            model.profile_ = DayProfile.from_dict(profile)
         model.booster_ = lgb.Booster(model_file=str(path))
         return model
 
 
-Forecaster = SeasonalNaive | HoltWinters | LagBoost
+class Blend:
+    """The mean of its members' forecasts, each fitted on the same history (an average of
+    differently wrong models is often better than either)."""
+
+    def __init__(self, members: Sequence[Forecaster]) -> None:
+        self.members = list(members)
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.members)
+
+    def fit(self, y: np.ndarray, start: pd.Timestamp) -> Blend:
+        for m in self.members:
+            m.fit(y, start)
+        return self
+
+    def predict_at(
+        self, y: np.ndarray, start: pd.Timestamp, origins: np.ndarray, steps: int = STEPS
+    ) -> np.ndarray:
+        preds = [m.predict_at(y, start, origins, steps) for m in self.members]
+        mean: np.ndarray = np.mean(np.stack(preds), axis=0)
+        return mean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "blend", "members": [m.to_dict() for m in self.members]}
+
+
+Forecaster = SeasonalNaive | HoltWinters | DayProfile | LagBoost | Blend
+
+
+#: blend candidates: name -> the candidates averaged
+BLENDS: dict[str, tuple[str, ...]] = {
+    "holt_winters+day_profile": ("holt_winters", "day_profile"),
+    "holt_winters+lightgbm": ("holt_winters", "lightgbm"),
+    "day_profile+lightgbm": ("day_profile", "lightgbm"),
+    "holt_winters+day_profile+lightgbm": ("holt_winters", "day_profile", "lightgbm"),
+}
 
 
 def candidates(config: ForecastConfig) -> dict[str, Callable[[], Forecaster]]:
     """The forecasters compared on every series, by name."""
-    return {
+    single: dict[str, Callable[[], Forecaster]] = {
         "seasonal_naive_day": lambda: SeasonalNaive(PER_DAY),
         "seasonal_naive_week": lambda: SeasonalNaive(PER_WEEK),
         "holt_winters": lambda: HoltWinters(PER_DAY),
+        "day_profile": lambda: DayProfile(),
         "lightgbm": lambda: LagBoost(
             n_estimators=config.n_estimators, random_state=config.seed, n_jobs=config.n_jobs
         ),
     }
+
+    def blend(members: tuple[str, ...]) -> Callable[[], Forecaster]:
+        return lambda: Blend([single[m]() for m in members])
+
+    return {**single, **{name: blend(members) for name, members in BLENDS.items()}}
 
 
 NAIVE = ("seasonal_naive_day", "seasonal_naive_week")
@@ -488,7 +737,9 @@ class ForecastConfig:
         "seasonal_naive_day",
         "seasonal_naive_week",
         "holt_winters",
+        "day_profile",
         "lightgbm",
+        *BLENDS,
     )
 
 
@@ -537,7 +788,8 @@ def hourly_origins(start: pd.Timestamp, first: int, last: int) -> np.ndarray:
     """Positions in [first, last] at the top of an hour."""
     offset = _slot(start)
     pos = np.arange(max(first, 0), last + 1)
-    return pos[(pos + offset) % PER_HOUR == 0]
+    top: np.ndarray = pos[(pos + offset) % PER_HOUR == 0]
+    return top
 
 
 def walk_forward(
@@ -643,20 +895,32 @@ def evaluate_series(
     config: ForecastConfig,
     progress: Callable[[float], None] | None = None,
 ) -> Evaluation:
-    """Walk-forward forecasts of every candidate model; the one with the lowest validation WAPE
-    (both horizons) is chosen; metrics per model on validation and test."""
+    """Walk-forward forecasts of every candidate model; the one with the lowest validation
+    `_selection_score` (MAPE and WAPE, both horizons) is chosen; metrics per model on validation
+    and test."""
     y = np.asarray(y, dtype=float)
     e, s, n = spans(len(y), start, config)
     # origins from 5 h before the evaluation span, so its first hours have 6 h-ahead forecasts
     origins = hourly_origins(start, max(e - (STEPS - PER_HOUR), PER_DAY), n - PER_HOUR)
     makers = candidates(config)
     names = [m for m in config.models if m in makers]
+    # a blend whose members are evaluated too is their mean (the same fits); the rest run
+    derived = [m for m in names if m in BLENDS and all(p in names for p in BLENDS[m])]
+    run = [m for m in names if m not in derived]
     refit = max(round(config.refit_days * PER_DAY), PER_HOUR)
     ev = Evaluation(origins, {}, e, s)
-    for i, name in enumerate(names):
-        ev.predictions[name] = walk_forward(y, start, makers[name], origins, refit)
+    for i, name in enumerate(run):
+        try:
+            ev.predictions[name] = walk_forward(y, start, makers[name], origins, refit)
+        except Exception:  # e.g. LightGBM's Poisson objective on a fold of all-zero counts:
+            # that candidate has no forecasts (it cannot be chosen), the others still compete
+            ev.predictions[name] = np.full((len(origins), STEPS), np.nan)
         if progress is not None:
-            progress((i + 1) / len(names))
+            progress((i + 1) / len(run))
+    for name in derived:
+        members = np.stack([ev.predictions[m] for m in BLENDS[name]])
+        ev.predictions[name] = np.mean(members, axis=0)
+    ev.predictions = {name: ev.predictions[name] for name in names}
     for name, preds in ev.predictions.items():
         ev.metrics[name] = {
             "validation": score(y, start, origins, preds, e, s),
@@ -666,7 +930,21 @@ def evaluate_series(
     return ev
 
 
+#: what a model is chosen by: the card's MAPE of hourly counts and, so a model cannot win by
+#: under-forecasting the busy hours MAPE weighs least, WAPE, at both horizons
+SELECTION_METRICS = ("mape_1h", "mape_6h", "wape_1h", "wape_6h")
+
+
 def _selection_score(m: dict[str, float]) -> float:
+    """Mean of `SELECTION_METRICS` on the validation span (inf without finite WAPEs; a MAPE
+    with no non-zero hour to score is left out)."""
+    if not all(np.isfinite(m.get(k, math.nan)) for k in ("wape_1h", "wape_6h")):
+        return math.inf
+    vals = [m[k] for k in SELECTION_METRICS if np.isfinite(m.get(k, math.nan))]
+    return float(np.mean(vals))
+
+
+def _naive_score(m: dict[str, float]) -> float:
     vals = [m.get("wape_1h", math.nan), m.get("wape_6h", math.nan)]
     return float(np.mean(vals)) if all(np.isfinite(vals)) else math.inf
 
@@ -681,10 +959,13 @@ def choose(ev: Evaluation) -> str:
     return best if np.isfinite(scores[best]) else "seasonal_naive_day"
 
 
-def best_naive(ev: Evaluation) -> str:
-    """The seasonal naive baseline: whichever of day / week scores better on validation."""
+def best_naive(ev: Evaluation) -> str | None:
+    """The seasonal naive baseline: whichever of day / week has the lower validation WAPE (both
+    horizons); None when neither was evaluated."""
     present = [n for n in NAIVE if n in ev.metrics]
-    return min(present, key=lambda n: (_selection_score(ev.metrics[n]["validation"]), n))
+    if not present:
+        return None
+    return min(present, key=lambda n: (_naive_score(ev.metrics[n]["validation"]), n))
 
 
 def interval_quantiles(y: np.ndarray, ev: Evaluation, name: str) -> dict[str, list[float]]:
@@ -785,7 +1066,7 @@ class ForecastModel:
                 "naive": naive,
                 "validation": ev.metrics[ev.chosen]["validation"],
                 "test": ev.metrics[ev.chosen]["test"],
-                "naive_test": ev.metrics[naive]["test"],
+                "naive_test": ev.metrics[naive]["test"] if naive else {},
                 "models": {m: v["test"] for m, v in ev.metrics.items()},
                 "models_validation": {m: v["validation"] for m, v in ev.metrics.items()},
                 "interval": self.quantiles_[name],
@@ -838,10 +1119,12 @@ class ForecastModel:
         folder.mkdir(parents=True, exist_ok=True)
         spec: dict[str, Any] = {"series": {}}
         for i, (name, model) in enumerate(self.models_.items()):
-            entry: dict[str, Any] = {"model": model.to_dict(), "interval": self.quantiles_[name]}
-            if isinstance(model, LagBoost):
-                entry["file"] = f"lightgbm_{i}.txt"
-                model.save(folder / entry["file"])
+            entry: dict[str, Any] = {
+                "model": _save_forecaster(model, folder, f"lightgbm_{i}"),
+                "interval": self.quantiles_[name],
+            }
+            if "file" in entry["model"]:  # where a lone LightGBM model's file was always named
+                entry["file"] = entry["model"].pop("file")
             spec["series"][name] = entry
         (folder / "forecast.json").write_text(json.dumps(spec, indent=2))
 
@@ -851,22 +1134,41 @@ class ForecastModel:
         model = cls()
         model.models_, model.quantiles_, model.report_ = {}, {}, {}
         for name, entry in spec["series"].items():
-            d = entry["model"]
-            kind = d["kind"]
-            est: Forecaster
-            if kind == "seasonal_naive":
-                est = SeasonalNaive.from_dict(d)
-            elif kind == "holt_winters":
-                est = HoltWinters.from_dict(d)
-            else:
-                est = LagBoost.load(folder / entry["file"], d)
-            model.models_[name] = est
+            model.models_[name] = _load_forecaster(entry["model"], folder, entry.get("file"))
             model.quantiles_[name] = entry["interval"]
         return model
 
 
+def _save_forecaster(model: Forecaster, folder: Path, stem: str) -> dict[str, Any]:
+    """The model's dict; LightGBM boosters (also inside blends) go to ``stem*.txt`` files."""
+    d = model.to_dict()
+    if isinstance(model, LagBoost):
+        d["file"] = f"{stem}.txt"
+        model.save(folder / d["file"])
+    elif isinstance(model, Blend):
+        d["members"] = [
+            _save_forecaster(m, folder, f"{stem}_{j}") for j, m in enumerate(model.members)
+        ]
+    return d
+
+
+def _load_forecaster(d: dict[str, Any], folder: Path, file: str | None = None) -> Forecaster:
+    kind = d["kind"]
+    if kind == "seasonal_naive":
+        return SeasonalNaive.from_dict(d)
+    if kind == "holt_winters":
+        return HoltWinters.from_dict(d)
+    if kind == "day_profile":
+        return DayProfile.from_dict(d)
+    if kind == "blend":
+        return Blend([_load_forecaster(m, folder) for m in d["members"]])
+    if kind == "lightgbm":
+        return LagBoost.load(folder / (d.get("file") or file or ""), d)
+    raise ValueError(f"unknown forecaster kind {kind!r}")
+
+
 def _iso(start: pd.Timestamp, pos: int) -> str:
-    return (start + pd.Timedelta(seconds=int(pos) * WINDOW_S)).isoformat()
+    return str((start + pd.Timedelta(seconds=int(pos) * WINDOW_S)).isoformat())
 
 
 def card_metrics(report: dict[str, dict[str, Any]], silhouette: float | None) -> dict[str, Any]:
@@ -1085,8 +1387,8 @@ async def train_forecast(
         FORECAST,
         version,
         "Arrivals per 5-minute window per query cluster and in total, 1 h and"
-        " 6 h ahead; per series the best of seasonal naive, Holt-Winters and LightGBM by"
-        " walk-forward validation.",
+        " 6 h ahead; per series the best of seasonal naive, Holt-Winters, a day profile,"
+        " LightGBM and averages of the last three by walk-forward validation.",
         config,
         _versions("statsmodels"),
     )
@@ -1115,7 +1417,7 @@ async def train_forecast(
                 "evaluation": {k: v for k, v in vars(fc).items()},
                 "chosen": {k: r["model"] for k, r in model.report_.items()},
             },
-            features=list(LAG_FEATURES),
+            features=list(LAG_FEATURES) + list(PROFILE_FEATURES),
             data_window={
                 "start": start.isoformat(),
                 "end": _iso(start, n),
