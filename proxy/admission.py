@@ -115,12 +115,16 @@ class AdmissionController:
         self.adjustments: deque[tuple[float, int, str]] = deque(maxlen=50)
         #: active client backends sampled since the last adjustment (LoadProbe)
         self._active: list[int] = []
-        #: the mean of the last adjustment interval's samples per core (None: no probe)
-        self.load: float | None = None
+        #: the mean of the last adjustment interval's samples (None: no probe yet)
         self.active_mean: float | None = None
         #: forecast arrivals of the next window over the current one's, clipped to [1, 2]
         self.forecast_trend = 1.0
         self.metrics = AdmissionMetrics(registry, self) if registry is not None else None
+
+    @property
+    def load(self) -> float | None:
+        """Active upstream backends per core, over the last adjustment interval."""
+        return None if self.active_mean is None else self.active_mean / self.cores
 
     @property
     def cores(self) -> int:
@@ -195,8 +199,7 @@ class AdmissionController:
         pressure: float | None = None
         if self._active:
             self.active_mean = sum(self._active) / len(self._active)
-            self.load = self.active_mean / self.cores
-            pressure = self.load * self.forecast_trend
+            pressure = self.active_mean / self.cores * self.forecast_trend
         if median is None and pressure is None:
             return
         saturation = s.admission_saturation

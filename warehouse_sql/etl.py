@@ -223,8 +223,8 @@ async def _run(
             t0 = time.perf_counter()
             if t.layer == "silver":
                 await _silver_step(conn, run, t, bounds[t.source or ""])
-            elif run.changed.intersection(t.inputs) or await _stale_days(conn, t) is not None:
-                await _gold_step(conn, run, t)
+            elif (stale := await _stale_days(conn, t)) or run.changed.intersection(t.inputs):
+                await _gold_step(conn, run, t, after_truncate=stale == "all")
             else:
                 continue
             run.steps[t.name] = round(time.perf_counter() - t0, 3)
@@ -289,14 +289,10 @@ async def _stale_days(conn: Any, t: Transform) -> str | None:
     return None if found is None else "all" if found else "some"
 
 
-async def _gold_step(conn: Any, run: _Run, t: Transform) -> None:
+async def _gold_step(conn: Any, run: _Run, t: Transform, after_truncate: bool = False) -> None:
     # a full refresh when most of an input is new: one parallel aggregation beats looking up
     # every key (and the planner sees a literal, not a parameter); or after a TRUNCATE
-    full = (
-        t.refresh == "full"
-        or bool(run.mostly_new.intersection(t.inputs))
-        or await _stale_days(conn, t) == "all"
-    )
+    full = t.refresh == "full" or bool(run.mostly_new.intersection(t.inputs)) or after_truncate
     await conn.execute(t.render(run_id=run.run_id, full=int(full)))
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, t.target)
     run.refreshed.append(t.target)
