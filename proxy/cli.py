@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -240,9 +239,9 @@ def version() -> None:
 
 
 def main() -> None:
-    # SIGPIPE default is fine for a CLI; keep Python's handling of broken pipes quiet
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored, as Python sets it: `pgsage serve` and the demo's simulated users write
+    # to sockets whose peer may be gone, which must be an EPIPE error, not the process's death.
+    # (Click already turns a closed stdout, `pgsage ... | head`, into a quiet exit.)
     app()
 
 

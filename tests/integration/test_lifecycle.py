@@ -522,6 +522,24 @@ def test_sigterm_deadline_terminates_long_statement(serve):
         conn.close()
 
 
+def ignored_signals(pid: int) -> set[int]:
+    """The signals a running process ignores, from the SigIgn mask in /proc/PID/status."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if x.startswith("SigIgn:"))  # fmt: skip
+    mask = int(line.split()[1], 16)
+    return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc")
+def test_serve_ignores_sigpipe(serve):
+    """A peer gone mid-write is an EPIPE error for one session, never the process's death: the
+    demo once died by SIGPIPE (-13) when Ctrl-C closed the proxy under its simulated users."""
+    srv = serve()
+    assert signal.SIGPIPE in ignored_signals(srv.proc.pid)
+    with psycopg.connect(srv.dsn(), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "key"),
     [
