@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
 
@@ -22,6 +23,7 @@ from .log import get_logger
 from .settings import Settings
 
 APPLICATION_NAME = "pgsage-optimise"
+T = TypeVar("T")
 
 
 def forecast_trend(rows: list[dict[str, Any]], now: datetime) -> float:
@@ -38,6 +40,13 @@ def forecast_trend(rows: list[dict[str, Any]], now: datetime) -> float:
     if ahead is None or float(here["predicted"]) <= 0:
         return 1.0
     return min(max(float(ahead["predicted"]) / float(here["predicted"]), 1.0), 2.0)
+
+
+async def off_loop(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run `work()` to completion on a worker thread, in an event loop of its own (its own
+    connections too): CPU-heavy model work never holds up the proxy's loop. The thread yields
+    the GIL every switch interval, so the relay keeps moving meanwhile."""
+    return await asyncio.to_thread(asyncio.run, work())
 
 
 class Optimiser:
@@ -173,7 +182,21 @@ class Optimiser:
 
     async def refresh_forecast(self) -> int:
         """Re-forecast from the newest logged windows with the active model (no refit), assign
-        new templates to clusters, and publish the totals per horizon as gauges."""
+        new templates to clusters, and publish the totals per horizon as gauges.
+
+        The models' imports (LightGBM, scikit-learn, SciPy: seconds) and the forecast itself
+        are CPU work, so they run on a worker thread with its own event loop: the proxy's
+        loop only sets the gauges (it once stalled every session for seconds at startup)."""
+        stored, rows, values = await off_loop(self._publish_forecast)
+        if self.forecast_gauge is not None:
+            self.forecast_gauge.clear()
+            for (cluster, horizon), value in values.items():
+                self.forecast_gauge.labels(cluster, horizon).set(value)
+        if self.admission is not None:
+            self.admission.forecast_trend = forecast_trend(rows, CLOCK.now())
+        return stored
+
+    async def _publish_forecast(self) -> tuple[int, list[dict[str, Any]], dict[Any, float]]:
         from models.forecast import gauge_values, latest_forecast, publish_forecast
         from models.registry import Registry, model_dir
 
@@ -183,13 +206,7 @@ class Optimiser:
             rows = await latest_forecast(conn)
         finally:
             await conn.close()
-        if self.forecast_gauge is not None:
-            self.forecast_gauge.clear()
-            for (cluster, horizon), value in gauge_values(rows).items():
-                self.forecast_gauge.labels(cluster, horizon).set(value)
-        if self.admission is not None:
-            self.admission.forecast_trend = forecast_trend(rows, CLOCK.now())
-        return stored
+        return stored, rows, gauge_values(rows)
 
     async def _forecast_loop(self) -> None:
         while True:
@@ -274,17 +291,22 @@ class Optimiser:
 
     async def auto_pass(self) -> dict[str, Any]:
         """One pass of automatic mode: advise, then apply validated proposals and re-check
-        applied ones (dropping those whose benefit is gone)."""
+        applied ones (dropping those whose benefit is gone). Parsing the workload and costing
+        candidates is CPU work: it runs on a worker thread, off the proxy's event loop."""
+        result = await off_loop(self._auto_pass)
+        self.last_auto = result
+        return result
+
+    async def _auto_pass(self) -> dict[str, Any]:
         from models.advisor import advise, recheck
 
         conn = await self._connect()
         try:
             config = self.advisor_config()
             await advise(conn, None, config)
-            result = await recheck(conn, config=config, auto_apply=True)
+            result: dict[str, Any] = await recheck(conn, config=config, auto_apply=True)
         finally:
             await conn.close()
-        self.last_auto = result
         return result
 
     async def _auto_loop(self) -> None:

@@ -84,3 +84,49 @@ def test_advice_apply_and_reject_through_the_service(make_service: Any) -> None:
     assert ("recommend", "validated") in actions or ("validate", "validated") in actions
     listed = _api(svc, "GET", "/optimization/recommendations")["recommendations"]
     assert any(str(r["id"]) == rec_id and r["status"] == "validated" for r in listed)
+
+
+def test_automatic_pass_applies_validated_advice_while_traffic_flows(make_service: Any) -> None:
+    """advisor_auto's pass (advise, then apply and re-check) runs off the proxy's event loop:
+    the index is built and validated while a client's statements keep being answered."""
+    import threading
+    import time
+
+    svc = make_service(log_parameters=True)
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        c.execute(SETUP)
+    rng = random.Random(7)
+    with psycopg.connect(svc.dsn(), autocommit=True) as c:
+        for _ in range(60):
+            c.execute(
+                f"SELECT id, amount FROM shop.orders WHERE customer_id = {rng.randint(1, 5000)}"
+            ).fetchall()
+    svc.flush()
+
+    answered: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        with psycopg.connect(svc.dsn(), autocommit=True) as c:
+            while not stop.is_set():
+                assert c.execute("SELECT 1").fetchone() == (1,)
+                answered.append(time.monotonic())
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
+    try:
+        started = time.monotonic()
+        result = svc.call(svc.service.optimiser.auto_pass())
+        ended = time.monotonic()
+    finally:
+        stop.set()
+        pinger.join(30)
+    assert result["applied"], result
+    assert svc.service.optimiser.last_auto == result
+    assert any(started < t < ended for t in answered)  # the relay answered during the pass
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        indexed = c.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'shop' AND tablename = 'orders'"
+            " AND indexdef LIKE '%customer_id%'"
+        ).fetchall()
+    assert len(indexed) == 1
