@@ -44,6 +44,10 @@ def log_ms(values: Any) -> np.ndarray:
 class CostModel(RegressorMixin, BaseEstimator):
     """LightGBM on log(latency in ms); `predict` returns ms.
 
+    `objective` is LightGBM's: ``regression`` (L2: the mean of log latency), ``huber`` or
+    ``l1`` (the median: robust to the latency spikes of a busy host, and what minimises the
+    absolute error in ms).
+
     With `cold_start` (and a ``hist_count`` column), a second booster is fitted on the same rows
     without the history features and predicts the rows whose template has no history yet: the
     main booster learns to lean on a template's history and has only its first execution to
@@ -61,6 +65,7 @@ class CostModel(RegressorMixin, BaseEstimator):
         reg_lambda: float = 1.0,
         early_stopping_rounds: int = 40,
         cold_start: bool = True,
+        objective: str = "regression",
         random_state: int = 0,
         n_jobs: int = 1,
     ) -> None:
@@ -73,12 +78,13 @@ class CostModel(RegressorMixin, BaseEstimator):
         self.reg_lambda = reg_lambda
         self.early_stopping_rounds = early_stopping_rounds
         self.cold_start = cold_start
+        self.objective = objective
         self.random_state = random_state
         self.n_jobs = n_jobs
 
     def _lgb_params(self) -> dict[str, Any]:
         return {
-            "objective": "regression",
+            "objective": self.objective,
             "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves,
             "min_data_in_leaf": self.min_child_samples,

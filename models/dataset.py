@@ -9,9 +9,11 @@ A row is one logged execution. Its features:
   literals are explained as sent; texts logged only normalised ($n) get PostgreSQL's generic
   plan. Static features are upserted to `ml.feature_store`.
 - *temporal*: calendar of the (simulated-clock) start time, in the database's time zone.
-- *load*: statements of the log running when this one started, and how slow the latest
-  executions were against their own templates' medians (`load_slowdown`, 0 when nothing is
-  known: the machine's current speed, which moves every template at once).
+- *load* (columns for analysis, not model features): statements of the log running when this
+  one started, and how slow the latest executions were against their own templates' medians
+  (`load_slowdown`). The proxy attaches a prediction cached per fingerprint and literal class
+  and reuses it for a while, so it cannot know the load at each execution; a model trained on
+  load would be served something else than it learnt from.
 - *history*: the fingerprint's previous executions that had *finished* before this one started
   (count, rolling median, last, rate over the past hour). `history_features` is the single
   implementation, used for training rows and for serving alike, so nothing from the future of a
@@ -59,10 +61,12 @@ HISTORY_FEATURES: tuple[str, ...] = (
     "hist_rate_1h",
     "hist_calibrated_ms",
 )
-LOAD_FEATURES: tuple[str, ...] = ("concurrent_statements", "load_slowdown")
+#: load at each execution's start: computed for analysis, not used by the model (see above)
+LOAD_COLUMNS: tuple[str, ...] = ("concurrent_statements", "load_slowdown")
 STATIC_FEATURES: tuple[str, ...] = SQL_FEATURES + CATALOG_FEATURES + PLAN_FEATURES
-#: every column the cost model may use, in a fixed order
-FEATURES: tuple[str, ...] = STATIC_FEATURES + TEMPORAL_FEATURES + LOAD_FEATURES + HISTORY_FEATURES
+#: every column the cost model may use, in a fixed order: all of them are what serving
+#: (models/serve.py) computes too
+FEATURES: tuple[str, ...] = STATIC_FEATURES + TEMPORAL_FEATURES + HISTORY_FEATURES
 FEATURE_SET = "cost_v1"
 #: commands whose cost is modelled (utility statements, BEGIN/SET and catalog reads are not)
 MODELLED_COMMANDS = ("SELECT", "INSERT", "UPDATE", "DELETE")
@@ -298,7 +302,9 @@ def concurrency(started: np.ndarray, finished: np.ndarray) -> np.ndarray:
 
 
 def _ns(values: pd.Series) -> np.ndarray:
-    return values.astype("int64").to_numpy()
+    """Nanoseconds since the epoch. pandas 3 infers a timestamp column's unit (microseconds from
+    asyncpg's datetimes), so it is converted first: the 1-hour rate window is in ns."""
+    return values.dt.as_unit("ns").astype("int64").to_numpy()
 
 
 def load_slowdown(
@@ -311,9 +317,7 @@ def load_slowdown(
 
     An execution's slowdown is log(its latency / its template's median latency before it); NaN
     (its template had no history yet) is skipped. It moves every template at once when the host is
-    busy. 0 ("as fast as usual") when nothing is known, which is also what the model reads when
-    serving does not provide the feature: LightGBM takes a missing value of a feature it never saw
-    missing in training as 0.
+    busy. 0 ("as fast as usual") when nothing is known.
     """
     ok = np.isfinite(past_slowdown)
     finished, slow = past_finished[ok], past_slowdown[ok]

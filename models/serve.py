@@ -1,18 +1,28 @@
-"""Serving the cost model: a per-fingerprint prediction cache in front of the active model.
+"""Serving the cost model: a prediction cache per fingerprint and literal class in front of the
+active model.
 
 Redshift's Stage predictor puts a per-query cache in front of its model; so does pgsage. The
-query log worker asks `predicted(fingerprint)` for every logged execution (a dict lookup); a
-miss is remembered and computed later by `fill()` in the background (static features with
-EXPLAIN, history from the live aggregates, calendar of now), never delaying anything. The cache
-is dropped when another model version becomes active and entries expire after `ttl` seconds,
-so history features follow the workload.
+query log worker asks `predicted(fingerprint, command, text, normalized)` for every logged
+execution: a dict lookup keyed by the fingerprint and the *static class* of the text
+(`models.dataset.static_class`: the literal class, so that a 1-day and a 90-day range of one
+template are predicted apart, and the normalised-text variant). The class of a text is
+memoised, so a repeated text costs two dict lookups. A miss is remembered and computed later by
+`fill()` in the background (static features with EXPLAIN of the text as sent, history from the
+live aggregates, calendar of now), never delaying anything; until then the latest prediction of
+another class of the same fingerprint stands in. The cache is dropped when another model
+version becomes active and entries expire after `ttl` seconds, so history features follow the
+workload.
+
+Serving fills exactly the features the model trains on (`models.dataset.FEATURES`): static,
+temporal and history features. Load at the time of each execution is deliberately not a model
+feature: a prediction cached per class and reused for `ttl` seconds cannot know it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,9 +32,27 @@ import pandas as pd
 
 from optimizer.features import temporal_features
 
-from .dataset import FEATURES, MODELLED_COMMANDS, Explainer, StaticFeatures
+from .dataset import (
+    FEATURES,
+    HISTORY_FEATURES,
+    HISTORY_WINDOW,
+    MODELLED_COMMANDS,
+    STATIC_FEATURES,
+    Explainer,
+    StaticFeatures,
+    history_features,
+    static_class,
+)
 from .registry import Registry, model_dir
 from .train import load_active_cost_model
+
+#: a cache key: (fingerprint, static class of the text)
+Key = tuple[str, str]
+#: texts whose static class is memoised (the memo is cleared when it grows past this)
+MAX_CLASS_MEMO = 50_000
+#: start times kept per fingerprint for the rate over the past hour
+MAX_STARTS = 5_000
+_HOUR = 3_600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +64,8 @@ class History:
     p90_ms: float | None
     mean_ms: float | None
     rate_1h: float | None = None
+    #: latency of the latest execution; the mean stands in when the caller does not know it
+    last_ms: float | None = None
 
 
 class CostServer:
@@ -45,27 +75,98 @@ class CostServer:
         self.max_pending = max_pending
         self.model: Any = None
         self.version: str | None = None
-        self._cache: OrderedDict[str, tuple[float, float]] = OrderedDict()  # fp -> (ms, at)
-        self._pending: OrderedDict[str, tuple[str, str | None, str]] = OrderedDict()
+        self._cache: OrderedDict[Key, tuple[float, float]] = OrderedDict()  # key -> (ms, at)
+        #: the latest prediction of any class per fingerprint: a stand-in for a new class
+        self._latest: dict[str, float] = {}
+        self._pending: OrderedDict[Key, tuple[str, str | None, str]] = OrderedDict()
+        self._classes: dict[tuple[str, str], str] = {}
         self._static: StaticFeatures | None = None
+        #: observed executions per fingerprint: (started, finished, ms, class), the latest
+        #: HISTORY_WINDOW; start times of the past hour; how many in all
+        self._recent: dict[str, deque[tuple[float, float, float, str]]] = {}
+        self._starts: dict[str, deque[float]] = {}
+        self._count: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
     # ------------------------------------------------------------------ lookups (per record)
+
+    def key(self, fingerprint: str, text: str | None, normalized: str) -> Key:
+        """The cache key of an execution, with the same static class training uses."""
+        text = text or normalized  # no text logged: the normalised one, as in training
+        memo = (text, normalized)
+        lclass = self._classes.get(memo)
+        if lclass is None:
+            if len(self._classes) >= MAX_CLASS_MEMO:
+                self._classes.clear()
+            lclass = self._classes[memo] = static_class(text, normalized)
+        return (fingerprint, lclass)
 
     def predicted(self, fingerprint: str, command: str, text: str | None, normalized: str
                   ) -> float | None:  # fmt: skip
         """The cached prediction in ms, or None (the miss is queued for `fill`)."""
         if self.model is None or command not in MODELLED_COMMANDS:
             return None
-        hit = self._cache.get(fingerprint)
+        key = self.key(fingerprint, text, normalized)
+        hit = self._cache.get(key)
         if hit is not None and time.monotonic() - hit[1] < self.ttl:
             self.hits += 1
             return hit[0]
         self.misses += 1
-        if fingerprint not in self._pending and len(self._pending) < self.max_pending:
-            self._pending[fingerprint] = (command, text, normalized)
-        return hit[0] if hit is not None else None  # a stale value beats none until refreshed
+        if key not in self._pending and len(self._pending) < self.max_pending:
+            self._pending[key] = (command, text, normalized)
+        if hit is not None:  # a stale value beats none until refreshed
+            return hit[0]
+        return self._latest.get(fingerprint)
+
+    def observe(self, fingerprint: str, command: str, text: str | None, normalized: str,
+                started: float, finished: float, duration_ms: float) -> None:  # fmt: skip
+        """One finished, successful execution (times in epoch seconds of the log's clock).
+
+        With executions observed, `fill` computes a template's history features with
+        `history_features`, the very function training uses (rolling median, p90, last,
+        rate over the past hour, and the latency per unit of plan cost scaled to the class
+        predicted); without, it reads the live aggregates passed to it.
+        """
+        if command not in MODELLED_COMMANDS:
+            return
+        lclass = self.key(fingerprint, text, normalized)[1]
+        recent = self._recent.get(fingerprint)
+        if recent is None:
+            if len(self._recent) >= self.max_entries:  # the longest-known fingerprint goes
+                self.forget(next(iter(self._recent)))
+            recent = self._recent[fingerprint] = deque(maxlen=HISTORY_WINDOW)
+            self._starts[fingerprint] = deque(maxlen=MAX_STARTS)
+        recent.append((started, finished, duration_ms, lclass))
+        starts = self._starts[fingerprint]
+        starts.append(started)
+        while starts[0] < started - _HOUR:
+            starts.popleft()
+        self._count[fingerprint] = self._count.get(fingerprint, 0) + 1
+
+    def _observed(self, key: Key, at: float, cost: float) -> dict[str, float] | None:
+        """History features of `key`'s template at `at` from observed executions (None when
+        none were observed)."""
+        recent = self._recent.get(key[0])
+        if not recent:
+            return None
+        computed = self._static.computed if self._static is not None else {}
+        ns = 1e9
+        _, finished, ms, classes = (np.asarray(c) for c in zip(*recent, strict=True))
+        costs = [computed.get((key[0], c), {}).get("plan_total_cost", math.nan) for c in classes]
+        starts = np.asarray(self._starts[key[0]], dtype=float)
+        out = history_features(
+            (starts * ns).astype(np.int64),
+            (finished * ns).astype(np.int64),
+            ms.astype(float),
+            np.array([int(at * ns)], dtype=np.int64),
+            np.asarray(costs, dtype=float),
+            np.array([cost], dtype=float),
+        )
+        feats = {k: float(v[0]) for k, v in out.items()}
+        # the window holds the latest executions; the count is of all of them
+        feats["hist_count"] = float(self._count[key[0]] - int(np.sum(finished >= at)))
+        return feats
 
     # ------------------------------------------------------------------ background
 
@@ -78,7 +179,13 @@ class CostServer:
         self.model = None if loaded is None else loaded[0]
         self.version = version
         self._cache.clear()
+        self._latest.clear()
         return True
+
+    def forget(self, fingerprint: str) -> None:
+        """Drop what was observed of a fingerprint (e.g. one the live aggregates evicted)."""
+        for table in (self._recent, self._starts, self._count):
+            table.pop(fingerprint, None)
 
     async def fill(self, warehouse_conn: Any, history: dict[str, History], now: datetime,
                    limit: int = 50, statement_timeout_ms: int = 2_000) -> int:  # fmt: skip
@@ -88,43 +195,62 @@ class CostServer:
         if self._static is None:
             self._static = StaticFeatures(Explainer(warehouse_conn, statement_timeout_ms),
                                           warehouse_conn)  # fmt: skip
-        todo = []
+        todo: list[tuple[Key, tuple[str, str | None, str]]] = []
         while self._pending and len(todo) < limit:
             todo.append(self._pending.popitem(last=False))
         rows = []
-        calendar = temporal_features(now)
-        for fp, (_command, text, normalized) in todo:
+        for key, (_command, text, normalized) in todo:
             try:
-                feats = dict(await self._static.features(fp, text, normalized))
+                static = await self._static.features(key[0], text, normalized)
             except Exception:  # EXPLAIN of a statement that no longer plans: no prediction
                 continue
-            h = history.get(fp)
-            feats.update(calendar)
-            feats.update(_history(h))
-            rows.append((fp, feats))
+            feats = serving_features(static, history.get(key[0]), now)
+            observed = self._observed(key, now.timestamp(), static.get("plan_total_cost", math.nan))
+            if observed is not None:
+                feats.update(observed)
+            rows.append((key, feats))
         if not rows:
             return 0
         frame = pd.DataFrame([f for _, f in rows]).reindex(columns=list(FEATURES))
         names = list(getattr(self.model, "feature_names_", FEATURES))
         predicted = self.model.predict(frame.reindex(columns=names).astype(float))
         at = time.monotonic()
-        for (fp, _), ms in zip(rows, np.asarray(predicted, dtype=float), strict=True):
+        for (key, _), ms in zip(rows, np.asarray(predicted, dtype=float), strict=True):
             if math.isfinite(ms):
-                self._cache[fp] = (float(ms), at)
-                self._cache.move_to_end(fp)
+                self._cache[key] = (float(ms), at)
+                self._cache.move_to_end(key)
+                self._latest[key[0]] = float(ms)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
+        if len(self._latest) > self.max_entries:
+            self._latest = {fp: self._latest[fp] for fp, _ in self._cache}
         return len(rows)
+
+
+def serving_features(
+    static: dict[str, float], history: History | None, now: datetime
+) -> dict[str, float]:
+    """The feature row of one prediction: every name in `FEATURES`, as training computes it
+    (static features of the text, the calendar of `now`, the template's history)."""
+    feats: dict[str, float] = dict.fromkeys(FEATURES, math.nan)
+    feats.update({k: static.get(k, math.nan) for k in STATIC_FEATURES})
+    feats.update(temporal_features(now))
+    feats.update(_history(history))
+    return feats
 
 
 def _history(h: History | None) -> dict[str, float]:
     nan = float("nan")
+    out = dict.fromkeys(HISTORY_FEATURES, nan)
     if h is None:
-        return {"hist_count": 0.0}
-    return {
-        "hist_count": float(h.calls),
-        "hist_median_ms": nan if h.median_ms is None else h.median_ms,
-        "hist_p90_ms": nan if h.p90_ms is None else h.p90_ms,
-        "hist_last_ms": nan if h.mean_ms is None else h.mean_ms,
-        "hist_rate_1h": nan if h.rate_1h is None else h.rate_1h,
-    }
+        out["hist_count"] = 0.0
+        return out
+    last = h.last_ms if h.last_ms is not None else h.mean_ms
+    out.update(
+        hist_count=float(h.calls),
+        hist_median_ms=nan if h.median_ms is None else h.median_ms,
+        hist_p90_ms=nan if h.p90_ms is None else h.p90_ms,
+        hist_last_ms=nan if last is None else last,
+        hist_rate_1h=nan if h.rate_1h is None else h.rate_1h,
+    )
+    return out

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from bench.costload import create_tables, run_traffic
+from models.dataset import FEATURES
 from models.registry import Registry
 from models.train import TrainConfig, train_cost
 from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, direct_dsn
@@ -50,9 +51,8 @@ def test_predictions_are_attached_once_a_model_is_active(
     svc.flush()
     status, features = asyncio.run(train())
     assert status == "active"
-    # serving leaves load_slowdown blank (models/serve.py does not compute it); the model reads
-    # that as usual load, and predictions are attached all the same
-    assert "load_slowdown" in features
+    # the model uses only features serving computes (no per-execution load)
+    assert features == list(FEATURES) and "load_slowdown" not in features
 
     # the worker picks the active version up and fills its cache for what it sees
     deadline = time.monotonic() + 60

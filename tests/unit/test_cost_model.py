@@ -129,19 +129,27 @@ def test_serving_without_a_calibration_reads_the_template_median():
     )
 
 
-def test_a_load_feature_serving_leaves_blank_reads_as_usual_load():
-    """`load_slowdown` is never missing in training (0 when nothing is known), so LightGBM reads
-    a blank value at serving as 0, "as fast as usual", rather than as the rare-NaN branch."""
-    frame, y = synthetic(1200)
-    rng = np.random.default_rng(1)
-    frame["load_slowdown"] = rng.normal(0, 0.5, len(frame))
-    y = y * np.exp(frame["load_slowdown"].to_numpy())
-    X = frame[["plan_total_cost", "template", "load_slowdown"]]
-    model = CostModel(n_estimators=100).fit(X, y)
-    blank, usual = X[:50].assign(load_slowdown=np.nan), X[:50].assign(load_slowdown=0.0)
-    assert np.allclose(model.predict(blank), model.predict(usual))
-    slow = model.predict(X[:50].assign(load_slowdown=1.0)) / model.predict(usual)
-    assert np.median(slow) > 1.5  # the feature is used: a busy host predicts slower
+def test_serving_supplies_every_feature_the_model_trains_on():
+    """Training and serving compute the same features: the row serving builds for a prediction
+    has every model feature and nothing else, and per-execution load is not among them (a
+    prediction cached per fingerprint and literal class cannot know it)."""
+    from datetime import datetime
+
+    from models.dataset import FEATURES, HISTORY_FEATURES, LOAD_COLUMNS, STATIC_FEATURES
+    from models.serve import History, serving_features
+
+    assert not set(LOAD_COLUMNS) & set(FEATURES)
+    static = dict.fromkeys(STATIC_FEATURES, 1.0)
+    seen = History(12, 3.0, 9.0, 4.0, rate_1h=6.0, last_ms=2.5)
+    row = serving_features(static, seen, datetime(2024, 1, 2, 10, 30))
+    assert list(row) == list(FEATURES)
+    assert all(np.isfinite(row[k]) for k in HISTORY_FEATURES if k != "hist_calibrated_ms")
+    assert row["hist_last_ms"] == 2.5 and row["hour"] == 10.0
+    # the mean stands in for the latest latency when the caller does not know it
+    unknown_last = serving_features(static, History(3, 1.0, 2.0, 1.5), datetime(2024, 1, 2))
+    assert unknown_last["hist_last_ms"] == 1.5
+    never = serving_features(static, None, datetime(2024, 1, 2))
+    assert never["hist_count"] == 0.0 and np.isnan(never["hist_median_ms"])
 
 
 def test_accuracy_bench_checks_targets_and_every_baseline_on_each_split():

@@ -1,0 +1,54 @@
+"""Serving computes a template's history features with the function training uses, from the
+executions the query log worker shows it (`CostServer.observe`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.dataset import HISTORY_FEATURES, StaticFeatures, add_history
+from models.serve import CostServer
+
+NORMALIZED = "SELECT count(*) FROM t WHERE id BETWEEN $1 AND $2"
+
+
+def test_observed_history_matches_the_training_rows_features() -> None:
+    rng = np.random.default_rng(3)
+    server = CostServer()
+    server._static = StaticFeatures(None, None)
+    t0 = datetime(2024, 3, 1, 9, tzinfo=UTC).timestamp()
+    texts = [f"SELECT count(*) FROM t WHERE id BETWEEN 1 AND {w}" for w in (10, 100_000)]
+    classes = [server.key("fp", t, NORMALIZED)[1] for t in texts]
+    costs = dict(zip(classes, (8.0, 900.0), strict=True))
+    for lclass, cost in costs.items():
+        server._static.computed[("fp", lclass)] = {"plan_total_cost": cost}
+    rows = []
+    # more than the rolling window, some over an hour before the last (the frame below has
+    # microsecond timestamps, as from asyncpg: the hour must still be an hour)
+    for i in range(80):
+        started = t0 + i * 60.0
+        text = texts[i % 2]
+        ms = float(rng.lognormal(0, 0.5) * (1 if i % 2 == 0 else 50))
+        server.observe("fp", "SELECT", text, NORMALIZED, started, started + ms / 1e3, ms)
+        cost = costs[server.key("fp", text, NORMALIZED)[1]]
+        rows.append(("fp", started, started + ms / 1e3, ms, cost))
+    server.observe("fp", "BEGIN", "BEGIN", "BEGIN", t0, t0, 1.0)  # not modelled: ignored
+    at = t0 + 80 * 60.0
+    rows.append(("fp", at, at + 1.0, 1.0, 900.0))  # the execution being predicted
+    frame = pd.DataFrame(
+        rows, columns=["fingerprint", "started_at", "finished_at", "duration_ms", "plan_total_cost"]
+    )
+    for col in ("started_at", "finished_at"):
+        frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
+    training = add_history(frame).iloc[-1]
+    served = server._observed(("fp", server.key("fp", texts[1], NORMALIZED)[1]), at, 900.0)
+    assert served is not None
+    for name in HISTORY_FEATURES:
+        assert served[name] == pytest.approx(training[name], rel=1e-9), name
+    assert served["hist_count"] == 80 and served["hist_rate_1h"] == 60
+    assert server._observed(("other", "x"), at, 1.0) is None
+    server.forget("fp")
+    assert server._observed(("fp", "x"), at, 1.0) is None
