@@ -19,6 +19,7 @@ from optimizer.sqltext import split_statements
 from .admission import AdmissionController
 from .cache import ResultCache
 from .log import get_logger
+from .pool import ServerPool
 from .protocol import CancelRequest, Phase, SessionTracker
 from .protocol.startup import CANCEL_REQUEST_CODE
 from .records import RecordSink
@@ -47,6 +48,8 @@ def _add_session(totals: dict[str, int], c: ClientConnection) -> None:
     if up is not None:
         totals["server_received"] += up.rx
         totals["server_sent"] += up.tx
+    totals["server_received"] += c.parked_rx
+    totals["server_sent"] += c.parked_tx
     totals["parse_named"] += c.tracker.parses_named
     totals["parse_unnamed"] += c.tracker.parses_unnamed
 
@@ -110,6 +113,10 @@ class ProxyServer:
         #: proven-equivalent rewrites (rewrite_enabled); the Service gives it a connection
         self.rewriter: RewriteController | None = (
             RewriteController(settings) if settings.rewrite_enabled else None
+        )
+        #: server connections kept for the next client with the same startup (session pooling)
+        self.pool: ServerPool | None = (
+            ServerPool(settings, self.metrics) if settings.server_pool_size > 0 else None
         )
         #: the result cache (cache_enabled); sessions consult it per request batch
         self.cache: ResultCache | None = (
@@ -258,6 +265,8 @@ class ProxyServer:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
+            if self.pool is not None:
+                self.pool.sweep(now)
             for c in list(self.clients):
                 if not c.started:
                     if now - c.connected_at > s.startup_timeout:
@@ -290,6 +299,8 @@ class ProxyServer:
         for c in list(self.clients):
             c.terminate()
             c.connection_lost(None)
+        if self.pool is not None:
+            self.pool.close_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._background:

@@ -201,6 +201,10 @@ class Service:
     def client_sessions(self) -> list[Any]:
         return [c for c in self.proxy.clients if not c.is_admin]
 
+    def idle_servers(self) -> list[Any]:
+        pool = self.proxy.pool
+        return [] if pool is None else pool.servers()
+
     def database_stats(self) -> dict[str, dict[str, float]]:
         stats = {db: dict(v) for db, v in self.recorder.db_stats.items()}
         for db, (rx, tx) in self.proxy.traffic_by_database().items():

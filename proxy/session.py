@@ -57,6 +57,7 @@ from .steering import DRY_RUN, HOLDOUT, PIN, SteeringController
 from .telemetry.apps import app_class
 
 if TYPE_CHECKING:
+    from .pool import ParkedServer
     from .server import ProxyServer
 
 monotonic = time.monotonic
@@ -116,6 +117,12 @@ class ClientConnection(asyncio.Protocol):
         self.steer_blocked = False
         #: rewrite decision for the request in flight: (text sent or None, rule, mode)
         self.rewrite: tuple[str | None, str, str] | None = None
+        #: the startup packet, when the server connection may be kept for the next client with
+        #: the same one (server_pool_size); None for the admin console and replication
+        self.pool_key: bytes | None = None
+        #: server-side bytes of an upstream handed back to the pool (traffic totals)
+        self.parked_rx = 0
+        self.parked_tx = 0
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -162,6 +169,11 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         """Track the client's frames and forward the chunk as received (or `wire` instead: the
         same request with another text; the tracker still sees what the client sent)."""
+        pool_it = data == TERMINATE and self.pool_key is not None and self.scanner.at_boundary
+        if pool_it and self._park(up):  # the server connection waits for the next client
+            self.rx += len(data)
+            self._close()
+            return
         try:
             frames = self.scanner.receive_data(data)
             if frames:
@@ -363,6 +375,7 @@ class ClientConnection(asyncio.Protocol):
         tracker = self.tracker
         if (
             data[0] not in (0x51, 0x42, 0x50)  # Q, B, P
+            or tracker.phase is not Phase.IDLE
             or tracker.phase is not Phase.IDLE
             or tracker.transaction_status != "I"
             or tracker.pending
@@ -681,6 +694,8 @@ class ClientConnection(asyncio.Protocol):
             # authenticate with the upstream's own methods, against a real database
             params = {**startup.parameters, "database": settings.admin_auth_database}
             raw = StartupMessage(startup.protocol, params).encode()
+        elif self.server.pool is not None and not early and "replication" not in startup.parameters:
+            self.pool_key = raw
         if not self.server.admit(self):
             self.server.metrics.connection_error("too_many_connections")
             self.fatal(TOO_MANY_CONNECTIONS, "sorry, too many clients already")
@@ -694,6 +709,11 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect_upstream(self, startup_packet: bytes) -> None:
         server = self.server
+        if server.pool is not None and self.pool_key is not None:
+            parked = server.pool.take(self.pool_key)
+            if parked is not None:
+                await self._reuse(parked)
+                return
         started = monotonic()
         try:
             transport, up = await asyncio.wait_for(
@@ -729,6 +749,61 @@ class ClientConnection(asyncio.Protocol):
         client = self.transport
         if client is not None and not client.is_closing() and not up.write_paused:
             client.resume_reading()  # unless the replay above filled the upstream's buffer
+
+    async def _reuse(self, parked: ParkedServer) -> None:
+        """Take a reset server connection from the pool: the client gets the server's welcome
+        as recorded when that connection started, and the session goes on as if new."""
+        server = self.server
+        if server.paused:
+            await server.resumed.wait()  # PAUSE holds new sessions too
+        if self.closed or parked.transport.is_closing():
+            parked.close()
+            if not self.closed:
+                self.fatal(CONNECTION_FAILURE, "pgsage lost the server connection it reused")
+            return
+        up = UpstreamConnection(self)
+        up.opened_at = parked.connected_at
+        parked.transport.set_protocol(up)
+        up.connection_made(parked.transport)
+        self.upstream = up
+        self.server.metrics.server_connected(0.0)
+        up.data_received(parked.welcome)  # as if the server said it now (and recorded again)
+        early, self._early = self._early, []
+        for chunk in early:
+            self.data_received(chunk)
+        client = self.transport
+        if client is not None and not client.is_closing() and not up.write_paused:
+            client.resume_reading()
+
+    def _park(self, up: UpstreamConnection) -> bool:
+        """The client said goodbye with nothing outstanding: hand its server connection to the
+        pool (reset there) instead of closing it. False when it cannot be kept."""
+        pool = self.server.pool
+        tracker = self.tracker
+        welcome = up.welcome
+        if (
+            pool is None
+            or self.pool_key is None
+            or welcome is None
+            or not self.started
+            or self.server.shutting_down
+            or tracker.phase is not Phase.IDLE
+            or tracker.transaction_status != "I"
+            or tracker.pending
+            or tracker.copy_in
+            or tracker.suspended
+            or up.swallow
+            or up.capture is not None
+            or self.steer_reset is not None
+            or not up.scanner.at_boundary
+        ):
+            return False
+        owner = (self.info.user, self.info.database, tracker.backend_pid, up.opened_at)
+        if not pool.park(self.pool_key, up.transport, bytes(welcome), owner):
+            return False
+        self.parked_rx, self.parked_tx = up.rx, up.tx
+        self.upstream = None
+        return True
 
     def after_server_startup_frames(self) -> None:
         """Called while the session is in STARTUP after the server's frames were tracked."""
@@ -962,6 +1037,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._sw_failed = False
         #: a cacheable request's response being collected
         self.capture: Miss | None = None
+        #: the server's startup response as received (replayed to a client that reuses this
+        #: connection); None when the connection may not be kept (see ClientConnection._park)
+        self.welcome: bytearray | None = bytearray() if client.pool_key is not None else None
+        #: when the server connection was opened (a reused one keeps its first client's time)
+        self.opened_at = monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -982,6 +1062,8 @@ class UpstreamConnection(asyncio.Protocol):
         invalidate: list[tuple[str, ...] | None] | None = None
         try:
             frames = self.scanner.receive_data(data)
+            if self.welcome is not None and not frames and client.tracker.phase is Phase.STARTUP:
+                self.welcome += data  # a piece of the welcome without a whole message
             if frames:
                 now = client.last_activity = monotonic()
                 tracker = client.tracker
@@ -989,6 +1071,8 @@ class UpstreamConnection(asyncio.Protocol):
                 status = tracker.transaction_status
                 executions = tracker.server_frames(frames, now)
                 if in_startup:
+                    if self.welcome is not None:
+                        self._record_welcome(data, tracker)
                     client.after_server_startup_frames()
                     if self.detached:
                         client.tx += n
@@ -1038,6 +1122,19 @@ class UpstreamConnection(asyncio.Protocol):
             transport.write(data)
         if sampled:
             client.server.metrics.proxy_overhead.observe((), perf_counter() - t0)
+
+    def _record_welcome(self, data: bytes, tracker: SessionTracker) -> None:
+        """Keep the startup response; give up on it when the startup asked for credentials,
+        failed, or the chunk that ended it carries more than the welcome."""
+        assert self.welcome is not None
+        self.welcome += data
+        refused = tracker.auth_challenged or tracker.startup_error is not None
+        ended = tracker.phase is not Phase.STARTUP
+        if refused or (ended and (
+            tracker.phase is not Phase.IDLE or tracker.pending or not self.scanner.at_boundary
+            or not self.welcome.endswith(b"Z\x00\x00\x00\x05I")
+        )):  # fmt: skip
+            self.welcome = None
 
     def inject(self, message: bytes, kind: str, retry_sql: str | None = None) -> None:
         """Send a request of the proxy's own on the session's connection; its replies (through

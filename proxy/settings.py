@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(default=5.0, gt=0)
     #: seconds a client has to finish startup and authentication
     startup_timeout: float = Field(default=60.0, gt=0)
+    #: server connections kept for reuse after their client said goodbye (PgBouncer's session
+    #: pooling): one whose client ended idle and outside a transaction, and whose startup the
+    #: upstream trusted (no password asked), is reset with DISCARD ALL and handed to the next
+    #: client with the very same startup packet. 0 closes every server connection with its client
+    server_pool_size: int = Field(default=20, ge=0)
+    #: seconds a reset server connection waits for a client before it is closed
+    server_idle_timeout: float = Field(default=60.0, gt=0)
     #: close a client idle (no request outstanding) for this long; 0 disables
     idle_timeout: float = Field(default=0.0, ge=0)
     #: on SIGTERM/SIGINT, seconds in-flight statements get to finish

@@ -149,8 +149,25 @@ def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 peer[1] if isinstance(peer, tuple) else None,
                 local[0] if isinstance(local, tuple) else None,
                 local[1] if isinstance(local, tuple) else None,
-                _at(c.connected_at),
+                _at(up.opened_at),
                 c.tracker.backend_pid,
+            )
+        )
+    for parked in ctx.idle_servers():  # kept for the next client (server_pool_size)
+        peer = parked.transport.get_extra_info("peername")
+        local = parked.transport.get_extra_info("sockname")
+        rows.append(
+            (
+                "S",
+                parked.user,
+                parked.database,
+                "idle" if parked.ready else "resetting",
+                peer[0] if isinstance(peer, tuple) else str(peer),
+                peer[1] if isinstance(peer, tuple) else None,
+                local[0] if isinstance(local, tuple) else None,
+                local[1] if isinstance(local, tuple) else None,
+                _at(parked.connected_at),
+                parked.backend_pid,
             )
         )
     return result_set(

@@ -191,6 +191,8 @@ class SessionTracker:
     pending: deque[Execution | _Query | _Sync | _Parse] = field(default_factory=deque)
     #: last fatal error seen during startup (authentication failure and the like)
     startup_error: tuple[str | None, str | None] | None = None
+    #: the server asked for credentials during startup (any Authentication request but Ok)
+    auth_challenged: bool = False
     #: the server sent an ErrorResponse of severity FATAL or PANIC (it closes next)
     fatal: bool = False
     #: the server is in copy-in mode and the client has not sent CopyDone / CopyFail yet
@@ -512,7 +514,8 @@ class SessionTracker:
         self.parameters[name] = value
 
     def _on_auth(self, payload: bytes | None, now: float) -> None:
-        return None
+        if payload is None or payload[:4] != b"\x00\x00\x00\x00":
+            self.auth_challenged = True
 
     def _on_copy_in(self, payload: bytes | None, now: float) -> None:
         self._drop_parsed()

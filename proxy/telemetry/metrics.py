@@ -72,6 +72,18 @@ class ProxyMetrics:
             buckets=CONNECT_BUCKETS,
             registry=r,
         )
+        self.server_pool_events = Counter(
+            "pgsage_server_pool",
+            "Server connections kept for reuse (server_pool_size): parked (reset and kept), "
+            "reused (handed to a new client), closed (timed out, failed reset, pool full)",
+            ["event"],
+            registry=r,
+        )
+        self.server_connections_idle = Gauge(
+            "pgsage_server_connections_idle",
+            "Reset server connections waiting for a client with the same startup packet",
+            registry=r,
+        )
         self.startup_requests = Counter(
             "pgsage_startup_requests", "Startup-phase packets, by kind", ["kind"], registry=r
         )

@@ -74,6 +74,22 @@ def test_show_stats_clients_servers(service):
     assert pid in [r[9] for r in servers]
 
 
+def test_show_servers_lists_kept_server_connections(service):
+    """A server connection kept for the next client (server_pool_size) is listed as idle."""
+    from tests.fix_pgcluster import wait_until
+
+    with psycopg.connect(service.dsn(application_name="pooled-one"), autocommit=True) as c:
+        pid = c.execute("select pg_backend_pid()").fetchone()[0]
+
+    def listed() -> list[tuple]:
+        with admin(service) as a:
+            return [r for r in a.execute("SHOW SERVERS").fetchall() if r[9] == pid]
+
+    wait_until(lambda: any(r[3] == "idle" for r in listed()), 10, "the kept server to be listed")
+    row = listed()[0]
+    assert row[1] == PG_USER and row[2] == service.database and row[8] is not None
+
+
 def test_set_reload_and_config(service):
     with admin(service) as a:
         a.execute("SET idle_timeout = 42")
