@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -53,14 +54,19 @@ TARGETS = ("direct", "pgsage", "pgsage-nolog", "pgbouncer")
 NOLOG_ENV = {"PGSAGE_RECORD_STATEMENTS": "false"}
 MODES = ("simple", "extended", "prepared")
 #: (clients, threads) pairs
-CLIENT_LEVELS = ((1, 1), (8, 2))
+CLIENT_LEVELS = ((1, 1), (8, 2), (32, 2))
 #: pgsage should reach at least this fraction of PgBouncer's TPS at 8 clients (simple, extended)
 GOAL_RATIO = 0.75
 GOAL_CELLS = {("simple", 8), ("extended", 8)}
 #: restarts of a proxy killed from outside (shared machines) before the benchmark gives up
 MAX_RESTARTS = 3
 
-TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.MULTILINE)
+#: "without initial connection time"; with -C (a connection per transaction) "including
+#: reconnection times"
+TPS_RE = re.compile(
+    r"^tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)",
+    re.MULTILINE,
+)
 LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.MULTILINE)
 TXN_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
 FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
@@ -273,7 +279,7 @@ auth_type = trust
 auth_file = {bdir / "userlist.txt"}
 pool_mode = session
 max_client_conn = 100
-default_pool_size = 20
+default_pool_size = 100
 logfile = {bdir / "pgbouncer.log"}
 pidfile = {bdir / "pgbouncer.pid"}
 log_connections = 0
@@ -338,11 +344,40 @@ class RunResult:
     seconds: int
     round: int
     position: int
+    #: user + system CPU seconds of the proxy's processes (itself and its children) in the run
+    cpu_s: float | None = None
+    cpu_main_s: float | None = None
+
+
+@dataclass
+class Pgbench:
+    """One pgbench run's summary and every transaction's latency (µs, from its -l log)."""
+
+    tps: float
+    latency_ms: float
+    transactions: int
+    failed: int
+    latencies_us: list[int] = field(default_factory=list)
 
 
 @dataclass
 class TargetResult:
     runs: list[RunResult] = field(default_factory=list)
+    latencies_us: list[int] = field(default_factory=list)
+
+    def quantile_ms(self, q: float) -> float | None:
+        lat = self.latencies_us
+        if not lat:
+            return None
+        lat.sort()
+        return lat[min(len(lat) - 1, int(q * len(lat)))] / 1000.0
+
+    def cpu_us_per_txn(self, main_only: bool = False) -> float | None:
+        cpu = [r.cpu_main_s if main_only else r.cpu_s for r in self.runs]
+        txns = sum(r.transactions for r in self.runs)
+        if not txns or any(c is None for c in cpu):
+            return None
+        return sum(c for c in cpu if c is not None) / txns * 1e6
 
     @property
     def seconds(self) -> int:
@@ -362,9 +397,15 @@ class TargetResult:
 
     def as_json(self) -> dict[str, Any]:
         tps = [r.tps for r in self.runs]
+        cpu, cpu_main = self.cpu_us_per_txn(), self.cpu_us_per_txn(main_only=True)
+        p50, p99 = self.quantile_ms(0.5), self.quantile_ms(0.99)
         return {
             "tps": round(self.tps, 2),
             "latency_ms": round(self.latency_ms, 4),
+            "lat_p50_ms": None if p50 is None else round(p50, 4),
+            "lat_p99_ms": None if p99 is None else round(p99, 4),
+            "cpu_us_per_txn": None if cpu is None else round(cpu, 2),
+            "cpu_us_per_txn_main": None if cpu_main is None else round(cpu_main, 2),
             "transactions": sum(r.transactions for r in self.runs),
             "failed": sum(r.failed for r in self.runs),
             "seconds": self.seconds,
@@ -375,12 +416,23 @@ class TargetResult:
 
 
 def pgbench(
-    ep: Endpoint, user: str, dbname: str, mode: str, clients: int, threads: int, seconds: int
-) -> tuple[float, float, int, int]:
+    ep: Endpoint, user: str, dbname: str, mode: str, clients: int, threads: int, seconds: int,
+    *, connect: bool = False, log_dir: Path | None = None,
+) -> Pgbench:  # fmt: skip
+    """`pgbench -S` against one target; with `log_dir`, every transaction's latency is read
+    back from pgbench's per-transaction log (-l); `connect` opens a connection per transaction
+    (-C: the connection setup rate)."""
     cmd = [
         "pgbench", "-n", "-S", "-M", mode, "-c", str(clients), "-j", str(threads),
-        "-T", str(seconds), "-h", ep.host, "-p", str(ep.port), "-U", user, dbname,
+        "-T", str(seconds), "-h", ep.host, "-p", str(ep.port), "-U", user,
     ]  # fmt: skip
+    if connect:
+        cmd.append("-C")
+    prefix = None
+    if log_dir is not None:
+        prefix = log_dir / f"pgbench-{ep.name}-{time.monotonic_ns()}"
+        cmd += ["-l", f"--log-prefix={prefix}"]
+    cmd.append(dbname)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=seconds + 60)
@@ -393,17 +445,201 @@ def pgbench(
         detail = "\n".join((err.strip() + "\n" + out.strip()).strip().splitlines()[-15:])
         raise BenchError(f"pgbench against {ep.name} failed (exit {proc.returncode}):\n{detail}")
     txn, failed = TXN_RE.search(out), FAILED_RE.search(out)
-    return (
+    latencies: list[int] = []
+    if prefix is not None:
+        for path in prefix.parent.glob(prefix.name + ".*"):
+            latencies += transaction_latencies(path.read_text())
+            path.unlink()
+    return Pgbench(
         float(tps.group(1)),
         float(lat.group(1)),
         int(txn.group(1)) if txn else 0,
         int(failed.group(1)) if failed else 0,
+        latencies,
     )
+
+
+def transaction_latencies(log: str) -> list[int]:
+    """Latencies (µs) from a pgbench -l log: `client_id transaction_no time script_no
+    time_epoch time_us [schedule_lag ...]`; a failed or skipped transaction has no number."""
+    out = []
+    for line in log.splitlines():
+        parts = line.split(maxsplit=3)
+        if len(parts) >= 3 and parts[2].isdigit():
+            out.append(int(parts[2]))
+    return out
+
+
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user + system CPU seconds of `pid` and every process below it, of `pid` alone), or
+    None when it is gone. Children that exited are not counted (their time was not reaped by
+    us); pgsage's query log worker and PgBouncer live for the whole run."""
+    try:
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        main = t.user + t.system
+        total = main
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+    except psutil.Error:
+        return None
+    return total, main
 
 
 def split_seconds(total: int, rounds: int) -> list[int]:
     base, extra = divmod(total, rounds)
     return [base + (1 if i < extra else 0) for i in range(rounds)]
+
+
+# --------------------------------------------------------------------------- transfers
+
+#: bulk transfers measured beside pgbench (issue "Proxy performance"): the connection setup
+#: rate, a large SELECT result, COPY out and COPY in, each in MB/s (connections/s)
+TRANSFERS = ("connect", "large_result", "copy_out", "copy_in")
+TRANSFER_TARGETS = ("direct", "pgsage", "pgbouncer")
+COPY_TABLE = "overhead_copy_in"
+
+
+def _rows_sql(rows: int) -> str:
+    return f"SELECT g, md5(g::text) AS h FROM generate_series(1, {int(rows)}) g"
+
+
+def psql_transfer(
+    ep: Endpoint, user: str, dbname: str, sql: str, stdin: Path | None = None
+) -> tuple[float, int]:
+    """Run one statement through psql against `ep`; (wall seconds, bytes it printed or read)."""
+    cmd = ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", ep.host,
+           "-p", str(ep.port), "-U", user, "-d", dbname, "-c", sql]  # fmt: skip
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        fin = stack.enter_context(stdin.open("rb")) if stdin is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, stdin=fin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        size = 0
+        while chunk := proc.stdout.read(1 << 20):
+            size += len(chunk)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        rc = proc.wait(600)
+    seconds = time.perf_counter() - started
+    if rc != 0:
+        raise BenchError(f"psql against {ep.name} failed (exit {rc}): {err.strip()[-500:]}")
+    if stdin is not None:
+        size = stdin.stat().st_size
+    return seconds, size
+
+
+def run_transfers(
+    up: Upstream, args: argparse.Namespace, endpoints: dict[str, Endpoint], measure: Any,
+    by_name: dict[str, Child], workdir: Path, rounds: int, progress: Progress, task: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Each transfer against direct, pgsage and PgBouncer, `rounds` times interleaved; the
+    median run of each counts. COPY in loads the rows COPY out produced (from a file)."""
+    rows = args.transfer_rows
+    data = workdir / "copy-in.tsv"
+    up.psql(f"DROP TABLE IF EXISTS {COPY_TABLE}; CREATE UNLOGGED TABLE {COPY_TABLE} "
+            "(g int, h text)", args.dbname)  # fmt: skip
+    with data.open("wb") as fh:
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", up.host, "-p", str(up.port),
+             "-U", up.user, "-d", args.dbname, "-c", f"COPY ({_rows_sql(rows)}) TO STDOUT"],
+            stdout=fh, check=True, timeout=600,
+        )  # fmt: skip
+    data.chmod(0o644)
+    seconds = max(2, min(5, args.seconds // max(rounds, 1)))
+    runs: dict[tuple[str, str], list[tuple[float, float | None]]] = {}
+    for rnd in range(rounds):
+        for ki, kind in enumerate(TRANSFERS):
+            shift = (ki + rnd) % len(TRANSFER_TARGETS)
+            order = TRANSFER_TARGETS[shift:] + TRANSFER_TARGETS[:shift]
+            for t in order:
+                progress.update(task, description=f"{kind} round {rnd + 1}/{rounds} → {t:<9}")
+                ep, child = endpoints[t], by_name.get(t)
+                if kind == "connect":
+                    got, used = measure(t, "simple", 8, 2, seconds, connect=True)
+                    rate = got.transactions / seconds
+                    cpu = used[0] / got.transactions * 1e6 if used and got.transactions else None
+                    runs.setdefault((kind, t), []).append((rate, cpu))
+                    progress.advance(task)
+                    continue
+                if kind == "copy_in":
+                    up.psql(f"TRUNCATE {COPY_TABLE}", args.dbname)
+                before = cpu_seconds(child.proc.pid) if child is not None else None
+                if kind == "large_result":
+                    wall, size = psql_transfer(ep, up.user, args.dbname, _rows_sql(rows))
+                elif kind == "copy_out":
+                    wall, size = psql_transfer(
+                        ep, up.user, args.dbname, f"COPY ({_rows_sql(rows)}) TO STDOUT"
+                    )
+                else:
+                    wall, size = psql_transfer(
+                        ep, up.user, args.dbname, f"COPY {COPY_TABLE} FROM STDIN", stdin=data
+                    )
+                after = cpu_seconds(child.proc.pid) if child is not None else None
+                cpu = after[0] - before[0] if before and after else None
+                runs.setdefault((kind, t), []).append((size / wall / 1e6, cpu))
+                progress.advance(task)
+    up.psql(f"DROP TABLE IF EXISTS {COPY_TABLE}", args.dbname)
+    out = []
+    for kind in TRANSFERS:
+        value = {t: sorted(runs[(kind, t)])[len(runs[(kind, t)]) // 2] for t in TRANSFER_TARGETS}
+        for t in TRANSFER_TARGETS:
+            rate, cpu = value[t]
+            out.append({
+                "kind": kind, "target": t, "rows": None if kind == "connect" else rows,
+                "unit": "connections/s" if kind == "connect" else "MB/s",
+                "value": round(rate, 2),
+                "proxy_cpu": None if cpu is None else round(cpu, 3),
+                "proxy_cpu_unit": "us per connection" if kind == "connect" else "s",
+                "runs": [round(r, 2) for r, _ in runs[(kind, t)]],
+                "vs_direct": ratio(rate, value["direct"][0]),
+                "vs_pgbouncer": ratio(rate, value["pgbouncer"][0]),
+            })  # fmt: skip
+    return out
+
+
+def profile_pgsage(
+    up: Upstream, args: argparse.Namespace, ep: Endpoint, pgsage: Child
+) -> dict[str, Any] | None:
+    """py-spy's flame graph of `pgsage serve` during `pgbench -S -M simple -c 8`, written beside
+    the results, with the functions that hold the most samples."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return {"error": "py-spy not found (pip install py-spy)"}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    svg, raw = RESULTS_DIR / "overhead-profile.svg", RESULTS_DIR / "overhead-profile.txt"
+    seconds = max(5, min(args.seconds, 20))
+    outs = []
+    for path, fmt in ((svg, "flamegraph"), (raw, "raw")):
+        outs.append(subprocess.Popen(
+            [spy, "record", "-p", str(pgsage.proc.pid), "-o", str(path), "-f", fmt,
+             "-d", str(seconds), "-r", "200", "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+        if fmt == "flamegraph":
+            time.sleep(0.5)
+    got = pgbench(ep, up.user, args.dbname, "simple", 8, 2, seconds)
+    errors = [p.communicate(timeout=60)[1] for p in outs]
+    if not raw.exists():
+        return {"error": " ".join(e.strip() for e in errors)[-500:]}
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        leaf = stack.rsplit(";", 1)[-1]
+        own[leaf] = own.get(leaf, 0) + int(n)
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        "command": f"py-spy record -p PID -r 200 -d {seconds} during pgbench -S -M simple -c 8",
+        "tps": got.tps,
+        "flamegraph": str(svg.relative_to(RESULTS_DIR.parent.parent)),
+        "samples": total,
+        "top_self": [{"frame": f, "share": round(n / total, 4)} for f, n in top] if total else [],
+    }
 
 
 # --------------------------------------------------------------------------- reporting
@@ -475,6 +711,83 @@ def cell_json(mode: str, clients: int, threads: int, res: dict[str, TargetResult
     return out
 
 
+def cell_rows(mode: str, clients: int, threads: int, res: dict[str, TargetResult]) -> list[dict]:
+    """One row per target of a cell: TPS, latency (mean, p50, p99), proxy CPU per transaction,
+    and TPS ratios to direct PostgreSQL and to PgBouncer."""
+    rows = []
+    for t in TARGETS:
+        j = res[t].as_json()
+        rows.append({
+            "target": t, "mode": mode, "clients": clients, "threads": threads,
+            "tps": j["tps"], "lat_mean_ms": j["latency_ms"], "lat_p50_ms": j["lat_p50_ms"],
+            "lat_p99_ms": j["lat_p99_ms"], "cpu_us_per_txn": j["cpu_us_per_txn"],
+            "vs_direct": ratio(res[t].tps, res["direct"].tps),
+            "vs_pgbouncer": ratio(res[t].tps, res["pgbouncer"].tps),
+        })  # fmt: skip
+    return rows
+
+
+def checks(
+    results: dict[tuple[str, int], dict[str, TargetResult]], transfers: list[dict[str, Any]]
+) -> dict[str, bool | None]:
+    """The issue's targets, each True / False (None when this run did not measure it)."""
+    out: dict[str, bool | None] = {}
+    for mode in MODES:
+        cell = results.get((mode, 8))
+        if cell is None:
+            continue
+        s, b = cell["pgsage"], cell["pgbouncer"]
+        out[f"{mode} -c 8: TPS >= PgBouncer"] = s.tps >= b.tps
+        cs, cb = s.cpu_us_per_txn(), b.cpu_us_per_txn()
+        out[f"{mode} -c 8: CPU per txn <= PgBouncer"] = (
+            None if cs is None or cb is None else cs <= cb
+        )
+        one = results.get((mode, 1))
+        if one is not None:
+            out[f"{mode} -c 1: mean latency <= PgBouncer + 10 us"] = (
+                one["pgsage"].latency_ms <= one["pgbouncer"].latency_ms + 0.010
+            )
+    for row in transfers:
+        if row["target"] != "pgsage":
+            continue
+        if row["kind"] == "connect":
+            out["connection rate >= PgBouncer"] = (row["vs_pgbouncer"] or 0) >= 1.0
+        else:
+            out[f"{row['kind']} >= 80% of direct"] = (row["vs_direct"] or 0) >= 0.8
+    return out
+
+
+def render_transfers(doc: dict[str, Any]) -> Table | None:
+    rows = doc.get("transfers") or []
+    if not rows:
+        return None
+    table = Table(title=f"transfers ({doc['parameters']['transfer_rows']:,} rows; median run)")
+    table.add_column("kind")
+    for t in TRANSFER_TARGETS:
+        table.add_column(t, justify="right")
+    table.add_column("pgsage/\ndirect", justify="right")
+    table.add_column("pgsage/\npgbouncer", justify="right")
+    for kind in TRANSFERS:
+        got = {r["target"]: r for r in rows if r["kind"] == kind}
+        unit = got["direct"]["unit"]
+        table.add_row(
+            f"{kind} ({unit})",
+            *(f"{got[t]['value']:,.1f}" for t in TRANSFER_TARGETS),
+            f"{got['pgsage']['vs_direct']:.2f}",
+            f"{got['pgsage']['vs_pgbouncer']:.2f}",
+        )
+    return table
+
+
+def render_checks(doc: dict[str, Any]) -> Table:
+    table = Table(title="targets (issue: proxy performance)")
+    table.add_column("target")
+    table.add_column("met")
+    for name, met in doc["checks"].items():
+        table.add_row(name, "-" if met is None else ("[green]yes[/]" if met else "[red]no[/]"))
+    return table
+
+
 def render_table(doc: dict[str, Any]) -> Table:
     p = doc["parameters"]
     rounds = f"{p['rounds']} interleaved round{'s' if p['rounds'] != 1 else ''}"
@@ -491,7 +804,7 @@ def render_table(doc: dict[str, Any]) -> Table:
     table.add_column("mode")
     table.add_column("-c/-j", justify="right")
     for t in TARGETS:
-        table.add_column(f"{t}\nTPS / lat", justify="right")
+        table.add_column(f"{t}\nTPS / lat / p99\nCPU per txn", justify="right")
     table.add_column("pgsage/\ndirect", justify="right")
     table.add_column("pgbouncer/\ndirect", justify="right")
     table.add_column("pgsage/\npgbouncer", justify="right")
@@ -504,7 +817,14 @@ def render_table(doc: dict[str, Any]) -> Table:
         tg, rt = cell["targets"], cell["ratios"]
         row = [cell["mode"], f"{cell['clients']}/{cell['threads']}"]
         for t in TARGETS:
-            row.append(f"{tg[t]['tps']:,.0f}\n[dim]{tg[t]['latency_ms']:.3f} ms[/dim]")
+            cpu = tg[t].get("cpu_us_per_txn")
+            p99 = tg[t].get("lat_p99_ms")
+            row.append(
+                f"{tg[t]['tps']:,.0f}\n[dim]{tg[t]['latency_ms']:.3f} ms"
+                + ("" if p99 is None else f"\np99 {p99:.3f} ms")
+                + ("" if cpu is None else f"\n{cpu:.1f} µs CPU")
+                + "[/dim]"
+            )
         sb_text = fmt(rt["pgsage_vs_pgbouncer"])
         if "goal" in cell:
             style = "bold green" if cell["goal"]["met"] else "bold red"
@@ -556,6 +876,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-warmup", action="store_true", help="skip the 2 s warm-up per target")
     ap.add_argument(
+        "--no-transfers",
+        dest="transfers",
+        action="store_false",
+        help="skip the connection rate, large result and COPY in/out measurements",
+    )
+    ap.add_argument(
+        "--transfer-rows",
+        type=int,
+        default=None,
+        help="rows of the large result and of COPY in/out (default 1,000,000; 100,000 --quick)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record a py-spy flame graph of pgsage under pgbench -S -c 8 "
+        "(bench/results/overhead-profile.svg)",
+    )
+    ap.add_argument(
         "--json-only",
         action="store_true",
         help="stdout gets only the JSON document (table and progress go to stderr)",
@@ -584,6 +922,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seconds = 3 if args.quick else 15
     if args.seconds < 1:
         ap.error("--seconds must be >= 1")
+    if args.transfer_rows is None:
+        args.transfer_rows = 100_000 if args.quick else 1_000_000
+    if args.transfer_rows < 1:
+        ap.error("--transfer-rows must be >= 1")
     if args.rounds is None:
         args.rounds = max(1, min(3, args.seconds // 3))
     args.rounds = max(1, min(args.rounds, args.seconds))
@@ -723,14 +1065,24 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                     ready_check(child.name)
 
             def measure(
-                t: str, mode: str, clients: int, threads: int, seconds: int
-            ) -> tuple[float, float, int, int]:
+                t: str, mode: str, clients: int, threads: int, seconds: int, **kw: Any
+            ) -> tuple[Pgbench, tuple[float, float] | None]:
+                """One pgbench run against target `t`, and the CPU seconds (all processes,
+                the main one) the proxy used meanwhile (None for direct PostgreSQL)."""
                 for attempt in (1, 2):
                     ensure_alive()
+                    child = by_name.get(t)
                     try:
-                        return pgbench(
-                            endpoints[t], up.user, args.dbname, mode, clients, threads, seconds
-                        )
+                        before = cpu_seconds(child.proc.pid) if child is not None else None
+                        run_ = pgbench(
+                            endpoints[t], up.user, args.dbname, mode, clients, threads, seconds,
+                            log_dir=workdir, **kw,
+                        )  # fmt: skip
+                        after = cpu_seconds(child.proc.pid) if child is not None else None
+                        used = None
+                        if before is not None and after is not None:
+                            used = (after[0] - before[0], after[1] - before[1])
+                        return run_, used
                     except BenchError as exc:
                         child = by_name.get(t)
                         if child is None:
@@ -745,7 +1097,11 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 raise AssertionError("unreachable")
 
             results: dict[tuple[str, int], dict[str, TargetResult]] = {}
+            transfers: list[dict[str, Any]] = []
+            profile: dict[str, Any] | None = None
             total_runs = len(cells) * len(durations) * len(TARGETS)
+            if args.transfers:
+                total_runs += len(TRANSFERS) * len(durations) * len(TRANSFER_TARGETS)
             warmups = 0 if args.no_warmup else len(TARGETS)
             progress = Progress(
                 SpinnerColumn(),
@@ -778,8 +1134,12 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                                     f" → {t:<9}"
                                 ),
                             )
-                            tps, lat, txn, failed = measure(t, mode, clients, threads, seconds)
-                            cell[t].runs.append(RunResult(tps, lat, txn, failed, seconds, rnd, pos))
+                            got, used = measure(t, mode, clients, threads, seconds)
+                            cell[t].runs.append(
+                                RunResult(got.tps, got.latency_ms, got.transactions, got.failed,
+                                          seconds, rnd, pos, *(used or (None, None)))
+                            )  # fmt: skip
+                            cell[t].latencies_us += got.latencies_us
                             progress.advance(task)
                     sb = ratio(cell["pgsage"].tps, cell["pgbouncer"].tps)
                     progress.console.log(
@@ -787,6 +1147,14 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                         + ", ".join(f"{t} {cell[t].tps:,.0f} tps" for t in TARGETS)
                         + f"; pgsage/pgbouncer {sb}"
                     )
+                if args.transfers:
+                    transfers = run_transfers(
+                        up, args, endpoints, measure, by_name, workdir, len(durations),
+                        progress, task,
+                    )  # fmt: skip
+            if args.profile:
+                say("profiling pgsage (py-spy) under pgbench -S -M simple -c 8")
+                profile = profile_pgsage(up, args, endpoints["pgsage"], pgsage)
         finally:
             for child in reversed(children):
                 child.stop()
@@ -809,14 +1177,16 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             "round_seconds": durations,
             "quick": args.quick,
             "warmup": not args.no_warmup,
-            "pgbench": "pgbench -n -S -M <mode> -c <clients> -j <threads> -T <round seconds>",
+            "pgbench": "pgbench -n -S -M <mode> -c <clients> -j <threads> -T <round seconds>"
+            " -l (latency quantiles from the per-transaction log)",
+            "transfer_rows": args.transfer_rows if args.transfers else None,
             "targets": list(TARGETS),
             "cells": [{"mode": m, "clients": c, "threads": j} for m, c, j in cells],
             "pgbouncer": {
                 "pool_mode": "session",
                 "auth_type": "trust",
                 "max_client_conn": 100,
-                "default_pool_size": 20,
+                "default_pool_size": 100,
             },
             "pgsage": {
                 "log_level": "warning",
@@ -832,6 +1202,15 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
         },
         "restarts": restarts,
         "cells": [cell_json(m, c, j, results[(m, c)]) for m, c, j in cells if (m, c) in results],
+        "rows": [
+            row
+            for m, c, j in cells
+            if (m, c) in results
+            for row in cell_rows(m, c, j, results[(m, c)])
+        ],
+        "transfers": transfers,
+        "checks": checks(results, transfers),
+        "profile": profile,
     }
 
 
@@ -861,6 +1240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.print(f"[bold red]benchmark failed:[/bold red] {exc}")
         return 1
     out.print(render_table(doc))
+    transfers = render_transfers(doc)
+    if transfers is not None:
+        out.print(transfers)
+    out.print(render_checks(doc))
+    if doc.get("profile"):
+        p = doc["profile"]
+        err.print(f"profile: {p.get('flamegraph') or p.get('error')}")
     for r in doc["restarts"]:
         err.print(f"[yellow]note: {r['target']} {r['why']} at {r['at']} and was restarted[/yellow]")
     if not args.no_save:

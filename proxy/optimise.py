@@ -187,6 +187,8 @@ class Optimiser:
         The models' imports (LightGBM, scikit-learn, SciPy: seconds) and the forecast itself
         are CPU work, so they run on a worker thread with its own event loop: the proxy's
         loop only sets the gauges (it once stalled every session for seconds at startup)."""
+        if not await self._forecaster_active():
+            return 0  # nothing to forecast with: no need to load the models at all
         stored, rows, values = await off_loop(self._publish_forecast)
         if self.forecast_gauge is not None:
             self.forecast_gauge.clear()
@@ -195,6 +197,15 @@ class Optimiser:
         if self.admission is not None:
             self.admission.forecast_trend = forecast_trend(rows, CLOCK.now())
         return stored
+
+    async def _forecaster_active(self) -> bool:
+        from models.registry import Registry, model_dir
+
+        conn = await self._connect()
+        try:
+            return await Registry(conn, model_dir()).active("forecast") is not None
+        finally:
+            await conn.close()
 
     async def _publish_forecast(self) -> tuple[int, list[dict[str, Any]], dict[Any, float]]:
         from models.forecast import gauge_values, latest_forecast, publish_forecast
