@@ -470,6 +470,21 @@ def transaction_latencies(log: str) -> list[int]:
     return out
 
 
+def settle(pid: int, idle_share: float = 0.1, timeout: float = 90.0) -> float:
+    """Wait until the process tree of `pid` uses less than `idle_share` of a core over a
+    second (pgsage imports its models and starts its log worker after it first listens);
+    returns the seconds waited. Start-up work must not be billed to the first cell."""
+    started = time.monotonic()
+    last = cpu_seconds(pid)
+    while last is not None and time.monotonic() - started < timeout:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now is None or now[0] - last[0] < idle_share:
+            break
+        last = now
+    return time.monotonic() - started
+
+
 def cpu_seconds(pid: int) -> tuple[float, float] | None:
     """(user + system CPU seconds of `pid` and every process below it, of `pid` alone), or
     None when it is gone. Children that exited are not counted (their time was not reaped by
@@ -1044,6 +1059,9 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             for child in children:
                 ready_check(child.name)
             say("all targets accept connections")
+            for child in children:
+                settled = settle(child.proc.pid)
+                say(f"{child.name} settled after {settled:.1f} s (its start-up work done)")
 
             def ensure_alive() -> None:
                 """Restart (a few times at most) a proxy that something outside killed."""
