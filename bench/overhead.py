@@ -58,6 +58,8 @@ CLIENT_LEVELS = ((1, 1), (8, 2), (32, 2))
 #: pgsage should reach at least this fraction of PgBouncer's TPS at 8 clients (simple, extended)
 GOAL_RATIO = 0.75
 GOAL_CELLS = {("simple", 8), ("extended", 8)}
+#: seconds PgBouncer and pgsage keep an idle server connection for the next client
+SERVER_IDLE_TIMEOUT = 5
 #: restarts of a proxy killed from outside (shared machines) before the benchmark gives up
 MAX_RESTARTS = 3
 
@@ -280,6 +282,7 @@ auth_file = {bdir / "userlist.txt"}
 pool_mode = session
 max_client_conn = 100
 default_pool_size = 100
+server_idle_timeout = {SERVER_IDLE_TIMEOUT}
 logfile = {bdir / "pgbouncer.log"}
 pidfile = {bdir / "pgbouncer.pid"}
 log_connections = 0
@@ -318,6 +321,9 @@ def start_pgsage(
     # pgsage's own query log / metadata goes to a database of the benchmark's, so the run
     # neither fills the real warehouse's query log nor is disturbed by what happens there
     env["PGSAGE_WAREHOUSE_DATABASE"] = warehouse_db
+    # both proxies keep server connections for the next client; both let them go soon, or the
+    # targets' idle backends together pass max_connections at 32 clients
+    env["PGSAGE_SERVER_IDLE_TIMEOUT"] = str(SERVER_IDLE_TIMEOUT)
     env.update(extra_env)
     cmd = [
         pgsage_bin, "serve",
@@ -1205,6 +1211,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 "auth_type": "trust",
                 "max_client_conn": 100,
                 "default_pool_size": 100,
+                "server_idle_timeout": SERVER_IDLE_TIMEOUT,
             },
             "pgsage": {
                 "log_level": "warning",
@@ -1212,6 +1219,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 "warehouse_database": args.pgsage_warehouse_db,
                 "config": str(args.pgsage_config) if args.pgsage_config else None,
                 "env": args.pgsage_env,
+                "server_idle_timeout": SERVER_IDLE_TIMEOUT,
             },
             "goal": {
                 "pgsage_vs_pgbouncer_min": GOAL_RATIO,
