@@ -476,6 +476,21 @@ def transaction_latencies(log: str) -> list[int]:
     return out
 
 
+def wait_for_slots(up: Upstream, clients: int, timeout: float = 3 * SERVER_IDLE_TIMEOUT) -> None:
+    """Wait until the upstream has room for `clients` more connections (and a few to spare):
+    the proxies' idle server connections of the previous run go after SERVER_IDLE_TIMEOUT."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        free = int(up.psql(
+            "SELECT current_setting('max_connections')::int"
+            " - current_setting('superuser_reserved_connections')::int - count(*)"
+            " FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        ))  # fmt: skip
+        if free >= clients + 4:
+            return
+        time.sleep(0.5)
+
+
 def settle(pid: int, idle_share: float = 0.1, timeout: float = 90.0) -> float:
     """Wait until the process tree of `pid` uses less than `idle_share` of a core over a
     second (pgsage imports its models and starts its log worker after it first listens);
@@ -1093,6 +1108,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             ) -> tuple[Pgbench, tuple[float, float] | None]:
                 """One pgbench run against target `t`, and the CPU seconds (all processes,
                 the main one) the proxy used meanwhile (None for direct PostgreSQL)."""
+                wait_for_slots(up, clients)
                 for attempt in (1, 2):
                     ensure_alive()
                     child = by_name.get(t)
