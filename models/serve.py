@@ -44,7 +44,6 @@ from .dataset import (
     static_class,
 )
 from .registry import Registry, model_dir
-from .train import load_active_cost_model
 
 #: a cache key: (fingerprint, static class of the text)
 Key = tuple[str, str]
@@ -172,6 +171,8 @@ class CostServer:
 
     async def refresh_model(self, meta_conn: Any, root: str | None = None) -> bool:
         """Load the active version if it changed; True when the model changed."""
+        from .train import load_active_cost_model  # (scikit-learn and LightGBM: seconds)
+
         loaded = await load_active_cost_model(Registry(meta_conn, model_dir(root)))
         version = None if loaded is None else f"{loaded[1].name}:v{loaded[1].version}"
         if version == self.version:

@@ -14,6 +14,7 @@ gets one ("done", summary) reply.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import pickle
@@ -150,6 +151,8 @@ class Worker:
 
         conn: Any = None
         log = get_logger("pgsage.cost")
+        # the models' imports take seconds: on a thread, so batches keep being written meanwhile
+        await asyncio.to_thread(importlib.import_module, "models.train")
         while True:
             try:
                 if conn is None or conn.is_closed():
