@@ -3,11 +3,12 @@
     python -m bench.accuracy_anomaly                       # warehouse + pgsage + simulated run
     python -m bench.accuracy_anomaly --dsn postgresql://postgres@127.0.0.1:5432/pgsage_demo
 
-Without --dsn: builds a warehouse database (--scale), starts `pgsage serve` in front of it as a
-separate process, drives the workload simulator through it (--duration real seconds at --speed,
-labelled anomalies on), stops pgsage (which flushes the query log), then scores. With --dsn it
-scores the run already logged there. Scoring (models/anomaly.py): executions in time order, the
-first --train-share fit the Isolation Forests and the baselines and calibrate thresholds on their
+Without --dsn: (re)creates the warehouse database (--database, dropped first; --scale), starts
+`pgsage serve` in front of it as a separate process, drives the workload simulator through it
+(--duration real seconds at --speed, labelled anomalies on), stops pgsage (which flushes the
+query log), then scores. With --dsn it scores the run(s) already logged there. Scoring
+(models/anomaly.py): executions in time order, the first --train-share fit the Isolation Forests
+(on the executions not labelled anomalous) and the baselines and calibrate thresholds on their
 labels; the rest is scored as the online detector would, beside the per-fingerprint z-score
 (calibrated the same way). Execution-level F1, precision, recall and false-positive rate overall
 and per label kind, over the simulated users' statements (not the simulator's bookkeeping).
@@ -19,8 +20,11 @@ models.anomaly.IF_VIEWS (spike, level shift), in training ranks; null means the 
 The label audit ("label_audit") says, per kind, how many of the test split's labelled executions
 the log shows outside their anomaly's window (a statement the simulator dispatched inside the
 window but that waited in its simulated user's queue, e.g. behind one blocked by the lock, starts
-after it) and how many were no slower than twice their template's running median: what a
-latency detector cannot see, so the recall it bounds. It reads the log and the labels only.
+after it), for lock_contention how many did not overlap the lock as the log shows it held (from
+the holder's LOCK TABLE completing to its COMMIT) and how many unlabelled statements it held up
+(started while it was held, finished after: "unlabelled_waits"), and how many were no slower
+than twice their template's running median: what a latency detector cannot see, so the recall
+it bounds. It reads the log and the labels only.
 Prints JSON and a table; writes bench/results/anomaly.json. Nothing is registered.
 """
 
@@ -76,11 +80,14 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     """Warehouse, pgsage serve, a simulated run with labelled anomalies; returns run facts."""
     from rich.console import Console
 
-    from bench.warehouse import init_warehouse
+    from bench.warehouse import drop_database_async, init_warehouse
     from bench.workload.plan import PlanConfig
     from bench.workload.runner import RunConfig, run_workload
 
     base = f"postgresql://{args.user}@{args.upstream}"
+    # a fresh database: a reset warehouse keeps its metadata schema, and the query log and
+    # labels of an earlier run on the same simulated week would be scored with this one's
+    asyncio.run(drop_database_async(f"{base}/postgres", args.database))
     init_warehouse(f"{base}/postgres", args.scale, args.seed, args.database, reset=True,
                    progress=False, show=False)  # fmt: skip
     listen, http = _free_port(), _free_port()
@@ -150,6 +157,7 @@ def label_audit(
     kinds: dict[str, str],
     windows: dict[str, tuple[float, float]],
     start: int = 0,
+    lock_missed: int | None = None,
 ) -> dict[str, dict[str, int]]:
     """Per label kind, over the labelled executions from `start` on (the test split): how many
     the log has outside their anomaly's window, and, for the kinds a latency detector is to find,
@@ -175,7 +183,31 @@ def label_audit(
                 row["not_slower_than_2x_median"] += int(e.duration_ms <= 2 * median)
         if not e.error:
             past.append(e.duration_ms)
+    if "lock_contention" in out and lock_missed is not None:
+        out["lock_contention"]["not_overlapping_lock"] = lock_missed
     return {kind: out[kind] for kind in LABEL_KINDS if kind in out}
+
+
+_LOCK_MISSED = """
+WITH holder AS (
+    SELECT started_at, finished_at, command, normalized_text,
+           lead(started_at) OVER (ORDER BY started_at, query_id) AS next_started
+    FROM metadata.query_logs WHERE application_name = 'pgsage-workload-anomaly'
+), holds AS (  -- from LOCK TABLE completing to the COMMIT (or ROLLBACK) that follows it
+    SELECT finished_at AS locked, next_started AS released FROM holder
+    WHERE normalized_text ILIKE 'LOCK TABLE%'
+)
+SELECT count(*) FILTER (WHERE w.kind = 'lock_contention' AND NOT EXISTS (
+           SELECT 1 FROM holds h WHERE q.started_at < coalesce(h.released, 'infinity')
+                                   AND q.finished_at > h.locked)) AS missed,
+       -- unlabelled statements held until the lock went (started under it, ended after it)
+       count(*) FILTER (WHERE q.label IS NULL AND EXISTS (
+           SELECT 1 FROM holds h WHERE q.started_at >= h.locked AND q.started_at < h.released
+                                   AND q.finished_at >= h.released)) AS unlabelled
+FROM metadata.query_logs q LEFT JOIN metadata.workload_labels w USING (label)
+WHERE q.started_at >= to_timestamp($1) AND q.application_name LIKE 'pgsage-workload-%'
+  AND q.application_name NOT IN ('pgsage-workload-control', 'pgsage-workload-anomaly')
+"""
 
 
 def _summary(info: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +224,7 @@ def _summary(info: dict[str, Any]) -> dict[str, Any]:
 
 
 async def score(dsn: str, train_shares: list[float], seed: int) -> dict[str, Any]:
+    train_share = train_shares[0]
     conn = await asyncpg.connect(dsn)
     try:
         executions, kinds = await fetch_executions(conn, max_rows=1_000_000)
@@ -203,6 +236,8 @@ async def score(dsn: str, train_shares: list[float], seed: int) -> dict[str, Any
                 " extract(epoch FROM window_end)::float8 AS e FROM metadata.workload_labels"
             )
             windows = {r["label"]: (r["s"], r["e"]) for r in rows}
+        cut = executions[int(len(executions) * train_share)].ts if executions else 0.0
+        lock_missed, lock_unlabelled = await conn.fetchrow(_LOCK_MISSED, cut)
         online = (
             await conn.fetchval("SELECT count(*) FROM metadata.anomalies")
             if await conn.fetchval("SELECT to_regclass('metadata.anomalies') IS NOT NULL")
@@ -212,7 +247,6 @@ async def score(dsn: str, train_shares: list[float], seed: int) -> dict[str, Any
         await conn.close()
     if not kinds:
         raise SystemExit("no labels in metadata.workload_labels: run the workload simulator")
-    train_share = train_shares[0]
     started = time.perf_counter()
     info = fit_and_evaluate(executions, kinds, train_share=train_share, seed=seed,
                             forecasts=(intervals, cluster_of)).info  # fmt: skip
@@ -233,7 +267,11 @@ async def score(dsn: str, train_shares: list[float], seed: int) -> dict[str, Any
     out["metrics"] = {"f1": t["f1"], "fpr": t["fpr"], "precision": t["precision"],
                       "recall": t["recall"], "f1_zscore": info["zscore"]["f1"]}  # fmt: skip
     out["targets_met"] = {"f1": t["f1"] >= TARGETS["f1"], "fpr": t["fpr"] <= TARGETS["fpr"]}
-    out["label_audit"] = label_audit(executions, kinds, windows, int(len(executions) * train_share))
+    out["label_audit"] = label_audit(
+        executions, kinds, windows, int(len(executions) * train_share), int(lock_missed)
+    )
+    if "lock_contention" in out["label_audit"]:
+        out["label_audit"]["lock_contention"]["unlabelled_waits"] = int(lock_unlabelled)
     by_share = {str(train_share): _summary(info)}
     for share in train_shares[1:]:
         other = fit_and_evaluate(executions, kinds, train_share=share, seed=seed,
@@ -269,10 +307,12 @@ def print_table(result: dict[str, Any]) -> None:
                       *(f"{r['recall']:.2f} / {r['precision']:.2f}" for r in rows))  # fmt: skip
     console.print(kinds)
     audit = Table(title="label audit of the test split (what a latency detector cannot see)")
-    for col in ("kind", "executions", "logged outside window", "<= 2x template median"):
+    for col in ("kind", "executions", "logged outside window", "lock not overlapped",
+                "<= 2x template median"):  # fmt: skip
         audit.add_column(col, justify="left" if col == "kind" else "right")
     for kind, row in result.get("label_audit", {}).items():
         audit.add_row(kind, str(row["executions"]), str(row["logged_outside_window"]),
+                      str(row.get("not_overlapping_lock", "-")),
                       str(row.get("not_slower_than_2x_median", "-")))  # fmt: skip
     console.print(audit)
     shares = result.get("by_train_share", {})
@@ -306,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", default="127.0.0.1:5432", help="PostgreSQL host:port")
     parser.add_argument("--user", default="postgres")
     parser.add_argument("--database", default="pgsage_anomaly_bench")
-    parser.add_argument("--scale", type=float, default=0.2)
+    parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=240.0, help="real seconds")
     parser.add_argument("--speed", type=float, default=2000.0, help="simulated s per real s")
     parser.add_argument("--qps", type=float, default=40.0)

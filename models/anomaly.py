@@ -9,17 +9,19 @@ its state. Detectors, each with the cause it reports as the incident kind:
   expected latency: the log ratio to the cost model's ``predicted_cost_ms`` when the log has one,
   else to the fingerprint's running median, net of the system's level (the larger of the median
   log ratio and the median milliseconds beyond their templates' expected of the last `CONTEXT`
-  warm executions of any template: a busy machine slows everything at once, and mostly by the
-  same few milliseconds, x30 for a 0.5 ms lookup and x1.2 for a 50 ms aggregate). Every scored
+  warm executions of any template of its class, reads or writes: a busy machine slows everything
+  at once, and mostly by the same few milliseconds, x30 for a 0.5 ms lookup and x1.2 for a 50 ms
+  aggregate; a busy WAL slows the writes together and not the reads). Every scored
   execution gets the vector `FEATURES` (the residual, its persistence over the fingerprint's last
   executions, the milliseconds beyond the expected, the residual over the fingerprint's spread,
   the system's level, rows and bytes against the fingerprint's median, the error flag, the hour
   of the simulated clock and the template's rarity); one forest per view of `IF_VIEWS` is fitted
-  on the successful executions of warm fingerprints, the executions it judges:
+  on the successful executions of warm fingerprints, the executions it judges (less those the
+  training labels mark anomalous, when there are labels: see `AnomalyModel.fit`):
 
   * a spike: the residual and the milliseconds beyond the expected (a lock wait adds seconds,
     the machine's noise tens of milliseconds), and
-  * a level shift: the median of the fingerprint's last five residuals (a plan regression or a
+  * a level shift: the median of the fingerprint's last nine residuals (a plan regression or a
     growing scan slows every execution, a hiccup one).
 
   A view's score counts as its rank among the training executions' (the views' raw scores are not
@@ -27,8 +29,9 @@ its state. Detectors, each with the cause it reports as the incident kind:
   far (x20, or more milliseconds than all but 0.1% of the training executions), and some view
   ranks it at or above that view's threshold, or its residual is past the training range (+ log
   2). Thresholds: calibrated together on the training rows' labels when the workload simulator
-  left some (best F1 of the whole detector, each view among the top 2% of its training ranks or
-  off, ties to the fewer flags), else each view flags `contamination / views` of the training.
+  left some (best F1 of the whole detector, each view among the top 5% of its ranks among the
+  ordinary training executions, `GRID_LOW`, or off; ties to the fewer flags), else each view
+  flags `contamination / views` of the training.
   Why not one forest over every column: the columns that do not describe the latency (hour,
   rarity, rows, bytes, the error flag) dilute it, as a forest isolates on a random column at
   each split: on the simulated runs each one added to the residual moved the labelled slow
@@ -42,8 +45,9 @@ its state. Detectors, each with the cause it reports as the incident kind:
   (the rest follows the day's shape; when the window is quieter than the training history at
   that hour of the day, the history's traffic stands in: a burst at night has no one else to
   scale by), upper bound the larger of a Poisson quantile and `rate_factor` times the mean, and
-  at least `rate_min_count` arrivals. A confirmed burst covers the fingerprint's executions in
-  that window.
+  at least `rate_min_count` arrivals, sustained for `burst_min_span_s` (what a lock or a stall
+  held back arrives at once when it clears: a pile-up, not a burst anyone sent). A confirmed
+  burst covers the fingerprint's run of arrivals at burst pace.
 - ``error_burst`` (workload): failed executions in the trailing window beyond the interval of the
   training error rate.
 - ``heavy_unseen`` (workload): a fingerprint run fewer than `unseen_calls` times before (never or
@@ -88,7 +92,7 @@ FEATURES = (
     "residual",  # log(actual / expected) net of the system's level (`CONTEXT`)
     "residual_run2",  # min of this residual and the fingerprint's previous one
     "residual_run3",  # ... and the one before: a plan or a lock persists, a hiccup does not
-    "residual_med5",  # median of the fingerprint's last five (this one included): a level shift
+    "residual_med9",  # median of the fingerprint's last `RUN` (this one included): a level shift
     "excess",  # log1p of the milliseconds beyond the expected: the machine's noise adds tens of
     # milliseconds to everything (a ratio of 20 on a 0.5 ms lookup), a lock wait adds seconds
     "residual_z",  # the residual over the fingerprint's spread
@@ -104,20 +108,34 @@ FEATURES = (
 #: far, in ratio and in milliseconds, beyond the expected) and a level shift (the fingerprint's
 #: last executions). See the module doc for why not one forest over every column;
 #: `AnomalyModel(views=(FEATURES,))` fits that one for comparison.
-IF_VIEWS = (("residual", "excess"), ("residual_med5",))
+IF_VIEWS = (("residual", "excess"), ("residual_run3", "residual_med9"))
 IF_FEATURES = tuple(dict.fromkeys(f for view in IF_VIEWS for f in view))
 _RES, _RUN2, _EXCESS, _Z = (
     FEATURES.index(n) for n in ("residual", "residual_run2", "excess", "residual_z")
 )
 VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to be believed
+#: slower than expected means by 30% at least: in a level shift each execution is slow itself,
+#: not just the fingerprint's recent ones (an ordinary run right after slow ones is no trouble)
+MIN_SLOW = math.log(1.3)
 LATE_QUANTILE = 0.999
+#: the calibration's loosest threshold per view: its top 5% of ordinary training executions
+#: (and only those slower than expected again, or by far: `_slow`, about a sixth of them)
+GRID_LOW = 0.95
 MAX_FINGERPRINTS = 20_000  # per-fingerprint baselines kept by a detector
-CONTEXT = 15  # recent executions (all templates) whose median residual is the system's level
-RUN = 5  # a fingerprint's last executions whose residuals tell a lasting slowdown from a hiccup
+CONTEXT = 15  # recent executions (all templates of a class) whose median residual is the level
+WRITE_COMMANDS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY"))
+#: a fingerprint's last executions whose residuals tell a lasting slowdown from a hiccup: on two
+#: shared cores a lookup is three times slower in three of five executions in a row about once in
+#: a hundred; a plan regression or a drift slows every execution for hours
+RUN = 9
 SEVERITIES = ("low", "medium", "high")
 FORECAST_WINDOW_S = 300.0  # the forecaster's window (metadata.workload_forecasts)
 #: the simulator's own bookkeeping connections: not simulated users, not scored
 SIMULATOR_MACHINERY = ("pgsage-workload-control", "pgsage-workload-anomaly")
+#: ... and the planner settings its runner switches around a seq_scan anomaly's statement on
+#: the user's own connection (bench/workload/runner.py `_planner_sql`): the injection's means,
+#: not user work (two per regressed execution: a rate "burst" of them is the anomaly's echo)
+SIMULATOR_SETTINGS = "SELECT set_config(%"  # (normalized text: the names are parameters)
 
 
 class Execution(NamedTuple):
@@ -134,6 +152,8 @@ class Execution(NamedTuple):
     is_catalog: bool = False
     label: str | None = None
     app: str | None = None
+    #: the workload simulator's own statement, not a simulated user's (`simulated_users`)
+    machinery: bool = False
 
 
 class Flag(NamedTuple):
@@ -217,6 +237,10 @@ class DetectorConfig:
     rate_alpha: float = 1e-3
     rate_factor: float = 3.0
     rate_min_count: int = 12
+    #: a burst is sustained: its run of arrivals at burst pace spans at least this long (the
+    #: statements a lock or a stall held back reach the server all at once when it clears, a
+    #: pile-up of a few seconds that no one sent in a burst)
+    burst_min_span_s: float = 120.0
     error_window_s: float = 600.0
     error_min_count: int = 3
     unseen_calls: int = 5
@@ -226,10 +250,63 @@ class DetectorConfig:
     warmup: int = 200
 
 
+def _newer(items: deque[Any], after: int) -> list[Any]:
+    """The items (execution index at [1], ascending) after index `after`, oldest first: once a
+    window's items were flagged together, only later ones can be new, so a long burst costs
+    constant work per arrival instead of a walk over the whole window."""
+    out = []
+    for item in reversed(items):
+        if item[1] <= after:
+            break
+        out.append(item)
+    out.reverse()
+    return out
+
+
 def _poisson_upper(mu: float, alpha: float) -> float:
     from scipy.stats import poisson
 
     return float(poisson.ppf(1.0 - alpha, max(mu, 1e-6)))
+
+
+class _Count:
+    """Arrivals in a trailing window, counted per second: memory bounded by the window's
+    seconds however fast the arrivals come (a fingerprint at 10,000/s over 600 s would
+    otherwise keep six million entries)."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[float]] = deque()  # [second, count], oldest first
+        self.total = 0
+
+    def add(self, now: float, window: float) -> int:
+        second = float(int(now))
+        b = self.buckets
+        if b and b[-1][0] == second:
+            b[-1][1] += 1
+        else:
+            b.append([second, 1])
+        self.total += 1
+        while b and b[0][0] < now - window:
+            self.total -= int(b.popleft()[1])
+        return self.total
+
+
+class _Run:
+    """A fingerprint's latest arrivals at burst pace: when the run began, the last arrival,
+    the pace it was judged by, and its members not flagged yet (bounded)."""
+
+    __slots__ = ("last", "members", "pace", "start")
+
+    def __init__(self, now: float) -> None:
+        self.start = self.last = now
+        self.pace = math.inf  # unknown until the fingerprint's expectation is
+        self.members: deque[tuple[float, int, str | None]] = deque(maxlen=RUN_MEMBERS)
+
+
+#: arrivals of one burst remembered to be flagged together (a longer run flags its latest)
+RUN_MEMBERS = 10_000
 
 
 class Detector:
@@ -252,17 +329,22 @@ class Detector:
         self._by_cluster: dict[str, deque[tuple[float, int, str | None, str]]] = {}
         self.index = 0
         # trailing windows: all arrivals; per fingerprint (ts, index, label); errors
-        self._all: deque[float] = deque()
-        self._by_fp: dict[str, deque[tuple[float, int, str | None]]] = {}
+        self._all = _Count()
+        self._by_fp: dict[str, tuple[_Count, _Run]] = {}
         self._errors: deque[tuple[float, int, str, str | None]] = deque()
         self._flagged: set[int] = set()
         self._recent_flagged: deque[int] = deque(maxlen=100_000)
+        #: executions up to these indexes were already judged by a burst's flagging pass
+        self._errors_done = -1
+        self._cluster_done: dict[str, int] = {}
         # the system's level: recent warm executions' log ratios and milliseconds beyond their
         # templates' expected, and the medians of both
-        self._context: deque[float] = deque(maxlen=CONTEXT)
-        self._context_ms: deque[float] = deque(maxlen=CONTEXT)
-        self._context_level = 0.0
-        self._context_level_ms = 0.0
+        # templates', per class of statement (`_class`: writes share the WAL and commit path,
+        # and slow down together when it is busy, which reads do not notice)
+        self._context: dict[str, deque[float]] = {}
+        self._context_ms: dict[str, deque[float]] = {}
+        self._context_level: dict[str, float] = {}
+        self._context_level_ms: dict[str, float] = {}
         if model is not None:
             for fp, (lat, rows, nbytes) in model.baselines_.items():
                 st = self.fps[fp] = _Fp(c.history)
@@ -281,7 +363,8 @@ class Detector:
         and its raw log ratio and milliseconds beyond the template's expected (for the level).
 
         The residual is net of the system's level, the larger of two readings of the last
-        `CONTEXT` executions of any template: their median log ratio (everything runs x times
+        `CONTEXT` executions of any template of the same class (reads, writes: `_class`; writes
+        wait for the WAL and commit together): their median log ratio (everything runs x times
         slower) and their median milliseconds beyond the expected (everything waits y ms more:
         a busy CPU or a stalled event loop adds the same to a 0.5 ms lookup and a 50 ms
         aggregate, x100 to one and x3 to the other). When everything is slow at once, that is
@@ -296,11 +379,13 @@ class Detector:
             expected = st.med
         else:
             expected = self.global_log_ms
-        ctx = self._context_level
+        cls = _class(ex.command)
+        ctx = self._context_level.get(cls, 0.0)
+        ctx_ms = self._context_level_ms.get(cls, 0.0)
         raw = 0.0 if ex.error else log_ms - expected
         raw_ms = 0.0 if ex.error else ex.duration_ms - math.exp(expected)
         if known:  # the template's expected, and then the system's level on top of it
-            expected_ms = max(math.exp(expected + ctx), math.exp(expected) + self._context_level_ms)
+            expected_ms = max(math.exp(expected + ctx), math.exp(expected) + ctx_ms)
         else:
             expected_ms = math.exp(expected)
         residual = raw if ex.error else log_ms - math.log(expected_ms)
@@ -370,10 +455,13 @@ class Detector:
             st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
             st.recent.append(residual)
             if warm:
-                self._context.append(raw)
-                self._context_level = _small_median(self._context)
-                self._context_ms.append(raw_ms)
-                self._context_level_ms = max(_small_median(self._context_ms), 0.0)
+                cls = _class(ex.command)
+                ratios = self._context.setdefault(cls, deque(maxlen=CONTEXT))
+                ratios.append(raw)
+                self._context_level[cls] = _small_median(ratios)
+                delays = self._context_ms.setdefault(cls, deque(maxlen=CONTEXT))
+                delays.append(raw_ms)
+                self._context_level_ms[cls] = max(_small_median(delays), 0.0)
         if model is not None and model.forest_ is not None and batch:
             # only what could be flagged is scored (the forests are the costly part): a young
             # fingerprint is the unseen rule's, a failure the error rule's, and faster than
@@ -422,52 +510,57 @@ class Detector:
         c = self.config
         out: list[Flag] = []
         now = ex.ts
-        # ---- arrivals of this fingerprint against its interval
-        all_ = self._all
-        all_.append(now)
-        while all_ and all_[0] < now - c.rate_window_s:
-            all_.popleft()
-        q = self._by_fp.get(ex.fingerprint)
-        if q is None:
-            q = self._by_fp[ex.fingerprint] = deque()
-        q.append((now, i, ex.label))
-        while q and q[0][0] < now - c.rate_window_s:
-            q.popleft()
-        count = len(q)
+        # ---- arrivals of this fingerprint against its interval (constant work per arrival)
+        total = self._all.add(now, c.rate_window_s)
+        state = self._by_fp.get(ex.fingerprint)
+        if state is None:
+            state = self._by_fp[ex.fingerprint] = (_Count(), _Run(now))
+        counter, run = state
+        count = counter.add(now, c.rate_window_s)
+        gap = now - run.last
+        if gap >= run.pace or (run.members and run.members[0][0] < now - c.rate_window_s):
+            run.start = now  # an arrival at the ordinary pace: a new run begins with it
+            run.members.clear()
+        run.last = now
+        run.members.append((now, i, ex.label))
         warm = self.total_seen >= c.warmup
         cluster = self.cluster_of.get(ex.fingerprint)
         if cluster is not None and cluster in self.intervals and not ex.error:
             out.extend(self._cluster_rate(i, ex, cluster))
         elif warm and count >= c.rate_min_count and not ex.error:  # (failures: the error rule)
-            upper = self._rate_upper(ex.fingerprint, now, len(all_) - count)
+            upper = self._rate_upper(ex.fingerprint, now, total - count)
+            if upper is not None:
+                run.pace = c.rate_window_s / max(upper, 1.0)
             # ... and this arrival came at burst pace (not an ordinary one after a burst)
-            paced = upper is not None and now - q[-2][0] < c.rate_window_s / max(upper, 1.0)
-            if upper is not None and count > upper and paced:
+            paced = upper is not None and gap < run.pace
+            # the burst: the run of arrivals at burst pace up to this one (older ones came at
+            # the ordinary pace and were expected), once sustained (not a mere pile-up)
+            if (
+                upper is not None
+                and count > upper
+                and paced
+                and (now - run.start >= c.burst_min_span_s)
+            ):
                 score = min(0.6 + 0.1 * math.log2(count / max(upper, 1.0)), 1.0)
-                # the burst: the run of arrivals at burst pace up to this one (older ones came
-                # at the ordinary pace and were expected)
-                pace = c.rate_window_s / max(upper, 1.0)
-                items = list(q)
-                k = len(items) - 1
-                while k > 0 and items[k][0] - items[k - 1][0] < pace:
-                    k -= 1
-                for ts, j, label in items[k:]:
+                for ts, j, label in run.members:
                     if j not in self._flagged:
                         self._flagged.add(j)
                         self._recent_flagged.append(j)
                         out.append(Flag(j, ts, "rate_burst", ex.fingerprint, score, 0.0,
                                         False, label))  # fmt: skip
+                run.members.clear()  # flagged; the run goes on
         # ---- failed executions against the error rate
         if ex.error:
             errs = self._errors
             errs.append((now, i, ex.fingerprint, ex.label))
             while errs and errs[0][0] < now - c.error_window_s:
                 errs.popleft()
-            expected = self.error_rate * len(all_)
+            expected = self.error_rate * total
             upper = max(_poisson_upper(expected, c.rate_alpha), c.error_min_count - 1)
             if len(errs) > upper:
                 score = min(0.6 + 0.1 * math.log2(len(errs) / max(upper, 1.0)), 1.0)
-                for ts, j, fp, label in errs:
+                newer, self._errors_done = _newer(errs, self._errors_done), i
+                for ts, j, fp, label in newer:
                     if j not in self._flagged:
                         self._flagged.add(j)
                         self._recent_flagged.append(j)
@@ -495,7 +588,9 @@ class Detector:
             return []
         score = min(0.6 + 0.1 * math.log2(len(q) / max(iv.upper, 1.0)), 1.0)
         out = []
-        for ts, j, label, fp in q:
+        newer = _newer(q, self._cluster_done.get(cluster, -1))
+        self._cluster_done[cluster] = i
+        for ts, j, label, fp in newer:
             if j not in self._flagged:
                 self._flagged.add(j)
                 self._recent_flagged.append(j)
@@ -554,17 +649,28 @@ class AnomalyModel:
             raise ValueError(f"unknown forest features {unknown} (choose from {FEATURES})")
         self.views = tuple(tuple(view) for view in views)
 
-    def fit(self, executions: Sequence[Execution]) -> AnomalyModel:
+    def fit(
+        self, executions: Sequence[Execution], anomalous: np.ndarray | None = None
+    ) -> AnomalyModel:
         """Replay the history (leak-free features), fit the forests, keep the final baselines.
 
         The forests are fitted on the executions they will judge: successful ones of warm
-        fingerprints (failures are the error rule's, young templates the unseen rule's).
+        fingerprints (failures are the error rule's, young templates the unseen rule's), less
+        those known to be anomalous (`anomalous`, a mask over `executions`: the training
+        labels, when the workload simulator left some). A view's surprise is then a rank among
+        ordinary executions: when a simulated week's plan regressions and drifts make up a few
+        percent of the judged rows, ranks among all of them put those anomalies in the top few
+        percent, where no threshold can flag them without flagging noise that ranks as high.
         """
         from sklearn.ensemble import IsolationForest
 
-        rows = [e for e in executions if scored(e)]
+        keep = [i for i, e in enumerate(executions) if scored(e)]
+        rows = [executions[i] for i in keep]
         if not rows:
             raise ValueError("no scorable executions to fit on")
+        known = np.zeros(len(rows), bool)
+        if anomalous is not None:
+            known = np.asarray(anomalous, bool)[keep]
         ok_ms = np.array([e.duration_ms for e in rows if not e.error], float)
         logs = np.log(np.maximum(ok_ms, 1e-3))
         self.global_log_ms_ = float(np.median(logs)) if len(ok_ms) else 0.0
@@ -588,6 +694,8 @@ class AnomalyModel:
         replay.process(rows, feats)
         X = np.asarray(feats, float)
         judged = _warm_mask(rows, self.config.min_calls) & ~np.array([e.error for e in rows])
+        if (judged & ~known).any():
+            judged &= ~known
         if not judged.any():
             judged = np.ones(len(rows), bool)  # a short history: fit on what there is
         self.residual_max_ = float(X[judged, _RES].max())
@@ -669,8 +777,9 @@ class AnomalyModel:
     ) -> dict[str, Any]:
         """Pick each view's threshold so that the whole detector's F1 on labelled rows is best
         (rows the model was fitted on: the test rows stay unseen). Each view's candidates are
-        the top 2% of the judged rows' surprise (a handful of labelled slow runs must not teach
-        it to flag a tenth of the traffic) and "off": a view that costs F1 on the training labels
+        the top 5% (`GRID_LOW`) of the ordinary judged rows' surprise (a handful of labelled slow
+        runs must not teach it to flag a tenth of the traffic; `_slow` gates them further) and
+        "off": a view that costs F1 on the training labels
         at every level is not used, but one the training labels say nothing about (no labelled
         anomaly of its kind, no false alarm either) stays on at its strictest level. Other ties
         go to the higher thresholds (the fewer flags)."""
@@ -694,9 +803,11 @@ class AnomalyModel:
             surprise[:, idx] = self.surprise(self.view_scores(np.asarray(feats, float)))
         candidate = slow & judged
         points = 24 if len(self.views) <= 2 else 8
+        # (ranks among the ordinary judged rows: the labelled ones would crowd the top ranks)
+        ordinary = judged & ~positive if (judged & ~positive).any() else judged
         grids = [
-            [*np.unique(np.quantile(s[judged], np.linspace(0.98, 0.9995, points))), math.inf]
-            if judged.any() else [math.inf]
+            [*np.unique(np.quantile(s[ordinary], np.linspace(GRID_LOW, 0.9995, points))),
+             math.inf] if ordinary.any() else [math.inf]
             for s in surprise
         ]  # fmt: skip
         hits = [[s >= t for t in grid] for s, grid in zip(surprise, grids, strict=True)]
@@ -732,6 +843,11 @@ class AnomalyModel:
         return model
 
 
+def _class(command: str) -> str:
+    """The class of statement whose recent executions make up a statement's system level."""
+    return "write" if command in WRITE_COMMANDS else "read"
+
+
 def _small_median(values: Iterable[float]) -> float:
     """The median of a few numbers (numpy's costs more than the sort for fifteen of them)."""
     v = sorted(values)
@@ -762,10 +878,10 @@ def _hourly_rate(rows: Sequence[Execution]) -> list[float]:
 
 
 def _slow(feats: Sequence[float], late: float = math.inf) -> bool:
-    """Slower than expected, and either again (the template's previous execution was slow too:
-    a plan or a lock persists, a hiccup of the machine does not) or by far: x20, or more
-    milliseconds beyond the expected than `late` (log1p ms; the model's `late_`)."""
-    return feats[_RES] > 0 and (
+    """Slower than expected (by `MIN_SLOW`), and either again (the template's previous execution
+    was slow too: a plan or a lock persists, a hiccup of the machine does not) or by far: x20, or
+    more milliseconds beyond the expected than `late` (log1p ms; the model's `late_`)."""
+    return feats[_RES] > MIN_SLOW and (
         feats[_RUN2] > 0 or feats[_RES] > VERY_SLOW or feats[_EXCESS] > late
     )
 
@@ -1047,7 +1163,8 @@ async def fetch_executions(
         SELECT * FROM (
             SELECT query_id, extract(epoch FROM started_at)::float8 AS ts, fingerprint, command,
                    duration_ms, rows_returned, status, bytes_sent, predicted_cost_ms,
-                   is_catalog, label, application_name
+                   is_catalog, label, application_name,
+                   normalized_text LIKE $4 AS machinery
             FROM metadata.query_logs
             WHERE ($1::timestamptz IS NULL OR started_at >= $1)
               AND ($2::timestamptz IS NULL OR started_at < $2)
@@ -1058,11 +1175,13 @@ async def fetch_executions(
         since,
         until,
         max_rows,
+        SIMULATOR_SETTINGS,
     )
     out = [
         Execution(r["ts"], r["fingerprint"], r["command"], float(r["duration_ms"]),
                   r["rows_returned"], r["status"] != "ok", r["bytes_sent"],
-                  r["predicted_cost_ms"], r["is_catalog"], r["label"], r["application_name"])
+                  r["predicted_cost_ms"], r["is_catalog"], r["label"], r["application_name"],
+                  bool(r["machinery"]))
         for r in rows
     ]  # fmt: skip
     kinds: dict[str, str] = {}
@@ -1119,7 +1238,10 @@ def positives(executions: Sequence[Execution], kinds: dict[str, str]) -> list[st
 
 def simulated_users(executions: Sequence[Execution]) -> np.ndarray:
     """Scope of the evaluation: scored statements, not the simulator's own bookkeeping."""
-    return np.array([scored(e) and e.app not in SIMULATOR_MACHINERY for e in executions], bool)
+    return np.array(
+        [scored(e) and e.app not in SIMULATOR_MACHINERY and not e.machinery for e in executions],
+        bool,
+    )
 
 
 # ------------------------------------------------------------------------------ fit, evaluate
@@ -1148,13 +1270,13 @@ def fit_and_evaluate(
     train, test = list(executions[:cut]), list(executions[cut:])
     label_kind = positives(executions, kinds)
     has_labels = any(k is not None for k in label_kind)
-    model = AnomalyModel(random_state=seed).fit(train)
+    pos_train = np.array([k is not None for k in label_kind[:cut]], bool)
+    scope_train = simulated_users(train)
+    model = AnomalyModel(random_state=seed).fit(train, pos_train)
     prog("fit", 0.5)
     zs = ZScoreDetector().fit(train)
     info: dict[str, Any] = {"split": {"train": len(train), "test": len(test)},
                             "labels": has_labels}  # fmt: skip
-    pos_train = np.array([k is not None for k in label_kind[:cut]], bool)
-    scope_train = simulated_users(train)
     if (pos_train & scope_train).any():  # else the contamination quantile stays
         info["calibration"] = {
             "iforest": model.calibrate(train, pos_train, scope_train),
@@ -1261,7 +1383,8 @@ async def train_anomaly(
         result = fit_and_evaluate(executions, kinds, seed=config.seed, progress=prog,
                                   forecasts=(intervals, cluster_of))  # fmt: skip
         # serve a model fitted on everything (with the calibrated threshold when there are labels)
-        final = AnomalyModel(random_state=config.seed).fit(executions)
+        labelled = np.array([k is not None for k in positives(executions, kinds)], bool)
+        final = AnomalyModel(random_state=config.seed).fit(executions, labelled)
         calibrated = result.info.get("calibration", {}).get("iforest")
         if calibrated:
             final.threshold_ = list(result.model.threshold_)  # (ranks: they carry over)

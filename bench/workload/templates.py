@@ -388,7 +388,7 @@ TEMPLATES: tuple[Template, ...] = (
        "SELECT region, channel, sum(net_revenue) AS revenue FROM gold.sales_summary"
        " WHERE sale_date >= $1::date AND sale_date < $2::date GROUP BY region, channel"
        " ORDER BY revenue DESC",
-       lambda s: s.day_range(30, 90)),
+       lambda s: s.day_range(30, 90), widen=_widen_range),
     _t("revenue_by_category_silver", C, "aggregate", (SALES, PROD),
        "SELECT p.category, sum(s.net_amount) AS revenue, count(DISTINCT s.transaction_id) AS txns"
        " FROM silver.sales_cleaned s JOIN silver.product_cleaned p ON p.product_id = s.product_id"

@@ -145,7 +145,9 @@ def test_slow_execution_raises_incident_webhook_and_metrics(
     assert receiver.attempts >= 2  # the first POST got a 500 and was retried
     hook = posted[0]
     assert hook["event"] == "incident_opened" and hook["kind"] == "latency"
-    assert hook["severity"] == severity and hook["fingerprints"]
+    # the webhook tells the severity the incident opened with; later flags may raise it
+    order = ("low", "medium", "high")
+    assert order.index(hook["severity"]) <= order.index(severity) and hook["fingerprints"]
     assert _metric(metrics, 'pgsage_anomalies_total{kind="latency"') >= 1
     assert _metric(metrics, "pgsage_anomaly_incidents_open ") >= 1
     assert elapsed < 10.0, f"detected {elapsed:.1f}s after the execution completed"
