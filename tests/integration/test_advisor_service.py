@@ -33,17 +33,22 @@ def _api(svc: Any, method: str, path: str) -> Any:
         return json.loads(resp.read())
 
 
-def test_advice_apply_and_reject_through_the_service(make_service: Any) -> None:
-    svc = make_service(admin_token=TOKEN, log_parameters=True)
+def _logged_lookups(svc: Any, seed: int) -> None:
+    """The orders table, and 60 lookups by customer through the proxy (logged, flushed)."""
     with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
         c.execute(SETUP)
-    rng = random.Random(5)
+    rng = random.Random(seed)
     with psycopg.connect(svc.dsn(), autocommit=True) as c:
         for _ in range(60):
             c.execute(
                 f"SELECT id, amount FROM shop.orders WHERE customer_id = {rng.randint(1, 5000)}"
             ).fetchall()
     svc.flush()
+
+
+def test_advice_apply_and_reject_through_the_service(make_service: Any) -> None:
+    svc = make_service(admin_token=TOKEN, log_parameters=True)
+    _logged_lookups(svc, seed=5)
 
     advice = _api(svc, "POST", "/ml/recommend")["recommendations"]
     assert advice, "the advisor found nothing to recommend"
@@ -93,15 +98,7 @@ def test_automatic_pass_applies_validated_advice_while_traffic_flows(make_servic
     import time
 
     svc = make_service(log_parameters=True)
-    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
-        c.execute(SETUP)
-    rng = random.Random(7)
-    with psycopg.connect(svc.dsn(), autocommit=True) as c:
-        for _ in range(60):
-            c.execute(
-                f"SELECT id, amount FROM shop.orders WHERE customer_id = {rng.randint(1, 5000)}"
-            ).fetchall()
-    svc.flush()
+    _logged_lookups(svc, seed=7)
 
     answered: list[float] = []
     stop = threading.Event()
