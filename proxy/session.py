@@ -376,7 +376,6 @@ class ClientConnection(asyncio.Protocol):
         if (
             data[0] not in (0x51, 0x42, 0x50)  # Q, B, P
             or tracker.phase is not Phase.IDLE
-            or tracker.phase is not Phase.IDLE
             or tracker.transaction_status != "I"
             or tracker.pending
             or len(data) > 65536
