@@ -101,7 +101,6 @@ class ServerPool:
         #: startup packet -> idle servers, most recently parked last
         self.idle: OrderedDict[bytes, deque[ParkedServer]] = OrderedDict()
         self.resetting: set[ParkedServer] = set()
-        self.count = 0  # idle + resetting
 
     def park(self, key: bytes, transport: asyncio.Transport, welcome: bytes, owner: Owner
              ) -> bool:  # fmt: skip
@@ -110,7 +109,6 @@ class ServerPool:
             return False
         server = ParkedServer(self, key, transport, welcome, owner)
         self.resetting.add(server)
-        self.count += 1
         server.start()
         self.metrics.server_pool_events.labels("parked").inc()
         return True
@@ -122,7 +120,6 @@ class ServerPool:
             server = servers.pop()
             if not servers:
                 del self.idle[key]
-            self.count -= 1
             if server.transport.is_closing():
                 continue
             self.metrics.server_pool_events.labels("reused").inc()
@@ -158,7 +155,6 @@ class ServerPool:
     def _gone(self, server: ParkedServer) -> None:
         if server in self.resetting:
             self.resetting.discard(server)
-            self.count -= 1
             self.metrics.server_pool_events.labels("closed").inc()
             return
         servers = self.idle.get(server.key)
@@ -166,9 +162,13 @@ class ServerPool:
             servers.remove(server)
             if not servers:
                 del self.idle[server.key]
-            self.count -= 1
             self.metrics.server_pool_events.labels("closed").inc()
             self.metrics.server_connections_idle.set(self._idle_count())
+
+    @property
+    def count(self) -> int:
+        """Server connections kept: resetting and idle."""
+        return len(self.resetting) + self._idle_count()
 
     def _idle_count(self) -> int:
         return sum(len(q) for q in self.idle.values())

@@ -742,12 +742,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = up
         transport.write(startup_packet)
-        early, self._early = self._early, []
-        for chunk in early:
-            self.data_received(chunk)
-        client = self.transport
-        if client is not None and not client.is_closing() and not up.write_paused:
-            client.resume_reading()  # unless the replay above filled the upstream's buffer
+        self._resume(up)
 
     async def _reuse(self, parked: ParkedServer) -> None:
         """Take a reset server connection from the pool: the client gets the server's welcome
@@ -767,6 +762,11 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = up
         self.server.metrics.server_connected(0.0)
         up.data_received(parked.welcome)  # as if the server said it now (and recorded again)
+        self._resume(up)
+
+    def _resume(self, up: UpstreamConnection) -> None:
+        """The session has its upstream: replay what the client sent meanwhile, then read
+        from the client again (unless the replay filled the upstream's buffer)."""
         early, self._early = self._early, []
         for chunk in early:
             self.data_received(chunk)
@@ -1061,7 +1061,7 @@ class UpstreamConnection(asyncio.Protocol):
         invalidate: list[tuple[str, ...] | None] | None = None
         try:
             frames = self.scanner.receive_data(data)
-            if self.welcome is not None and not frames and client.tracker.phase is Phase.STARTUP:
+            if not frames and self.welcome is not None and client.tracker.phase is Phase.STARTUP:
                 self.welcome += data  # a piece of the welcome without a whole message
             if frames:
                 now = client.last_activity = monotonic()

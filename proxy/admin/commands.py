@@ -132,44 +132,29 @@ def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 
 
 def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+    def row(transport: Any, user: Any, database: Any, state: str, opened: float, pid: Any
+            ) -> tuple[Any, ...]:  # fmt: skip
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        return (
+            "S", user, database, state,
+            peer[0] if isinstance(peer, tuple) else str(peer),
+            peer[1] if isinstance(peer, tuple) else None,
+            local[0] if isinstance(local, tuple) else None,
+            local[1] if isinstance(local, tuple) else None,
+            _at(opened), pid,
+        )  # fmt: skip
+
     rows = []
     for c in ctx.client_sessions():
         up = c.upstream
-        if up is None or up.transport is None:
-            continue
-        peer = up.transport.get_extra_info("peername")
-        local = up.transport.get_extra_info("sockname")
-        rows.append(
-            (
-                "S",
-                c.info.user,
-                c.info.database,
-                c.state,
-                peer[0] if isinstance(peer, tuple) else str(peer),
-                peer[1] if isinstance(peer, tuple) else None,
-                local[0] if isinstance(local, tuple) else None,
-                local[1] if isinstance(local, tuple) else None,
-                _at(up.opened_at),
-                c.tracker.backend_pid,
-            )
-        )
+        if up is not None and up.transport is not None:
+            rows.append(row(up.transport, c.info.user, c.info.database, c.state, up.opened_at,
+                            c.tracker.backend_pid))  # fmt: skip
     for parked in ctx.idle_servers():  # kept for the next client (server_pool_size)
-        peer = parked.transport.get_extra_info("peername")
-        local = parked.transport.get_extra_info("sockname")
-        rows.append(
-            (
-                "S",
-                parked.user,
-                parked.database,
-                "idle" if parked.ready else "resetting",
-                peer[0] if isinstance(peer, tuple) else str(peer),
-                peer[1] if isinstance(peer, tuple) else None,
-                local[0] if isinstance(local, tuple) else None,
-                local[1] if isinstance(local, tuple) else None,
-                _at(parked.connected_at),
-                parked.backend_pid,
-            )
-        )
+        state = "idle" if parked.ready else "resetting"
+        rows.append(row(parked.transport, parked.user, parked.database, state,
+                        parked.connected_at, parked.backend_pid))  # fmt: skip
     return result_set(
         (
             "type",

@@ -46,6 +46,15 @@ def _logged_lookups(svc: Any, seed: int) -> None:
     svc.flush()
 
 
+def _customer_indexes(svc: Any) -> list[tuple[str]]:
+    """Definitions of the indexes on shop.orders over customer_id."""
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        return c.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'shop' AND tablename = 'orders'"
+            " AND indexdef LIKE '%customer_id%'"
+        ).fetchall()
+
+
 def test_advice_apply_and_reject_through_the_service(make_service: Any) -> None:
     svc = make_service(admin_token=TOKEN, log_parameters=True)
     _logged_lookups(svc, seed=5)
@@ -77,12 +86,7 @@ def test_advice_apply_and_reject_through_the_service(make_service: Any) -> None:
             missing = str(exc)
         assert missing is not None and "999999" in missing
 
-    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
-        indexed = c.execute(
-            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'shop' AND tablename = 'orders'"
-            " AND indexdef LIKE '%customer_id%'"
-        ).fetchall()
-    assert len(indexed) == 1
+    assert len(_customer_indexes(svc)) == 1
 
     history = _api(svc, "GET", "/optimization/history?kind=index")["history"]
     actions = {(h["action"], h["status"]) for h in history}
@@ -121,9 +125,4 @@ def test_automatic_pass_applies_validated_advice_while_traffic_flows(make_servic
     assert result["applied"], result
     assert svc.service.optimiser.last_auto == result
     assert any(started < t < ended for t in answered)  # the relay answered during the pass
-    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
-        indexed = c.execute(
-            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'shop' AND tablename = 'orders'"
-            " AND indexdef LIKE '%customer_id%'"
-        ).fetchall()
-    assert len(indexed) == 1
+    assert len(_customer_indexes(svc)) == 1

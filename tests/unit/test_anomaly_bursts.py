@@ -30,21 +30,22 @@ def _rate_flags(extra: list[Execution], rng: np.random.Generator) -> tuple[set[i
     return burst, planted
 
 
+def _arrivals(rng: np.random.Generator, seconds: float, n: int, label: str) -> list[Execution]:
+    """`n` extra executions of q1 at random times within `seconds`, half a day into day 3."""
+    t0 = T0 + 2.5 * DAY
+    return [Execution(t0 + float(x), "q1", "SELECT", 2.0, 1, False, 100, None, False, label, "app")
+            for x in np.sort(rng.uniform(0, seconds, n))]  # fmt: skip
+
+
 def test_a_pile_up_released_at_once_is_not_a_burst() -> None:
     """Fifteen statements a lock held back reach the server within twenty seconds."""
     rng = np.random.default_rng(5)
-    t0 = T0 + 2.5 * DAY
-    pile = [Execution(t0 + float(x), "q1", "SELECT", 2.0, 1, False, 100, None, False, "p", "app")
-            for x in np.sort(rng.uniform(0, 20, 15))]  # fmt: skip
-    burst, _ = _rate_flags(pile, rng)
+    burst, _ = _rate_flags(_arrivals(rng, 20, 15, "p"), rng)
     assert not burst
 
 
 def test_a_sustained_burst_is_flagged_from_its_start() -> None:
     """Thirty extra arrivals over ten minutes: flagged once sustained, the early ones too."""
     rng = np.random.default_rng(6)
-    t0 = T0 + 2.5 * DAY
-    extra = [Execution(t0 + float(x), "q1", "SELECT", 2.0, 1, False, 100, None, False, "b", "app")
-             for x in np.sort(rng.uniform(0, 600, 30))]  # fmt: skip
-    burst, planted = _rate_flags(extra, rng)
+    burst, planted = _rate_flags(_arrivals(rng, 600, 30, "b"), rng)
     assert len(burst & planted) >= 25 and len(burst - planted) <= 3
