@@ -659,8 +659,11 @@ class ClientConnection(asyncio.Protocol):
             tls_transport = None
         finally:
             self._tls_handshake = False
-        if tls_transport is None:
+        if tls_transport is None or tls_transport.is_closing():
+            # closed under the handshake (the startup sweeper, a shutdown): asyncio then ends
+            # start_tls without an error and never calls our connection_lost, so call it here
             self._close()
+            self.connection_lost(None)
             return
         self.transport = tls_transport  # type: ignore[assignment]
         self.info.tls = True

@@ -404,3 +404,25 @@ def test_plain_socket_close_during_negotiation(proxy):
     wait_until(lambda: not proxy.server.clients, what="all vanished clients to be forgotten")
     assert not proxy.server.admitted
     assert_proxy_serves(proxy)
+
+
+def test_client_closed_by_the_proxy_mid_handshake_is_forgotten(make_proxy, cert_pair):
+    """The startup sweeper (or a shutdown) can close a session while its TLS handshake is
+    under way; asyncio then ends start_tls without an error and never tells the session its
+    connection is lost, so the session must notice by itself."""
+    cert, key = cert_pair
+    p = make_proxy(tls_cert=cert, tls_key=key, startup_timeout=30)
+    with RawClient(p.host, p.port) as c:
+        c.send(SSL_REQUEST)
+        assert c.read_byte() == b"S"
+        wait_until(lambda: any(s._tls_handshake for s in p.server.clients), what="the handshake")
+
+        async def close_all() -> None:
+            for s in list(p.server.clients):
+                s.fatal("08006", "canceling authentication due to timeout")
+
+        p.call(close_all())
+        _, closed = c.read_until_closed()
+        assert closed
+    wait_until(lambda: not p.server.clients, what="the closed client to be forgotten")
+    assert_proxy_serves(p)
