@@ -28,9 +28,12 @@ from ..log import get_logger
 from ..records import SessionInfo
 from ..settings import Settings
 from .collectors import LOG_RATIO_BUCKETS, QUERY_BUCKETS, BatchedHistogram
-from .querylog import QueryLogRecorder
+from .querylog import COLUMNS, QueryLogRecorder
 
 _LEN = struct.Struct("!I")
+_FP, _TEXT, _NORMALIZED, _COMMAND, _STATUS = (
+    COLUMNS.index(c) for c in ("fingerprint", "query_text", "normalized_text", "command", "status")
+)
 TOP_SNAPSHOT = 300  # fingerprints sent back each time (top by total time)
 ENV_SETTINGS = "PGSAGE_LOGWORKER_SETTINGS"
 ENV_CONNECT = "PGSAGE_LOGWORKER_CONNECT"
@@ -135,13 +138,26 @@ class Worker:
             from .anomalies import AnomalyMonitor
 
             self.anomalies = AnomalyMonitor(settings, connect_args, self.metrics)
+        if self.anomalies is not None or self.cost is not None:
             write = self.engine.write
 
             async def write_observed(rows: list[tuple[Any, ...]]) -> None:
-                self.anomalies.observe(rows)  # a cheap hand-over; scoring runs in its own task
+                if self.anomalies is not None:  # a cheap hand-over; scoring has its own task
+                    self.anomalies.observe(rows)
+                if self.cost is not None:
+                    self._observe_cost(rows)
                 await write(rows)
 
             self.engine.write = write_observed  # type: ignore[method-assign]
+
+    def _observe_cost(self, rows: list[tuple[Any, ...]]) -> None:
+        """Successful executions feed the cost server's history features (the rolling median,
+        p90, last and hourly rate of their template, computed as training computes them)."""
+        observe = self.cost.observe
+        for r in rows:
+            if r[_STATUS] == "ok":
+                observe(r[_FP], r[_COMMAND], r[_TEXT], r[_NORMALIZED],
+                        r[0].timestamp(), r[1].timestamp(), r[2])  # fmt: skip
 
     async def _serve_cost(self, settings: Settings) -> None:
         """Keep the active model loaded and fill the prediction cache, in the background."""
