@@ -17,8 +17,14 @@
    counts as the timeout value (``timed_out`` in the row).
 4. The advisor (`models.advisor.advise`, HypoPG what-if) under a ``--budget-mb`` budget
    (``budget_share`` = budget / pg_database_size); each recommendation is applied with
-   `apply_recommendation(validate=False)` (``--validate`` turns the advisor's own replay
-   validation on); ANALYZE.
+   `apply_recommendation(validate=False)`; ANALYZE. ``--validate`` turns the advisor's own
+   replay validation on, as a deployment runs it: each index is built, the affected queries
+   are replayed before and after under ``--validate-timeout`` (a run cut by it counts as the
+   limit, so Q17 and Q20 can be validated), an index that pays but slows a few other queries
+   is kept only if a steering hint set gives each of them its old plan back (the pin), else
+   dropped. pgsage then runs with plan steering on, limited to applying those pins
+   (``steering_min_ms`` out of reach: no exploration), so the after pass runs the pinned
+   queries as a deployment would.
 5. After: the 22 queries again through pgsage. Per query: before, after, speedup; the indexes
    with their real size (pg_relation_size). Before and after each take ``--runs`` passes (the
    first before pass is the workload; later passes skip queries that timed out) and a query's
@@ -65,13 +71,15 @@ from bench.gain import _drop_ours
 from bench.overhead import Upstream, free_port, start_pgsage
 from bench.tpch_queries import NAMES, queries
 from bench.warehouse import connect_kwargs
-from models.advisor import AdvisorConfig, advise, apply_recommendation
+from models.advisor import AdvisorConfig, active_pins, advise, apply_recommendation
+from optimizer.fingerprint import compute_fingerprint
 from optimizer.whatif import quote_ident
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DATABASE = "pgsage_tpch"
 MB = 1024 * 1024
+PIN_RELOAD_S = 2  # pgsage's steering_eval_interval in a --validate run (it reloads pins)
 
 #: load order, rows per unit of scale (lineitem is approximate), and the primary keys
 TABLES: dict[str, tuple[float, tuple[str, ...]]] = {
@@ -385,6 +393,12 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         up = Upstream(args.upstream_host, args.upstream_port, "postgres")
         port, http_port = free_port(), free_port()
         env = {"PGSAGE_LOG_PARAMETERS": "true"}
+        if args.validate:  # pins only: the advisor's, applied by plan steering
+            env |= {
+                "PGSAGE_STEERING_ENABLED": "true",
+                "PGSAGE_STEERING_MIN_MS": "1e12",
+                "PGSAGE_STEERING_EVAL_INTERVAL": str(PIN_RELOAD_S),
+            }
         pgsage = start_pgsage(
             up, workdir, port, http_port, _pgsage_bin(), args.database, None, env, name="pgsage"
         )
@@ -411,7 +425,11 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         config = AdvisorConfig(
             budget_share=share,
             database=args.database,
-            statement_timeout_ms=int(args.timeout * 1000),
+            statement_timeout_ms=int(
+                (args.validate_timeout if args.validate else args.timeout) * 1000
+            ),
+            replay_repeats=args.replay_repeats,
+            max_pins=args.max_pins if args.validate else 0,
         )
 
         def say(stage: str, fraction: float) -> None:
@@ -438,6 +456,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.print(f"  {done['status']}" + (f": {done['reason']}" if done["reason"] else ""))
         await conn.execute("ANALYZE")
         build_s = time.perf_counter() - tb
+        pins = await active_pins(conn)
+        if pins:  # let pgsage's steering load them before the after pass
+            console.print(f"pins: {pins}; waiting for pgsage to load them")
+            await asyncio.sleep(2 * PIN_RELOAD_S + 1)
         indexes = await _index_sizes(conn, applied)
         used = sum(ix["size_bytes"] or 0 for ix in indexes)
 
@@ -489,6 +511,11 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     "build_seconds": build_s,
                 },
                 "indexes": indexes,
+                "validation": [_validation(r) for r in applied] if args.validate else None,
+                "pins": [
+                    {"query": _query_of(fp, texts), "fingerprint": fp, "arm": arm}
+                    for fp, arm in pins.items()
+                ],
                 "storage_used_bytes": used,
                 "database_bytes": db_bytes,
                 "storage_used_share": used / db_bytes if db_bytes else None,
@@ -503,6 +530,26 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     shutil.rmtree(workdir, ignore_errors=True)  # kept (pgsage.log) when the run failed
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _validation(rec: dict[str, Any]) -> dict[str, Any]:
+    """What the advisor's validation decided for one index, and on what evidence."""
+    v = (rec.get("detail") or {}).get("validation") or {}
+    return {
+        "index": rec["index_name"],
+        "status": rec["status"],
+        "reason": rec.get("reason"),
+        "speedup": v.get("speedup"),
+        "p_value": v.get("p_value"),
+        "regressions": v.get("regressions", []),
+        "pins": {fp: pin["arm"] for fp, pin in (v.get("pins") or {}).items()},
+        "timeouts": v.get("timeouts"),
+    }
+
+
+def _query_of(fingerprint: str, texts: dict[int, str]) -> int | None:
+    """The TPC-H query number of a logged fingerprint."""
+    return next((n for n, sql in texts.items() if compute_fingerprint(sql).id == fingerprint), None)
 
 
 def render(result: dict[str, Any]) -> Table:
@@ -600,6 +647,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=2,
         help="passes before and after (the first before pass is the workload); best counts",
+    )
+    parser.add_argument(
+        "--validate-timeout",
+        type=float,
+        default=20.0,
+        help="seconds per replayed run in --validate (a run cut by it counts as the limit)",
+    )
+    parser.add_argument("--replay-repeats", type=int, default=4, help="timed runs per query")
+    parser.add_argument(
+        "--max-pins", type=int, default=3, help="regressed queries an index may pin (--validate)"
     )
     parser.add_argument("--only", type=int, nargs="*", help="run only these query numbers")
     parser.add_argument("--keep", action="store_true", help="leave the advisor's indexes")

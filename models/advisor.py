@@ -74,6 +74,7 @@ KIND = "index"
 WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE", "COPY")
 COSTED = ("SELECT", "UPDATE", "DELETE")
 OPEN_STATUSES = ("proposed", "applied", "validated")
+QUERY_CANCELED = "57014"  # statement_timeout
 
 
 def _no_progress(stage: str, fraction: float) -> None:
@@ -724,15 +725,21 @@ async def measure(
     timeout_ms: int,
     indexes: dict[str, set[str]] | None = None,
     off: Sequence[str] = (),
+    timeouts: dict[str, int] | None = None,
 ) -> dict[str, list[float]]:
     """Execution + planning ms of each SQL `repeats` times (after one warm-up), per key; with
     `indexes`, also the names of the indexes each key's plans scan (filled in place); `off`:
     planner switches turned off for these runs (a steering arm's, from models.steering.ARMS).
 
-    Every run is an EXPLAIN ANALYZE inside a READ ONLY transaction that is rolled back.
+    Every run is an EXPLAIN ANALYZE inside a READ ONLY transaction that is rolled back. A run
+    cancelled by `timeout_ms` counts as `timeout_ms` (a censored time: slower than any run that
+    finished, which is all a rank test needs; a median over it is a lower bound) and is counted
+    in `timeouts` per key (the warm-up's aside); its plan's indexes come from a plain EXPLAIN.
+    A query that always times out is still compared: an index that brings it under the limit
+    is a real speedup.
     """
     out: dict[str, list[float]] = defaultdict(list)
-    for _ in range(repeats + 1):
+    for round_ in range(repeats + 1):
         for key, texts in sqls.items():
             for sql in texts:
                 timed = await _timed(conn, sql, timeout_ms, off)
@@ -740,6 +747,8 @@ async def measure(
                     out[key].append(timed[0])
                     if indexes is not None:
                         indexes.setdefault(key, set()).update(timed[1])
+                    if timed[2] and round_ and timeouts is not None:
+                        timeouts[key] = timeouts.get(key, 0) + 1
     # the first round was the warm-up
     n = {k: sum(1 for _ in v) for k, v in sqls.items()}
     return {k: v[n[k] :] for k, v in out.items() if len(v) > n[k]}
@@ -752,22 +761,36 @@ def _plan_indexes(node: Mapping[str, Any]) -> set[str]:
     return names
 
 
+async def _explain(
+    conn: Any, body: str, timeout_ms: int, off: Sequence[str], analyze: bool
+) -> dict[str, Any]:
+    options = "ANALYZE, TIMING OFF, FORMAT JSON" if analyze else "FORMAT JSON"
+    async with conn.transaction(readonly=True):
+        await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
+        for switch in off:  # names from models.steering.ARMS only
+            await conn.execute(f"SET LOCAL {quote_ident(switch)} = off")
+        out = await conn.fetchval(f"EXPLAIN ({options}) {body}")
+    doc = json.loads(out) if isinstance(out, str) else out
+    return dict(doc[0])
+
+
 async def _timed(
     conn: Any, sql: str, timeout_ms: int, off: Sequence[str] = ()
-) -> tuple[float, set[str]] | None:
+) -> tuple[float, set[str], bool] | None:
+    """(ms, indexes the plan scans, timed out) of one run, or None if it failed otherwise."""
     body = sql.strip().rstrip(";")
     try:
-        async with conn.transaction(readonly=True):
-            await conn.execute(f"SET LOCAL statement_timeout = {int(timeout_ms)}")
-            for switch in off:  # names from models.steering.ARMS only
-                await conn.execute(f"SET LOCAL {quote_ident(switch)} = off")
-            out = await conn.fetchval(f"EXPLAIN (ANALYZE, TIMING OFF, FORMAT JSON) {body}")
-    except Exception:
-        return None
-    doc = json.loads(out) if isinstance(out, str) else out
-    doc = doc[0]
+        doc = await _explain(conn, body, timeout_ms, off, analyze=True)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != QUERY_CANCELED:
+            return None
+        try:
+            plan = await _explain(conn, body, timeout_ms, off, analyze=False)
+        except Exception:
+            plan = {}
+        return float(timeout_ms), _plan_indexes(plan.get("Plan", {})), True
     ms = float(doc.get("Execution Time", 0.0)) + float(doc.get("Planning Time", 0.0))
-    return ms, _plan_indexes(doc.get("Plan", {}))
+    return ms, _plan_indexes(doc.get("Plan", {})), False
 
 
 def compare(
@@ -879,9 +902,12 @@ async def apply_recommendation(
     calls: dict[str, float] = {}
     own: list[str] = []
     before: dict[str, list[float]] = {}
+    timeouts: dict[str, dict[str, int]] = {"before": {}, "after": {}}
     if validate:
         sqls, calls, own = await _replay_set(conn, rec, cfg)
-        before = await measure(wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms)
+        before = await measure(
+            wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms, timeouts=timeouts["before"]
+        )
         progress("measure before", 1.0)
     started = time.monotonic()
     try:
@@ -910,7 +936,9 @@ async def apply_recommendation(
         )
         return await _get(conn, rec_id)
     scanned: dict[str, set[str]] = {}
-    after = await measure(wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms, scanned)
+    after = await measure(
+        wh, sqls, cfg.replay_repeats, cfg.statement_timeout_ms, scanned, timeouts=timeouts["after"]
+    )
     progress("measure after", 1.0)
     affected = {fp for fp, names in scanned.items() if name in names}
     verdict = compare(before, after, calls, own, cfg, affected)
@@ -922,6 +950,8 @@ async def apply_recommendation(
             verdict["keep"] = True
     validation = {k: v for k, v in verdict.items() if k != "keep"}
     validation["samples"] = {k: len(v) for k, v in sqls.items()}
+    if timeouts["before"] or timeouts["after"]:  # times censored at statement_timeout_ms
+        validation["timeouts"] = {**timeouts, "limit_ms": cfg.statement_timeout_ms}
     scans = await _idx_scan(wh, schema, name)
     if verdict["keep"]:
         if pins:
