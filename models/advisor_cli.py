@@ -99,6 +99,12 @@ def advise(
             " set restores each (pinned for proxies with steering on)"
         ),
     ] = 0,
+    statement_timeout_ms: Annotated[
+        int,
+        typer.Option(
+            help="limit of each what-if and replayed run (a replay cut by it counts as the limit)"
+        ),
+    ] = 60_000,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Recommend indexes for the logged workload; with --validate, build and measure them."""
@@ -117,6 +123,7 @@ def advise(
         min_rows=min_rows,
         hypopg=False if no_hypopg else None,
         max_pins=pin_regressions,
+        statement_timeout_ms=statement_timeout_ms,
     )
     console = Console(stderr=True)
 

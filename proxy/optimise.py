@@ -85,6 +85,7 @@ class Optimiser:
         return AdvisorConfig(
             budget_share=s.advisor_budget_share,
             max_pins=s.advisor_max_pins if s.steering_enabled else 0,
+            statement_timeout_ms=s.advisor_statement_timeout_ms,
         )
 
     async def recommendations(self, include_closed: bool = False) -> list[dict[str, Any]]:

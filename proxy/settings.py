@@ -264,6 +264,8 @@ class Settings(BaseSettings):
     #: keep an index that slows at most this many fingerprints when a steering hint set restores
     #: each (the proxy pins it; only with steering_enabled, which applies the pins)
     advisor_max_pins: int = Field(default=3, ge=0)
+    #: limit of each what-if and replayed run; a replay cut by it counts as the limit
+    advisor_statement_timeout_ms: int = Field(default=60_000, ge=100)
 
     # ---- the HTTP admin API (/api/v1) answers only `Authorization: Bearer <admin_token>`;
     # PGSAGE_ADMIN_TOKEN, or PGSAGE_ADMIN_TOKEN_FILE naming a file that holds it
