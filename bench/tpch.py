@@ -587,6 +587,11 @@ def render(result: dict[str, Any]) -> Table:
         f" {result['storage_used_bytes'] / MB:.0f} MB of a"
         f" {result['budget_bytes'] / MB:.0f} MB budget: {ix or 'none'}"
     )
+    reverted = [v for v in result.get("validation") or [] if v["status"] == "reverted"]
+    if reverted:
+        table.caption += "; reverted by validation: " + "; ".join(
+            f"{v['index']} ({v['reason']})" for v in reverted
+        )
     return table
 
 
@@ -602,6 +607,12 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             "timed_out_before": result["timed_out_before"],
             "timed_out_after": result["timed_out_after"],
             "slower_by_10pct": result["slower_by_10pct"],
+            "validate": result.get("validate"),
+            "validation": [
+                {k: v[k] for k in ("index", "status", "reason", "speedup")}
+                for v in result.get("validation") or []
+            ],
+            "pins": result.get("pins"),
             "created_at": result["created_at"],
             "details": "bench/results/tpch.json",
         },
