@@ -17,14 +17,14 @@
    counts as the timeout value (``timed_out`` in the row).
 4. The advisor (`models.advisor.advise`, HypoPG what-if) under a ``--budget-mb`` budget
    (``budget_share`` = budget / pg_database_size); each recommendation is applied with
-   `apply_recommendation(validate=False)`; ANALYZE. ``--validate`` turns the advisor's own
-   replay validation on, as a deployment runs it: each index is built, the affected queries
-   are replayed before and after under ``--validate-timeout`` (a run cut by it counts as the
-   limit, so Q17 and Q20 can be validated), an index that pays but slows a few other queries
-   is kept only if a steering hint set gives each of them its old plan back (the pin), else
-   dropped. pgsage then runs with plan steering on, limited to applying those pins
-   (``steering_min_ms`` out of reach: no exploration), so the after pass runs the pinned
-   queries as a deployment would.
+   `apply_recommendation`, with the advisor's own replay validation as a deployment runs it
+   (``--no-validate``: every index is built and kept); ANALYZE. Validation: each index is
+   built, the affected queries are replayed before and after under ``--validate-timeout`` (a
+   run cut by it counts as the limit, so Q17 and Q20 can be validated), an index that pays but
+   slows a few other queries is kept only if a steering hint set gives each of them its old
+   plan back (the pin), else dropped. pgsage then runs with plan steering on, limited to
+   applying those pins (``steering_min_ms`` out of reach: no exploration), so the after pass
+   runs the pinned queries as a deployment would.
 5. After: the 22 queries again through pgsage. Per query: before, after, speedup; the indexes
    with their real size (pg_relation_size). Before and after each take ``--runs`` passes (the
    first before pass is the workload; later passes skip queries that timed out) and a query's
@@ -651,7 +651,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per query")
     parser.add_argument("--budget-mb", type=float, default=500.0, help="index storage budget")
     parser.add_argument(
-        "--validate", action="store_true", help="the advisor's own replay validation per index"
+        "--validate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the advisor's own replay validation per index (--no-validate: build them all)",
     )
     parser.add_argument(
         "--runs",
