@@ -638,8 +638,9 @@ def run_transfers(
 def profile_pgsage(
     up: Upstream, args: argparse.Namespace, ep: Endpoint, pgsage: Child
 ) -> dict[str, Any] | None:
-    """py-spy's flame graph of `pgsage serve` during `pgbench -S -M simple -c 8`, written beside
-    the results, with the functions that hold the most samples."""
+    """py-spy's flame graph of `pgsage serve` and its query log worker (--subprocesses) during
+    `pgbench -S -M simple -c 8`, written beside the results, with the functions that hold the
+    most samples."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         return {"error": "py-spy not found (pip install py-spy)"}
@@ -650,7 +651,7 @@ def profile_pgsage(
     for path, fmt in ((svg, "flamegraph"), (raw, "raw")):
         outs.append(subprocess.Popen(
             [spy, "record", "-p", str(pgsage.proc.pid), "-o", str(path), "-f", fmt,
-             "-d", str(seconds), "-r", "200", "--nonblocking"],
+             "-d", str(seconds), "-r", "200", "--nonblocking", "--subprocesses"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         ))  # fmt: skip
         if fmt == "flamegraph":
@@ -670,7 +671,8 @@ def profile_pgsage(
         own[leaf] = own.get(leaf, 0) + int(n)
     top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
     return {
-        "command": f"py-spy record -p PID -r 200 -d {seconds} during pgbench -S -M simple -c 8",
+        "command": f"py-spy record -p PID --subprocesses -r 200 -d {seconds}"
+        " during pgbench -S -M simple -c 8",
         "tps": got.tps,
         "flamegraph": str(svg.relative_to(RESULTS_DIR.parent.parent)),
         "samples": total,
