@@ -390,6 +390,14 @@ class Detector:
         aggregate, x100 to one and x3 to the other). When everything is slow at once, that is
         the machine's trouble, not one statement's.
         """
+        return self._complete(ex, st, self._expect(ex, st))
+
+    def _expect(
+        self, ex: Execution, st: _Fp | None
+    ) -> tuple[float, float, float, float, bool, float]:
+        """The cheap part of `_features`: (residual, expected ms, raw log ratio, raw ms beyond
+        the expected, known, log ms) — all the state updates need; the whole vector is needed
+        only for an execution some detector could flag (`process`)."""
         log_ms = math.log(max(ex.duration_ms, 1e-3))
         known = st is not None and st.calls >= self.config.min_calls and len(st.lat) > 0
         if ex.predicted_ms is not None and ex.predicted_ms > 0:
@@ -409,6 +417,13 @@ class Detector:
         else:
             expected_ms = math.exp(expected)
         residual = raw if ex.error else log_ms - math.log(expected_ms)
+        return residual, expected_ms, raw, raw_ms, known, log_ms
+
+    def _complete(
+        self, ex: Execution, st: _Fp | None, expect: tuple[float, float, float, float, bool, float]
+    ) -> tuple[list[float], float, float, float, float]:
+        residual, expected_ms, raw, raw_ms, known, _ = expect
+        ctx = self._context_level.get(_class(ex.command), 0.0)
         spread = st.spread if known and st is not None else 1.0
         log_rows = math.log1p(max(ex.rows or 0, 0))
         log_bytes = math.log1p(max(ex.bytes or 0, 0))
@@ -456,11 +471,18 @@ class Detector:
             if not scored(ex):
                 continue
             st = self.fps.get(ex.fingerprint)
-            feats, residual, expected_ms, raw, raw_ms = self._features(ex, st)
+            expect = self._expect(ex, st)
+            residual, expected_ms, raw, raw_ms = expect[:4]
             warm = st is not None and st.calls > min_calls
             if features_out is not None:
+                feats = self._complete(ex, st, expect)[0]
                 features_out.append(feats)
-            batch.append((i, ex, feats, residual, expected_ms, warm))
+                batch.append((i, ex, feats, residual, expected_ms, warm))
+            elif warm and not ex.error and residual > MIN_SLOW:
+                # only an execution slower than expected can be flagged (`_slow`, and the
+                # cold-start rule's x5): the rest skip the vector (most of the worker's time)
+                feats = self._complete(ex, st, expect)[0]
+                batch.append((i, ex, feats, residual, expected_ms, warm))
             flags.extend(self._workload(i, ex, st))
             if st is None:
                 if len(self.fps) >= MAX_FINGERPRINTS:

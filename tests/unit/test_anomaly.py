@@ -305,3 +305,18 @@ def test_views_name_known_features_only() -> None:
         AnomalyModel(views=(("residual", "nope"),))
     single = AnomalyModel(n_estimators=10, views=(FEATURES,)).fit(synthetic_log(days=1.0)[0])
     assert single.feature_names_ == list(FEATURES) and len(single.forests_) == 1
+
+
+def test_the_online_fast_path_flags_exactly_what_the_full_vectors_do() -> None:
+    """Online (`features_out` None) the detector builds a feature vector only for executions
+    slower than expected; with vectors for every execution (training) the flags are the same."""
+    executions, _ = synthetic_log(seed=3, days=2.0)
+    half = len(executions) // 2
+    model = AnomalyModel().fit(executions[:half])
+    for cold in (False, True):
+        fast = Detector(None if cold else model)
+        full = Detector(None if cold else model)
+        got = fast.process(executions[half:])
+        want = full.process(executions[half:], features_out=[])
+        assert [f for f in got if f.kind == "latency"], "the log plants latency anomalies"
+        assert got == want
