@@ -206,6 +206,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             ("on", {"PGSAGE_STEERING_ENABLED": "true",
                     "PGSAGE_STEERING_MIN_MS": str(args.min_ms),
                     "PGSAGE_STEERING_SEED": str(args.seed),
+                    "PGSAGE_STEERING_EVAL_INTERVAL": str(args.eval_interval),
                     "PGSAGE_REWRITE_ENABLED": str(args.rewrites).lower()}),
         ):  # fmt: skip
             p, h = free_port(), free_port()
@@ -317,7 +318,8 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
         if improved else None,
         "config": {"scale": args.scale, "rounds": args.rounds, "per_template": args.per_template,
                    "min_ms": args.min_ms, "statements_per_round": len(stmts),
-                   "protocol": args.protocol, "rewrites": args.rewrites},
+                   "protocol": args.protocol, "rewrites": args.rewrites,
+                   "eval_interval": args.eval_interval},
         "templates": rows,
     }  # fmt: skip
 
@@ -355,6 +357,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--per-template", type=int, default=3)
     ap.add_argument("--min-ms", type=float, default=20.0)
+    ap.add_argument(
+        "--eval-interval",
+        type=float,
+        default=2.0,
+        help="pgsage's steering_eval_interval: the A/B tests keep pace with a run that packs a"
+        " template's executions into seconds (30 s, the default for live traffic, let a whole"
+        " run see a handful of evaluations)",
+    )
     ap.add_argument(
         "--protocol",
         choices=("extended", "literal"),

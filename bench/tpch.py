@@ -409,7 +409,11 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         await _wait_metadata(conn)
         await _drop_ours(conn)
         await conn.execute("TRUNCATE metadata.query_logs")
-        await conn.execute("DELETE FROM metadata.optimization_history WHERE kind = 'index'")
+        # (and their pins: an earlier run's would steer this run's before pass)
+        await conn.execute(
+            "DELETE FROM metadata.optimization_history WHERE kind = 'index'"
+            " OR (kind = 'steering' AND action = 'pin')"
+        )
         texts = queries(args.scale)
         if args.only:
             texts = {n: texts[n] for n in args.only}
@@ -523,6 +527,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         )
         if not args.keep:
             await _drop_ours(conn)
+            await conn.execute(
+                "UPDATE metadata.optimization_history SET status = 'withdrawn'"
+                " WHERE kind = 'steering' AND action = 'pin' AND status = 'active'"
+            )
     finally:
         if pgsage is not None:
             pgsage.stop()

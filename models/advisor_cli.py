@@ -102,7 +102,8 @@ def advise(
     statement_timeout_ms: Annotated[
         int,
         typer.Option(
-            help="limit of each what-if and replayed run (a replay cut by it counts as the limit)"
+            min=100,
+            help="limit of each what-if and replayed run (a replay cut by it counts as the limit)",
         ),
     ] = 60_000,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,

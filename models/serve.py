@@ -80,9 +80,9 @@ class CostServer:
         self._pending: OrderedDict[Key, tuple[str, str | None, str]] = OrderedDict()
         self._classes: dict[tuple[str, str], str] = {}
         self._static: StaticFeatures | None = None
-        #: observed executions per fingerprint: (started, finished, ms, class), the latest
-        #: HISTORY_WINDOW; start times of the past hour; how many in all
-        self._recent: dict[str, deque[tuple[float, float, float, str]]] = {}
+        #: observed executions per fingerprint: (started, finished, ms, (text, normalized)),
+        #: the latest HISTORY_WINDOW; start times of the past hour; how many in all
+        self._recent: dict[str, deque[tuple[float, float, float, tuple[str | None, str]]]] = {}
         self._starts: dict[str, deque[float]] = {}
         self._count: dict[str, int] = {}
         self.hits = 0
@@ -129,14 +129,16 @@ class CostServer:
         """
         if command not in MODELLED_COMMANDS:
             return
-        lclass = self.key(fingerprint, text, normalized)[1]
+        # the literal class is computed when the history is read (`_observed`): that happens
+        # for the executions a prediction is computed for, not for every logged one
+        texts = (text, normalized)
         recent = self._recent.get(fingerprint)
         if recent is None:
             if len(self._recent) >= self.max_entries:  # the longest-known fingerprint goes
                 self.forget(next(iter(self._recent)))
             recent = self._recent[fingerprint] = deque(maxlen=HISTORY_WINDOW)
             self._starts[fingerprint] = deque(maxlen=MAX_STARTS)
-        recent.append((started, finished, duration_ms, lclass))
+        recent.append((started, finished, duration_ms, texts))
         starts = self._starts[fingerprint]
         starts.append(started)
         while starts[0] < started - _HOUR:
@@ -151,7 +153,9 @@ class CostServer:
             return None
         computed = self._static.computed if self._static is not None else {}
         ns = 1e9
-        _, finished, ms, classes = (np.asarray(c) for c in zip(*recent, strict=True))
+        _, finished_, ms_, texts = zip(*recent, strict=True)
+        finished, ms = np.asarray(finished_), np.asarray(ms_)
+        classes = [self.key(key[0], t, n)[1] for t, n in texts]
         costs = [computed.get((key[0], c), {}).get("plan_total_cost", math.nan) for c in classes]
         starts = np.asarray(self._starts[key[0]], dtype=float)
         out = history_features(

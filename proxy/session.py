@@ -661,7 +661,8 @@ class ClientConnection(asyncio.Protocol):
             self._tls_handshake = False
         if tls_transport is None or tls_transport.is_closing():
             # closed under the handshake (the startup sweeper, a shutdown): asyncio then ends
-            # start_tls without an error and never calls our connection_lost, so call it here
+            # start_tls without an error (returning None or a closed transport) and never calls
+            # our connection_lost, so call it here
             self._close()
             self.connection_lost(None)
             return
