@@ -29,7 +29,7 @@ from psycopg import errors as pg_errors
 
 from proxy.upstream import Upstream
 from tests.fix_pgcluster import RawClient, errors_in, query_message, startup_packet, wait_until
-from tests.fix_proxy import PG_HOST, PG_PORT, direct_dsn
+from tests.fix_proxy import PG_HOST, PG_PORT, create_database, direct_dsn, drop_database
 
 PGSAGE = Path(sys.executable).with_name("pgsage")
 
@@ -416,7 +416,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def serve(tmp_path) -> Iterator[Callable[..., Served]]:
+    """`pgsage serve` as a process; its query log goes to a database of the test's own (the
+    default, `warehouse`, would be created on the shared server and left there) and its HTTP
+    port is a free one."""
     procs: list[subprocess.Popen[bytes]] = []
+    warehouse = create_database("pgsage_lifecycle")
 
     def start(shutdown_timeout: float = 10) -> Served:
         port = free_port()
@@ -430,11 +434,16 @@ def serve(tmp_path) -> Iterator[Callable[..., Served]]:
                     f"127.0.0.1:{port}",
                     "--upstream",
                     f"{PG_HOST}:{PG_PORT}",
+                    "--http",
+                    f"127.0.0.1:{free_port()}",
                     "--log-format",
                     "json",
                 ],
                 cwd=tmp_path,
-                env=clean_env(PGSAGE_SHUTDOWN_TIMEOUT=str(shutdown_timeout)),
+                env=clean_env(
+                    PGSAGE_SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+                    PGSAGE_WAREHOUSE_DATABASE=warehouse,
+                ),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -450,11 +459,14 @@ def serve(tmp_path) -> Iterator[Callable[..., Served]]:
         wait_until(listening, 30, "pgsage serve to listen")
         return served
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        drop_database(warehouse)
 
 
 def refuses_connections(port: int) -> bool:
