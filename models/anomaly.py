@@ -394,10 +394,10 @@ class Detector:
 
     def _expect(
         self, ex: Execution, st: _Fp | None
-    ) -> tuple[float, float, float, float, bool, float]:
+    ) -> tuple[float, float, float, float, bool, float, float]:
         """The cheap part of `_features`: (residual, expected ms, raw log ratio, raw ms beyond
-        the expected, known, log ms) — all the state updates need; the whole vector is needed
-        only for an execution some detector could flag (`process`)."""
+        the expected, known, log ms, the system's level) — all the state updates need; the
+        whole vector is needed only for an execution some detector could flag (`process`)."""
         log_ms = math.log(max(ex.duration_ms, 1e-3))
         known = st is not None and st.calls >= self.config.min_calls and len(st.lat) > 0
         if ex.predicted_ms is not None and ex.predicted_ms > 0:
@@ -417,13 +417,15 @@ class Detector:
         else:
             expected_ms = math.exp(expected)
         residual = raw if ex.error else log_ms - math.log(expected_ms)
-        return residual, expected_ms, raw, raw_ms, known, log_ms
+        return residual, expected_ms, raw, raw_ms, known, log_ms, ctx
 
     def _complete(
-        self, ex: Execution, st: _Fp | None, expect: tuple[float, float, float, float, bool, float]
+        self,
+        ex: Execution,
+        st: _Fp | None,
+        expect: tuple[float, float, float, float, bool, float, float],
     ) -> tuple[list[float], float, float, float, float]:
-        residual, expected_ms, raw, raw_ms, known, _ = expect
-        ctx = self._context_level.get(_class(ex.command), 0.0)
+        residual, expected_ms, raw, raw_ms, known, _, ctx = expect
         spread = st.spread if known and st is not None else 1.0
         log_rows = math.log1p(max(ex.rows or 0, 0))
         log_bytes = math.log1p(max(ex.bytes or 0, 0))
@@ -472,7 +474,7 @@ class Detector:
                 continue
             st = self.fps.get(ex.fingerprint)
             expect = self._expect(ex, st)
-            residual, expected_ms, raw, raw_ms = expect[:4]
+            residual, expected_ms, raw, raw_ms, _, log_ms, _ = expect
             warm = st is not None and st.calls > min_calls
             if features_out is not None:
                 feats = self._complete(ex, st, expect)[0]
@@ -493,7 +495,6 @@ class Detector:
             if ex.error:
                 st.errors += 1
                 continue
-            log_ms = math.log(max(ex.duration_ms, 1e-3))
             st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
             st.recent.append(residual)
             if warm:

@@ -169,7 +169,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         """Track the client's frames and forward the chunk as received (or `wire` instead: the
         same request with another text; the tracker still sees what the client sent)."""
-        pool_it = data == TERMINATE and self.pool_key is not None and self.scanner.at_boundary
+        pool_it = self.pool_key is not None and data == TERMINATE and self.scanner.at_boundary
         if pool_it and self._park(up):  # the server connection waits for the next client
             self.rx += len(data)
             self._close()
