@@ -1,15 +1,21 @@
 """Accuracy of the cost model against its baselines, on a logged workload.
 
+    python -m bench.accuracy --workload 300     # the simulated users' workload (issue targets)
     python -m bench.accuracy --dsn postgresql://postgres@127.0.0.1:5432/warehouse
     # generate a workload through a running pgsage first (serve with log_parameters = true):
     python -m bench.accuracy --dsn ...:5432/warehouse \
         --traffic-dsn postgresql://postgres@127.0.0.1:6432/warehouse --statements 3000
 
-Reads `metadata.query_logs` at --dsn, builds the features, fits the cost model (bounded random
-search, time split 70/15/15), and scores it beside the baselines (per-template median, EXPLAIN
-total cost fitted per template and globally, log-log) on the same test rows, then on held-out
-templates. Prints JSON (and writes it with --out), a table and the issue's targets (`checks`).
-Nothing is registered.
+--workload SECONDS creates a fresh warehouse database (--database, dropped first;
+--warehouse-scale), starts `pgsage serve` in front of it with `log_parameters` on, drives the
+workload simulator through it for SECONDS real seconds (--qps, --speed, --workload-seed; no
+injected anomalies: the model predicts ordinary latency), stops pgsage and scores that log.
+
+Reads `metadata.query_logs` at --dsn (or the --workload run's database), builds the features,
+fits the cost model (bounded random search, time split 70/15/15), and scores it beside the
+baselines (per-template median, EXPLAIN total cost fitted per template and globally, log-log) on
+the same test rows, then on held-out templates. Prints JSON (and writes it with --out), a table
+and the issue's targets (`checks`). Nothing is registered.
 
 History and load features are online: a test row sees the latencies of executions that finished
 before it started, test rows included, as the proxy does when it serves. Two stricter scores go
@@ -56,8 +62,24 @@ async def _traffic(dsn: str, statements: int, scale: float, seed: int) -> float:
         await conn.close()
 
 
-async def measure(args: argparse.Namespace) -> dict[str, Any]:
+def simulate_workload(args: argparse.Namespace) -> dict[str, Any]:
+    """The workload simulator's users through a pgsage of the bench's own (see the module doc)."""
+    from bench.accuracy_anomaly import simulate
+
+    run = argparse.Namespace(
+        user=args.user, upstream=args.upstream, database=args.database,
+        scale=args.warehouse_scale, seed=args.workload_seed, speed=args.speed,
+        duration=args.workload, qps=args.qps,
+    )  # fmt: skip
+    return simulate(run, anomalies=False, env_extra={"PGSAGE_LOG_PARAMETERS": "true"})
+
+
+async def measure(
+    args: argparse.Namespace, workload: dict[str, Any] | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {"bench": "accuracy", "libraries": library_versions()}
+    if workload is not None:
+        out["workload"] = workload
     if args.traffic_dsn:
         out["traffic_seconds"] = await _traffic(
             args.traffic_dsn, args.statements, args.scale, args.seed
@@ -192,7 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n")[0],
         epilog="--anomaly and --forecast run the anomaly and forecast benchmarks instead.",
     )
-    parser.add_argument("--dsn", required=True, help="database holding metadata.query_logs")
+    parser.add_argument("--dsn", help="database holding metadata.query_logs")
+    parser.add_argument("--workload", type=float, default=0.0, metavar="SECONDS",
+                        help="first run the workload simulator for SECONDS real seconds through "
+                             "a pgsage of the bench's own, and score its log")  # fmt: skip
+    parser.add_argument("--upstream", default="127.0.0.1:5432", help="PostgreSQL host:port "
+                        "(--workload)")  # fmt: skip
+    parser.add_argument("--user", default="postgres")
+    parser.add_argument(
+        "--database",
+        default="pgsage_cost_bench",
+        help="the --workload run's warehouse (dropped and created)",
+    )
+    parser.add_argument("--warehouse-scale", type=float, default=1.0)
+    parser.add_argument("--qps", type=float, default=80.0)
+    parser.add_argument("--speed", type=float, default=2000.0, help="simulated s per real s")
+    parser.add_argument("--workload-seed", type=int, default=7)
     parser.add_argument("--traffic-dsn", help="send a generated workload through this pgsage")
     parser.add_argument("--statements", type=int, default=3000)
     parser.add_argument("--scale", type=float, default=0.25)
@@ -203,7 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = asyncio.run(measure(args))
+    if not args.dsn and not args.workload:
+        parser.error("give --dsn (a logged workload) or --workload SECONDS")
+    if args.workload and (args.dsn or args.traffic_dsn):
+        parser.error("--workload scores its own run: leave out --dsn and --traffic-dsn")
+    workload = None
+    if args.workload:  # (the simulation runs event loops of its own)
+        workload = simulate_workload(args)
+        args.dsn = f"postgresql://{args.user}@{args.upstream}/{args.database}"
+    result = asyncio.run(measure(args, workload))
     text = to_json(result)
     print(text)
     if args.out:

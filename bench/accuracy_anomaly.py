@@ -76,8 +76,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def simulate(args: argparse.Namespace) -> dict[str, Any]:
-    """Warehouse, pgsage serve, a simulated run with labelled anomalies; returns run facts."""
+def simulate(
+    args: argparse.Namespace, anomalies: bool = True, env_extra: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Warehouse, pgsage serve, a simulated run (with labelled anomalies unless `anomalies` is
+    False; `env_extra`: more of pgsage's settings); returns run facts."""
     from rich.console import Console
 
     from bench.warehouse import drop_database_async, init_warehouse
@@ -103,6 +106,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "PGSAGE_RETRAIN_INTERVAL": "0",
         "PGSAGE_RETRAIN_QERROR_THRESHOLD": "0",
         "PGSAGE_MODEL_DIR": tempfile.mkdtemp(prefix="pgsage-anomaly-bench-"),
+        **(env_extra or {}),
     }
     log = open(Path(tempfile.gettempdir()) / "pgsage-anomaly-bench.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve"], env=env,
@@ -110,7 +114,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     try:
         _wait_ready(f"http://127.0.0.1:{http}/readyz", proc)
         plan = PlanConfig(seed=args.seed, start=datetime(2026, 1, 26, tzinfo=UTC),
-                          speed=args.speed, duration=args.duration, qps=args.qps)  # fmt: skip
+                          speed=args.speed, duration=args.duration, qps=args.qps,
+                          anomalies=anomalies)  # fmt: skip
         result = run_workload(
             RunConfig(dsn=f"postgresql://{args.user}@127.0.0.1:{listen}/{args.database}",
                       plan=plan, progress=False),
@@ -128,6 +133,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "executed": result.executed,
         "errors": result.errors,
         "anomalies": len(result.schedule),
+        "database": args.database,
         "real_seconds": round(result.elapsed, 1),
         "simulated": f"{result.sim_start:%Y-%m-%d %H:%M} .. {result.sim_end:%Y-%m-%d %H:%M}",
         "speed": args.speed,
