@@ -117,6 +117,8 @@ VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to 
 #: slower than expected means by 30% at least: in a level shift each execution is slow itself,
 #: not just the fingerprint's recent ones (an ordinary run right after slow ones is no trouble)
 MIN_SLOW = math.log(1.3)
+#: slower than expected by this much three times in a row: kept out of the baseline (`_Fp.held`)
+HOLD = math.log(2.0)
 LATE_QUANTILE = 0.999
 #: the calibration's loosest threshold per view: its top 5% of ordinary training executions
 #: (and only those slower than expected again, or by far: `_slow`, about a sixth of them)
@@ -180,8 +182,8 @@ def scored(ex: Execution) -> bool:
 class _Fp:
     """A fingerprint's running baseline: recent log latency, rows and bytes."""
 
-    __slots__ = ("bytes", "bytes_med", "calls", "errors", "lat", "med", "recent", "rows",
-                 "rows_med", "spread", "stale")  # fmt: skip
+    __slots__ = ("bytes", "bytes_med", "calls", "errors", "held", "lat", "med", "recent",
+                 "rows", "rows_med", "spread", "stale")  # fmt: skip
 
     def __init__(self, window: int) -> None:
         self.calls = 0
@@ -196,6 +198,9 @@ class _Fp:
         #: the net residuals of the last successful executions, oldest first
         self.recent: deque[float] = deque(maxlen=RUN - 1)
         self.stale = 0
+        #: executions of the current slowdown kept out of the baseline (`HOLD`); at the cap
+        #: (`DetectorConfig.hold`) the slowdown enters, until an execution is not slow again
+        self.held = 0
 
     def refresh(self) -> None:
         if not self.lat:
@@ -250,6 +255,9 @@ class DetectorConfig:
     unseen_calls: int = 5
     unseen_quantile: float = 0.95
     min_calls: int = 5  # a fingerprint's latency is judged after this many executions
+    #: a lasting slowdown stays out of the baseline for up to this many executions in a row
+    #: (0: every execution enters it)
+    hold: int = 64
     #: executions seen before "never seen" and arrival rates mean anything (cold start)
     warmup: int = 200
 
@@ -460,9 +468,14 @@ class Detector:
     # ---------------------------------------------------------------- processing
 
     def process(
-        self, executions: Iterable[Execution], features_out: list[list[float]] | None = None
+        self,
+        executions: Iterable[Execution],
+        features_out: list[list[float]] | None = None,
+        held_out: list[bool] | None = None,
     ) -> list[Flag]:
-        """Score executions (in time order), update the state; the flags raised by them."""
+        """Score executions (in time order), update the state; the flags raised by them.
+        `features_out` gets each scored execution's `FEATURES`, `held_out` (beside it) whether
+        it was kept out of its template's baseline as part of a lasting slowdown."""
         flags: list[Flag] = []
         model = self.model
         batch: list[tuple[int, Execution, list[float], float, float, bool]] = []
@@ -479,6 +492,8 @@ class Detector:
             if features_out is not None:
                 feats = self._complete(ex, st, expect)[0]
                 features_out.append(feats)
+                if held_out is not None:
+                    held_out.append(False)
                 batch.append((i, ex, feats, residual, expected_ms, warm))
             elif warm and not ex.error and residual > MIN_SLOW:
                 # only an execution slower than expected can be flagged (`_slow`, and the
@@ -495,8 +510,27 @@ class Detector:
             if ex.error:
                 st.errors += 1
                 continue
-            st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
-            st.recent.append(residual)
+            recent = st.recent
+            if (
+                warm
+                and residual > HOLD
+                and len(recent) >= 2
+                and recent[-1] > HOLD
+                and recent[-2] > HOLD
+                and st.held < self.config.hold
+            ):
+                # the third execution in a row this much slower than expected: a plan gone bad
+                # or data drifting, not noise. Its latency stays out of the baseline, or the
+                # running median would follow it and the slowdown would soon look ordinary
+                # (after `hold` of them it is let in: slower for good stops being news)
+                st.held += 1
+                if held_out is not None:
+                    held_out[-1] = True
+            else:
+                if residual <= HOLD:
+                    st.held = 0  # over (or the new normal): the next slowdown may be held
+                st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
+            recent.append(residual)
             if warm:
                 cls = _class(ex.command)
                 ratios = self._context.setdefault(cls, deque(maxlen=CONTEXT))
@@ -734,9 +768,17 @@ class AnomalyModel:
         self.columns_ = [[FEATURES.index(f) for f in view] for view in self.views]
         replay = self._replay()
         feats: list[list[float]] = []
-        replay.process(rows, feats)
+        held: list[bool] = []
+        replay.process(rows, feats, held)
         X = np.asarray(feats, float)
         judged = _warm_mask(rows, self.config.min_calls) & ~np.array([e.error for e in rows])
+        # the reference of ordinary leaves out the known anomalies; without labels, the lasting
+        # slowdowns the detector held out of their template's baseline stand in for them (a
+        # plan regression in the history would otherwise teach the forests that running x10
+        # slower for hours is ordinary). With labels, the labels alone decide (on the
+        # simulator's runs, leaving the held executions in the reference then scored better)
+        if anomalous is None:
+            known |= np.asarray(held, bool)
         if (judged & ~known).any():
             judged &= ~known
         if not judged.any():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from models.anomaly import (
     FEATURES,
     AnomalyModel,
     Detector,
+    DetectorConfig,
     Execution,
     Flag,
     IncidentTracker,
@@ -320,3 +322,73 @@ def test_the_online_fast_path_flags_exactly_what_the_full_vectors_do() -> None:
         want = full.process(executions[half:], features_out=[])
         assert [f for f in got if f.kind == "latency"], "the log plants latency anomalies"
         assert got == want
+
+
+def _drifting(
+    log: list[Execution], fp: str, start: float, hours: float, top: float
+) -> list[Execution]:
+    """`fp` grows from 1x to `top`x over `hours` from `start`, then is back to normal;
+    executions at 3x or more are labelled (as the simulator's drift labels them)."""
+    out = []
+    for e in log:
+        if e.fingerprint == fp and start <= e.ts < start + hours * 3600:
+            factor = 1.0 + (top - 1.0) * (e.ts - start) / (hours * 3600)
+            e = e._replace(duration_ms=e.duration_ms * factor,
+                           label="drift" if factor >= 3.0 else None)  # fmt: skip
+        out.append(e)
+    return out
+
+
+def test_a_drift_is_kept_out_of_the_baseline_and_flagged() -> None:
+    """A template slowing down gradually: with its lasting slowdown held out of the running
+    median (`DetectorConfig.hold`), the executions well into the drift stay slow against the
+    baseline and are flagged; with every execution entering it (hold=0) the median follows."""
+    log, _ = _steady_log(days=4.0)
+    cut = len(log) // 2
+    start = log[cut].ts + 3600
+    hours = 36.0
+    drifted = _drifting(log, "s3", start, hours=hours, top=12.0)
+    test = drifted[cut:]
+    labelled = {k for k, e in enumerate(test) if e.label == "drift"}
+    assert len(labelled) >= 100
+    recall = {}
+    for hold in (0, 64):
+        config = replace(DetectorConfig(), hold=hold)
+        model = AnomalyModel(random_state=0, config=config).fit(drifted[:cut])
+        flags = [f for f in model.detector().process(test) if f.kind == "latency"]
+        recall[hold] = len({f.seq for f in flags} & labelled) / len(labelled)
+        # (the drift's first executions, under 3x, are slow too: only flags elsewhere are false)
+        outside = [f for f in flags if not start <= f.ts < start + hours * 3600]
+        assert len(outside) <= 6, (hold, outside)
+    assert recall[64] >= 0.9, recall
+    assert recall[0] < 0.5, recall  # the running median followed the drift
+
+
+def test_a_lasting_shift_becomes_the_new_normal_after_hold_executions() -> None:
+    """A slowdown's executions are held out of the baseline from the third in a row on; after
+    `hold` of them the slower level enters (a plan slower for good stops being news) until an
+    execution is ordinary again. A lone spike is never held."""
+    hold = 16
+    det = Detector(None, DetectorConfig(hold=hold))
+    t = iter(range(10_000))
+
+    def run(ms: float, n: int) -> None:
+        """`n` executions of "fp" at `ms`, each between two of other templates at their usual
+        time (alone, its slowdown would be the system's level: see `_expect`)."""
+        batch = []
+        for _ in range(n):
+            for fp, each in (("a", 2.0), ("fp", ms), ("b", 3.0)):
+                batch.append(Execution(T0 + next(t), fp, "SELECT", each, 1, False, 100))
+        det.process(batch)
+
+    run(1.0, 80)
+    run(9.0, 1)  # one spike
+    st = det.fps["fp"]
+    assert st.held == 0 and 9.0 in [round(math.exp(x), 6) for x in st.lat]  # the spike went in
+    run(6.0, 2 + hold)
+    assert st.held == hold  # the first two went in, the rest were held
+    assert math.exp(st.med) == pytest.approx(1.0, rel=0.05)
+    run(6.0, det.config.history)
+    assert math.exp(st.med) == pytest.approx(6.0, rel=0.05)  # the new normal
+    run(6.0, 5)
+    assert st.held == 0  # ordinary again: the next slowdown would be held
