@@ -323,14 +323,17 @@ class _Count:
 
 class _Run:
     """A fingerprint's latest arrivals at burst pace: when the run began, the last arrival,
-    the pace it was judged by, and its members not flagged yet (bounded)."""
+    the pace it was judged by, and its members not flagged yet (bounded); how many arrived in
+    it and how long the fingerprint had been silent before it."""
 
-    __slots__ = ("last", "members", "pace", "start")
+    __slots__ = ("count", "last", "members", "pace", "silence", "start")
 
     def __init__(self, now: float) -> None:
         self.start = self.last = now
         self.pace = math.inf  # unknown until the fingerprint's expectation is
         self.members: deque[tuple[float, int, str | None]] = deque(maxlen=RUN_MEMBERS)
+        self.count = 0
+        self.silence = 0.0
 
 
 #: arrivals of one burst remembered to be flagged together (a longer run flags its latest)
@@ -598,14 +601,19 @@ class Detector:
         if gap >= run.pace or (run.members and run.members[0][0] < now - c.rate_window_s):
             run.start = now  # an arrival at the ordinary pace: a new run begins with it
             run.members.clear()
+            run.count, run.silence = 0, gap
         run.last = now
+        run.count += 1
         run.members.append((now, i, ex.label))
         warm = self.total_seen >= c.warmup
         cluster = self.cluster_of.get(ex.fingerprint)
         if cluster is not None and cluster in self.intervals and not ex.error:
             out.extend(self._cluster_rate(i, ex, cluster))
         elif warm and count >= c.rate_min_count and not ex.error:  # (failures: the error rule)
-            upper = self._rate_upper(ex.fingerprint, now, total - count)
+            mu = self._rate_mu(ex.fingerprint, now, total - count)
+            upper = (
+                None if mu is None else max(_poisson_upper(mu, c.rate_alpha), c.rate_factor * mu)
+            )
             if upper is not None:
                 run.pace = c.rate_window_s / max(upper, 1.0)
             # ... and this arrival came at burst pace (not an ordinary one after a burst)
@@ -617,6 +625,7 @@ class Detector:
                 and count > upper
                 and paced
                 and (now - run.start >= c.burst_min_span_s)
+                and not self._repaying(run, mu, now)
             ):
                 score = min(0.6 + 0.1 * math.log2(count / max(upper, 1.0)), 1.0)
                 for ts, j, label in run.members:
@@ -681,9 +690,25 @@ class Detector:
         self._iv_starts = {k: [iv.start for iv in v] for k, v in self.intervals.items()}
         self.cluster_of = cluster_of
 
-    def _rate_upper(self, fp: str, now: float, others: int) -> float | None:
-        """Upper bound of `fp`'s arrivals in the trailing window: its share of the traffic times
-        the rest of the traffic in the window, or, when the window is quieter than the training
+    def _repaying(self, run: _Run, mu: float | None, now: float) -> bool:
+        """The run follows a silence too long for the fingerprint's rate to be chance (its
+        arrivals held back: a lock, a stalled client) and brings no more arrivals than the
+        silence and the run together should have: a release repaying the deficit, not a
+        burst. (A lock on a table its lookups read empties the template for an hour, then the
+        queued users' statements arrive within minutes.)"""
+        c = self.config
+        if mu is None or mu <= 0.0:
+            return False
+        rate = mu / c.rate_window_s
+        if rate * run.silence < -math.log(c.rate_alpha):  # P(silence) >= alpha: ordinary
+            return False
+        owed = rate * (now - run.start + run.silence)
+        return run.count <= _poisson_upper(owed, c.rate_alpha)
+
+    def _rate_mu(self, fp: str, now: float, others: int) -> float | None:
+        """Expected arrivals of `fp` in the trailing window (the burst rule's bound is a Poisson
+        quantile of it, at least `rate_factor` times it): its share of the traffic times the
+        rest of the traffic in the window, or, when the window is quieter than the training
         history's at this hour of the day (a burst at night has no one else to scale by), the
         rest of the traffic that history expects."""
         c = self.config
@@ -697,8 +722,7 @@ class Detector:
                 return None  # nothing to compare with yet
             share = max(st.calls / self.total_seen, 1.0 / self.total_seen)
         share = min(share, 0.5)
-        mu = share * max(others, usual * (1.0 - share)) / (1.0 - share)
-        return max(_poisson_upper(mu, c.rate_alpha), c.rate_factor * mu)
+        return share * max(others, usual * (1.0 - share)) / (1.0 - share)
 
 
 # ------------------------------------------------------------------------------ the estimator

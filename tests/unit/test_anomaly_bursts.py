@@ -49,3 +49,30 @@ def test_a_sustained_burst_is_flagged_from_its_start() -> None:
     rng = np.random.default_rng(6)
     burst, planted = _rate_flags(_arrivals(rng, 600, 30, "b"), rng)
     assert len(burst & planted) >= 25 and len(burst - planted) <= 3
+
+
+def _after_silence(rng: np.random.Generator, extra: list[Execution]) -> tuple[set[int], set[int]]:
+    """Day 3's q1 falls silent for the two hours before `extra` arrive (held back: a lock)."""
+    t0 = T0 + 2.5 * DAY
+    out = [e for e in _traffic(rng, 3) if not (e.fingerprint == "q1" and t0 - 7200 <= e.ts < t0)]
+    out = sorted(out + extra, key=lambda e: e.ts)
+    cut = next(k for k, e in enumerate(out) if e.ts >= T0 + 2 * DAY)
+    model = AnomalyModel(n_estimators=20, random_state=0).fit(out[:cut])
+    flags = model.detector().process(out[cut:])
+    return ({f.seq for f in flags if f.kind == "rate_burst"},
+            {k for k, e in enumerate(out[cut:]) if e.label == "b"})  # fmt: skip
+
+
+def test_a_release_after_a_long_silence_repays_the_deficit_and_is_not_a_burst() -> None:
+    """Two hours without q1 (about twelve arrivals held back), then twelve over three minutes:
+    as many as the silence owed. Judged on the trailing window alone (more than five where one
+    is expected, sustained past `burst_min_span_s`) it would be a burst."""
+    rng = np.random.default_rng(7)
+    burst, _ = _after_silence(rng, _arrivals(rng, 180, 12, "p"))
+    assert not burst
+
+
+def test_a_burst_after_a_long_silence_beyond_the_deficit_is_flagged() -> None:
+    rng = np.random.default_rng(8)
+    burst, planted = _after_silence(rng, _arrivals(rng, 600, 45, "b"))
+    assert len(burst & planted) >= 35 and len(burst - planted) <= 3, (len(burst), len(planted))
