@@ -252,17 +252,18 @@ async def _steering_status(port: int, stmts: list[tuple[str, str, tuple]]) -> di
          "postgres", "-d", "pgsage", "-c", "SHOW STEERING LIMIT 10000"],
         capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
-    by_text = {}
+    from optimizer.fingerprint import compute_fingerprint
+
+    by_fp = {}
     for line in out.splitlines():
         parts = line.split("\t")
         if len(parts) == 6:
-            by_text[parts[5]] = parts[1]
-    decided = {}
-    for name, sql, _ in stmts:
-        for text, status in by_text.items():
-            if sql.startswith(text[:100]):
-                decided[name] = status
-    return decided
+            by_fp[parts[0]] = parts[1]
+    # by fingerprint: the same for the $n text and for the text with literals bound on the
+    # client (whose normalised form has a $n for every literal, a LIMIT's count included)
+    return {
+        name: by_fp[fp] for name, sql, _ in stmts if (fp := compute_fingerprint(sql).id) in by_fp
+    }
 
 
 def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[float]]],

@@ -6,6 +6,7 @@ seen, its own settings survive, and the A/B test against the holdout keeps the a
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Iterator
@@ -132,3 +133,9 @@ def test_ab_decision_goes_to_the_optimisation_history(make_service: Any, misled_
     with psycopg.connect(svc.dsn("pgsage"), autocommit=True) as admin:
         shown = admin.execute("SHOW STEERING").fetchall()
     assert shown[0][1] == "validated"
+    # bench.gain_steering finds the status of its $n template whatever literals were sent
+    # (SHOW STEERING's text has a ? for each, the LIMIT's count included): by fingerprint
+    from bench.gain_steering import _steering_status
+
+    template = "SELECT id, pad FROM t4 WHERE cat = $1 ORDER BY id LIMIT 20"
+    assert asyncio.run(_steering_status(svc.port, [("q", template, (7,))])) == {"q": "validated"}
