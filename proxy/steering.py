@@ -220,8 +220,10 @@ class SteeringController:
 
     # ---------------------------------------------------------------- SHOW STEERING
 
-    def rows(self, limit: int = 50) -> list[tuple[Any, ...]]:
-        out = []
+    def rows(self, limit: int | None = None) -> list[tuple[Any, ...]]:
+        """SHOW STEERING: every template steering has seen enough of (or pinned), the most
+        executed first."""
+        out: list[tuple[int, tuple[Any, ...]]] = []
         for key, st in self.states.items():
             stock = st.arms[STOCK]
             if stock.n < self.policy.min_pulls and st.fingerprint not in self.pins:
@@ -234,12 +236,12 @@ class SteeringController:
                 else "exploring" if st.decisions else "watching"
             )  # fmt: skip
             arms = ", ".join(f"{a}={_ms(v.mean):.1f}ms/{v.n}" for a, v in st.arms.items() if v.n)
-            out.append(
-                (st.fingerprint, status, arms, ", ".join(sorted(st.retired)),
-                 len(st.holdout), key[:120])
-            )  # fmt: skip
-        out.sort(key=lambda r: -sum(1 for _ in r))
-        return out[:limit]
+            row = (st.fingerprint, status, arms, ", ".join(sorted(st.retired)),
+                   len(st.holdout), key[:120])  # fmt: skip
+            out.append((sum(v.n for v in st.arms.values()) + len(st.holdout), row))
+        out.sort(key=lambda r: -r[0])
+        rows = [row for _, row in out]
+        return rows if limit is None else rows[:limit]
 
 
 def _ms(log_ms: float) -> float:

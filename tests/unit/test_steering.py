@@ -190,3 +190,21 @@ def test_convergence_starts_the_trial_afresh() -> None:
     events = [policy.update(st, "no_nestloop", 20.0, rng) for _ in range(6)]
     assert "converged:no_nestloop" in events
     assert st.holdout == [] and len(st.samples["no_nestloop"]) < 6
+
+
+def test_show_steering_lists_every_template_the_most_executed_first() -> None:
+    """SHOW STEERING had a cap of 50 rows in an order that meant nothing: past 50 templates,
+    some (a steered trap in the steering bench) never showed up, whatever LIMIT was asked."""
+    from proxy.settings import Settings
+    from proxy.steering import SteeringController
+
+    ctl = SteeringController(Settings(steering_enabled=True))
+    for t in range(70):
+        sql = f"SELECT c{t} FROM shop.events WHERE id = 1"
+        for _ in range(3 + t % 7):  # unsteered SELECTs feed the template's stock statistics
+            ctl.observe(sql, None, 30.0)
+    rows = ctl.rows()
+    assert len(rows) == 70
+    pulls = [int(r[2].split("/")[-1]) for r in rows]  # "stock=30.0ms/N"
+    assert pulls == sorted(pulls, reverse=True) and pulls[0] == 9 and pulls[-1] == 3
+    assert len(ctl.rows(limit=10)) == 10
