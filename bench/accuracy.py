@@ -37,6 +37,7 @@ import asyncpg
 import numpy as np
 
 from bench.costload import create_tables, run_traffic
+from bench.machine import load_average, warn_if_busy
 from models.cost import CostModel, regression_metrics, to_json
 from models.dataset import Dataset, add_history, build_dataset, time_split
 from models.train import TrainConfig, fit_cost_model, library_versions
@@ -245,10 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload and (args.dsn or args.traffic_dsn):
         parser.error("--workload scores its own run: leave out --dsn and --traffic-dsn")
     workload = None
+    measuring = bool(args.workload or args.traffic_dsn)  # (latencies are taken now)
+    load_start = warn_if_busy("the latencies the model learns from") if measuring else None
     if args.workload:  # (the simulation runs event loops of its own)
         workload = simulate_workload(args)
         args.dsn = f"postgresql://{args.user}@{args.upstream}/{args.database}"
     result = asyncio.run(measure(args, workload))
+    if load_start is not None:
+        result["loadavg_at_start"], result["loadavg_at_end"] = load_start, load_average()
     text = to_json(result)
     print(text)
     if args.out:

@@ -368,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         dsn = args.dsn
         result["run"] = {"source": "logged run", "dsn": dsn.split("@")[-1]}
     else:
+        from bench.machine import load_average, warn_if_busy
+
+        load_start = warn_if_busy("the latencies the detectors judge")
         result["run"] = simulate(args)
+        result["run"]["loadavg_at_start"] = load_start
+        result["run"]["loadavg_at_end"] = load_average()
         dsn = f"postgresql://{args.user}@{args.upstream}/{args.database}"
     result.update(asyncio.run(score(dsn, args.train_share, args.seed)))
     text = to_json(result)

@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.machine import load_average, warn_if_busy
 from bench.overhead import Upstream, free_port, start_pgsage
 from bench.warehouse import init_warehouse_async
 from bench.workload.templates import TEMPLATES, Profile, Sampler
@@ -383,7 +384,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    load_start = warn_if_busy("every template's timings, on both sides")
     doc = benchmark(args, Console(stderr=True))
+    doc["loadavg_at_start"], doc["loadavg_at_end"] = load_start, load_average()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: v for k, v in doc.items() if k != "templates"}, indent=2))

@@ -57,6 +57,7 @@ def test_accuracy_bench_runs_the_workload_simulator_and_scores_its_log(tmp_path:
     # the log holds the run (and the texts: log_parameters was on), nothing was injected
     assert n >= run["executed"] and texts == n and labelled == 0
     assert result["data_window"]["rows"] > 500
+    assert len(result["loadavg_at_start"]) == 3 and len(result["loadavg_at_end"]) == 3
     for split in ("time_split", "held_out_templates"):
         model = result[split]["cost_model"]
         assert set(model) == set(KEYS) and model["rows"] > 0

@@ -20,3 +20,17 @@ def test_ties_at_the_cut_are_valid_answers() -> None:
     wrong_row = [{"id": 5, "sold_at": 9}, {"id": 2, "sold_at": 8}, {"id": 3, "sold_at": 7}]
     assert not same_result(SQL, a, wrong_row)
     assert not same_result("SELECT id FROM s", [{"id": 1}], [{"id": 2}])
+
+
+def test_a_busy_machine_is_named_in_a_warning() -> None:
+    """The latency benchmarks record the load average and warn above half the CPUs."""
+    import io
+
+    from bench.machine import busy_warning, warn_if_busy
+
+    assert busy_warning("the scores", [0.9, 0.5, 0.4], 2) is None
+    warning = busy_warning("the scores", [3.4, 2.0, 1.0], 2)
+    assert warning is not None and "3.40 on 2 CPUs" in warning and "the scores" in warning
+    out = io.StringIO()
+    load = warn_if_busy("the scores", out)
+    assert len(load) == 3 and all(x >= 0 for x in load)
