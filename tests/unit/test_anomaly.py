@@ -392,3 +392,18 @@ def test_a_lasting_shift_becomes_the_new_normal_after_hold_executions() -> None:
     assert math.exp(st.med) == pytest.approx(6.0, rel=0.05)  # the new normal
     run(6.0, 5)
     assert st.held == 0  # ordinary again: the next slowdown would be held
+
+
+def test_the_rolling_median_is_the_window_s_median() -> None:
+    """The system's level is kept sorted as values come and go: at every step the same as the
+    median of the last CONTEXT values sorted afresh (ties and negatives included)."""
+    from collections import deque
+
+    from models.anomaly import CONTEXT, _Rolling, _small_median
+
+    rng = np.random.default_rng(2)
+    rolling, window = _Rolling(CONTEXT), deque(maxlen=CONTEXT)
+    for x in np.round(rng.normal(0, 1, 2000), 1):  # rounded: many ties
+        window.append(float(x))
+        assert rolling.add(float(x)) == _small_median(window)
+    assert rolling.add(float("nan")) == _small_median([*list(window)[1:], 0.0])
