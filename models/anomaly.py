@@ -113,6 +113,9 @@ IF_FEATURES = tuple(dict.fromkeys(f for view in IF_VIEWS for f in view))
 _RES, _RUN2, _EXCESS, _Z = (
     FEATURES.index(n) for n in ("residual", "residual_run2", "excess", "residual_z")
 )
+#: slower than expected by this many of the template's spreads (`residual_z`, the spread a MAD
+#: of its log latency) to be judged at all, unless by far (`_slow`)
+MIN_Z = 3.0
 VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to be believed
 #: slower than expected means by 30% at least: in a level shift each execution is slow itself,
 #: not just the fingerprint's recent ones (an ordinary run right after slow ones is no trouble)
@@ -1013,12 +1016,16 @@ def _hourly_rate(rows: Sequence[Execution]) -> list[float]:
 
 
 def _slow(feats: Sequence[float], late: float = math.inf) -> bool:
-    """Slower than expected (by `MIN_SLOW`), and either again (the template's previous execution
-    was slow too: a plan or a lock persists, a hiccup of the machine does not) or by far: x20, or
-    more milliseconds beyond the expected than `late` (log1p ms; the model's `late_`)."""
-    return feats[_RES] > MIN_SLOW and (
-        feats[_RUN2] > 0 or feats[_RES] > VERY_SLOW or feats[_EXCESS] > late
-    )
+    """Slower than expected (by `MIN_SLOW`), and either by far (x20, or more milliseconds beyond
+    the expected than `late`: log1p ms, the model's `late_`) or again (the template's previous
+    execution was slow too: a plan or a lock persists, a hiccup of the machine does not) and by
+    `MIN_Z` of the template's own spread (a lookup whose time follows its parameters, 1 ms for
+    one customer and 8 for another, is not news at 3x its median; a steady one is)."""
+    if feats[_RES] <= MIN_SLOW:
+        return False
+    if feats[_RES] > VERY_SLOW or feats[_EXCESS] > late:
+        return True
+    return feats[_RUN2] > 0 and feats[_Z] >= MIN_Z
 
 
 def _warm_mask(executions: Sequence[Execution], min_calls: int) -> np.ndarray:

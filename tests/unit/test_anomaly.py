@@ -360,8 +360,10 @@ def test_a_drift_is_kept_out_of_the_baseline_and_flagged() -> None:
         # (the drift's first executions, under 3x, are slow too: only flags elsewhere are false)
         outside = [f for f in flags if not start <= f.ts < start + hours * 3600]
         assert len(outside) <= 6, (hold, outside)
-    assert recall[64] >= 0.9, recall
-    assert recall[0] < 0.5, recall  # the running median followed the drift
+    # (the first labelled executions, at 3-4x while the held baseline sits near 2x, are within
+    # `MIN_Z` spreads of it and not judged: the steady part of the drift is)
+    assert recall[64] >= 0.6, recall
+    assert recall[0] < 0.1, recall  # the running median followed the drift
 
 
 def test_a_lasting_shift_becomes_the_new_normal_after_hold_executions() -> None:
@@ -407,3 +409,25 @@ def test_the_rolling_median_is_the_window_s_median() -> None:
         window.append(float(x))
         assert rolling.add(float(x)) == _small_median(window)
     assert rolling.add(float("nan")) == _small_median([*list(window)[1:], 0.0])
+
+
+def test_a_template_whose_time_follows_its_parameters_is_judged_by_its_own_spread() -> None:
+    """`MIN_Z`: a lookup that takes 1 ms for one parameter and 8 ms for another is not news at
+    3x its median, while the same 3x on a steady template is: `_slow` judges an execution
+    against the template's own spread (residual_z), unless it is slower by far."""
+    from models.anomaly import FEATURES, MIN_Z, _slow
+
+    def feats(residual: float, z: float, run2: float = 0.5, excess: float = 1.0) -> list[float]:
+        f = [0.0] * len(FEATURES)
+        for name, v in (("residual", residual), ("residual_z", z), ("residual_run2", run2),
+                        ("excess", excess)):  # fmt: skip
+            f[FEATURES.index(name)] = v
+        return f
+
+    three = math.log(3.0)
+    assert _slow(feats(three, three / 0.2))  # a steady template (spread 0.2): 5.5 spreads
+    assert not _slow(feats(three, three / 0.8))  # a wide one (spread 0.8): 1.4 spreads
+    assert three / 0.8 < MIN_Z <= three / 0.2
+    assert _slow(feats(math.log(30.0), 1.0))  # x30: slower by far, whatever the spread
+    assert _slow(feats(three, 1.0, excess=9.0), late=5.0)  # seconds late: a lock wait
+    assert not _slow(feats(three, 10.0, run2=-0.1))  # a lone hiccup (the previous was fine)
