@@ -47,6 +47,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench.machine import busy_warning
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: pgsage-nolog is pgsage with per-statement records off: the pair prices the query log,
 #: fingerprints and per-statement metrics (issue "Query log ...": cost <= 5% of TPS)
@@ -1020,11 +1022,9 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     up.psql(f'DROP DATABASE IF EXISTS "{args.pgsage_warehouse_db}" WITH (FORCE)')
     info = machine_info(up, args.pgsage_bin, args.pgbouncer_bin, repo)
     load, cpus = info["loadavg_at_start"], info["nproc_available"] or info["nproc"] or 1
-    if load and load[0] > 0.5 * cpus:
-        say(
-            f"[yellow]warning: 1-minute load average is {load[0]:.2f} on {cpus} CPUs; other "
-            "work on this machine will depress (and add noise to) every target's numbers[/yellow]"
-        )
+    warning = busy_warning("every target's numbers", load, cpus) if load else None
+    if warning:
+        say(f"[yellow]{warning}[/yellow]")
     cells = cells_for(args.quick)
     durations = split_seconds(args.seconds, args.rounds)
 

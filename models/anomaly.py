@@ -390,11 +390,13 @@ class Detector:
 
     # ---------------------------------------------------------------- features
 
-    def _features(
+    def _expect(
         self, ex: Execution, st: _Fp | None
-    ) -> tuple[list[float], float, float, float, float]:
-        """`FEATURES`, the net residual and the expected ms of one execution (before updating),
-        and its raw log ratio and milliseconds beyond the template's expected (for the level).
+    ) -> tuple[float, float, float, float, bool, float, float]:
+        """What the state updates need of one execution (before updating): (the net residual,
+        the expected ms, the raw log ratio and ms beyond the template's expected, known, log
+        ms, the system's level). The whole `FEATURES` vector (`_complete`) is needed only for
+        an execution some detector could flag (`process`).
 
         The residual is net of the system's level, the larger of two readings of the last
         `CONTEXT` executions of any template of the same class (reads, writes: `_class`; writes
@@ -404,14 +406,6 @@ class Detector:
         aggregate, x100 to one and x3 to the other). When everything is slow at once, that is
         the machine's trouble, not one statement's.
         """
-        return self._complete(ex, st, self._expect(ex, st))
-
-    def _expect(
-        self, ex: Execution, st: _Fp | None
-    ) -> tuple[float, float, float, float, bool, float, float]:
-        """The cheap part of `_features`: (residual, expected ms, raw log ratio, raw ms beyond
-        the expected, known, log ms, the system's level) — all the state updates need; the
-        whole vector is needed only for an execution some detector could flag (`process`)."""
         log_ms = math.log(max(ex.duration_ms, 1e-3))
         known = st is not None and st.calls >= self.config.min_calls and len(st.lat) > 0
         if ex.predicted_ms is not None and ex.predicted_ms > 0:
@@ -495,11 +489,11 @@ class Detector:
             expect = self._expect(ex, st)
             residual, expected_ms, raw, raw_ms, _, log_ms, _ = expect
             warm = st is not None and st.calls > min_calls
+            if held_out is not None:
+                held_out.append(False)  # (set below if it is held)
             if features_out is not None:
                 feats = self._complete(ex, st, expect)[0]
                 features_out.append(feats)
-                if held_out is not None:
-                    held_out.append(False)
                 batch.append((i, ex, feats, residual, expected_ms, warm))
             elif warm and not ex.error and residual > MIN_SLOW:
                 # only an execution slower than expected can be flagged (`_slow`, and the
