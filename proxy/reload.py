@@ -57,6 +57,7 @@ RELOADABLE = frozenset(
         "rewrite_holdout",
         "rewrite_disabled_rules",
         "rewrite_exclude",
+        "rewrite_literal_sets",
         "steering_active",
         "steering_dry_run",
         "steering_holdout",

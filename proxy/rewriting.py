@@ -9,8 +9,19 @@ results must match as multisets. One mismatch (or error) disables the rule for t
 the exact text to its proven rewrite. A holdout share runs the original; a Mann-Whitney U test
 per template validates the rewrite or withdraws it.
 
-Scope: simple-protocol Query messages with one SELECT, outside transactions, in the warehouse
-database (where pgsage has its own connection to prove equivalence).
+Extended protocol: the text of a Parse (with $n parameters) is proven with the values clients
+bind to it. The first `rewrite_literal_sets` Binds of a new text lend their values (text format
+as sent, binary format rendered as text for the common types); the background task PREPAREs
+original and rewrite with the Parse's declared parameter types, checks that both describe alike
+(the same parameter types and result columns, as a client that reads the descriptions sees) and
+runs both with each value set. Once proven, a Parse of that text (with the same declared types)
+is sent with the rewrite in its place: for the unnamed statement the decision is per execution;
+a named statement keeps the one made at its Parse (a statement prepared before the proof stays
+as the client wrote it).
+
+Scope: one SELECT per Query, or one Parse and at most one Bind per extended request ending in
+Sync, outside transactions, in the warehouse database (where pgsage has its own connection to
+prove equivalence).
 """
 
 from __future__ import annotations
@@ -29,12 +40,21 @@ from models.steering import mann_whitney
 from optimizer.equivalence import shadow_check
 from optimizer.fingerprint import compute_fingerprint, literal_key
 from optimizer.rules import RuleContext, rewrite
+from optimizer.whatif import quote_literal
 
 from .log import get_logger
+from .protocol.binary import Unsupported, as_text
+from .protocol.frontend import Bind
 from .settings import Settings
 from .steering import _SELECT, _WRITES
 
 HOLDOUT, APPLY, DRY_RUN = "holdout", "apply", "dry_run"
+
+#: a simple Query's text, or a Parse's (text, declared parameter type OIDs)
+Key = str | tuple[str, tuple[int, ...]]
+#: one Bind's values as sent: (format codes, values)
+ValueSet = tuple[tuple[int, ...], tuple[bytes | None, ...]]
+Decision = tuple[str | None, str, str]
 
 
 @dataclass
@@ -58,10 +78,13 @@ class RewriteController:
         self.log = get_logger("pgsage.rewrite")
         self.rng = random.Random(settings.steering_seed)
         #: exact text -> (rule, rewritten text) once proven; None: analysed, nothing to do
-        self.verdicts: OrderedDict[str, tuple[str, str] | None] = OrderedDict()
+        self.verdicts: OrderedDict[Key, tuple[str, str] | None] = OrderedDict()
         self.templates: OrderedDict[str, TemplateRewrite] = OrderedDict()
-        self._queued: set[str] = set()
-        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        self._queued: set[Key] = set()
+        self.queue: asyncio.Queue[Key] = asyncio.Queue(maxsize=1000)
+        #: Parse texts gathering the value sets they are to be proven with (and Binds seen)
+        self.pending: OrderedDict[tuple[str, tuple[int, ...]], list[ValueSet]] = OrderedDict()
+        self._offers: dict[tuple[str, tuple[int, ...]], int] = {}
         self.history: list[dict[str, Any]] = []
         self.ctx = RuleContext()
         self._ctx_at = 0.0
@@ -69,7 +92,7 @@ class RewriteController:
 
     # ---------------------------------------------------------------- hot path
 
-    def decide(self, sql: str, database: str | None) -> tuple[str | None, str, str] | None:
+    def decide(self, sql: str, database: str | None) -> Decision | None:
         """(text to send or None for the original, rule, mode) for a Query about to run."""
         s = self.settings
         if not s.rewrite_active or database != s.warehouse_database:
@@ -80,6 +103,67 @@ class RewriteController:
             return None
         if verdict is None:
             return None
+        return self._mode(sql, verdict)
+
+    def decide_parse(
+        self, sql: str, types: tuple[int, ...], database: str | None
+    ) -> Decision | None:
+        """As `decide`, for a Parse of `sql` declaring parameter types `types`. A text not seen
+        before starts gathering value sets (`offer`)."""
+        s = self.settings
+        if not s.rewrite_active or database != s.warehouse_database:
+            return None
+        key = (sql, types)
+        verdict = self.verdicts.get(key, False)
+        if verdict is False:
+            if key not in self.pending and key not in self._queued:
+                self._gather(key)
+            return None
+        if verdict is None:
+            return None
+        return self._mode(sql, verdict)
+
+    def wants(self, key: tuple[str, tuple[int, ...]]) -> bool:
+        """Whether a Bind of this Parse text should lend its values (hot path: a dict lookup)."""
+        return key in self.pending
+
+    def offer(self, key: tuple[str, tuple[int, ...]], bind: Bind) -> None:
+        """A Bind's values for a text gathering value sets; the text is queued for its proof
+        once it has `rewrite_literal_sets` different ones (or has been bound as often again
+        with nothing new: a text always bound alike is proven with what it has)."""
+        sets = self.pending.get(key)
+        if sets is None or key in self._queued:
+            return
+        values: ValueSet = (bind.param_formats, bind.params)
+        if values not in sets:
+            sets.append(values)
+        need = self.settings.rewrite_literal_sets
+        offers = self._offers[key] = self._offers.get(key, 0) + 1
+        if len(sets) >= need or offers >= 2 * need or not bind.params:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(key)
+                self._queued.add(key)
+                self._offers.pop(key, None)
+                return
+            self.pending.pop(key, None)  # the queue is full: forget it, gather again later
+            self._offers.pop(key, None)
+
+    def _gather(self, key: tuple[str, tuple[int, ...]]) -> None:
+        sql = key[0]
+        if not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql:
+            self.verdicts[key] = None
+            return
+        st = self.templates.get(literal_key(sql))
+        if st is not None and st.disabled:
+            self.verdicts[key] = None
+            return
+        if len(self.pending) >= 1000:
+            old, _ = self.pending.popitem(last=False)
+            self._offers.pop(old, None)
+        self.pending[key] = []
+
+    def _mode(self, sql: str, verdict: tuple[str, str]) -> Decision | None:
+        s = self.settings
         rule, new_sql = verdict
         st = self.templates.get(literal_key(sql))
         if st is None or st.disabled or st.withdrawn or rule in s.rewrite_disabled_rules:
@@ -107,7 +191,7 @@ class RewriteController:
             self.queue.put_nowait(sql)
             self._queued.add(sql)
 
-    def observe(self, sql: str | None, decision: tuple[Any, str, str] | None, ms: float) -> None:
+    def observe(self, sql: str | None, decision: Decision | None, ms: float) -> None:
         if sql is None or decision is None:
             return
         st = self.templates.get(literal_key(sql))
@@ -137,7 +221,7 @@ class RewriteController:
         conn = None
         while True:
             try:
-                sql: str | None = await asyncio.wait_for(
+                sql: Key | None = await asyncio.wait_for(
                     self.queue.get(), self.settings.rewrite_context_interval
                 )
             except TimeoutError:
@@ -147,7 +231,8 @@ class RewriteController:
                     conn = await self.connect()
                     await conn.execute(
                         "SET default_transaction_read_only = on; SET statement_timeout = "
-                        f"{int(self.settings.rewrite_timeout_ms)}"
+                        f"{int(self.settings.rewrite_timeout_ms)};"
+                        " SET standard_conforming_strings = on"
                     )
                 if sql is None:
                     await self.refresh_context(conn)
@@ -164,6 +249,8 @@ class RewriteController:
             finally:
                 if sql is not None:
                     self._queued.discard(sql)
+                    if isinstance(sql, tuple):
+                        self.pending.pop(sql, None)
 
     async def refresh_context(self, conn: Any) -> None:
         """NOT NULL columns and primary keys of every user table, and the gold watermarks, for
@@ -200,19 +287,43 @@ class RewriteController:
                                gold_complete=complete)  # fmt: skip
         self._ctx_at = time.monotonic()
 
-    async def analyse(self, conn: Any, sql: str) -> None:
-        """Candidates for `sql`; keep the cheapest by EXPLAIN that is proven equivalent."""
-        await self.refresh_context(conn)
+    def _template(self, sql: str) -> TemplateRewrite:
         key = literal_key(sql)
         st = self.templates.get(key)
         if st is None:
             st = self.templates[key] = TemplateRewrite(fingerprint=compute_fingerprint(sql).id)
             if len(self.templates) > 5000:
                 self.templates.popitem(last=False)
+        return st
+
+    def _candidates(self, sql: str, st: TemplateRewrite) -> list[tuple[str, str]]:
         enabled = [r for r in _rule_names() if r not in self.settings.rewrite_disabled_rules]
         if st.rule is not None:
             enabled = [st.rule]  # a template keeps the rule it was proven with
-        candidates = rewrite(sql, self.ctx, enabled)
+        return rewrite(sql, self.ctx, enabled)
+
+    def _proven(self, key: Key, st: TemplateRewrite, rule: str, new_sql: str) -> None:
+        st.rule = rule
+        st.proven += 1
+        self.verdicts[key] = (rule, new_sql)
+        if len(self.verdicts) > 20_000:
+            self.verdicts.popitem(last=False)
+
+    def _reject(self, key: Key, st: TemplateRewrite, rule: str, reason: str) -> None:
+        st.disabled = True
+        self.verdicts[key] = None
+        self.log.warning("rewrite disabled: results differ", rule=rule,
+                         fingerprint=st.fingerprint, reason=reason)  # fmt: skip
+        self.history.append(self._decision(st, rule, "reject", "rejected", reason))
+
+    async def analyse(self, conn: Any, sql: Key) -> None:
+        """Candidates for `sql`; keep the cheapest by EXPLAIN that is proven equivalent."""
+        await self.refresh_context(conn)
+        if isinstance(sql, tuple):
+            await self.analyse_parse(conn, sql, self.pending.pop(sql, []))
+            return
+        st = self._template(sql)
+        candidates = self._candidates(sql, st)
         if not candidates:
             self.verdicts[sql] = None
             return
@@ -223,23 +334,94 @@ class RewriteController:
             self.verdicts[sql] = None
             return
         _, rule, new_sql = min(priced, key=lambda p: p[0])
+        if await _columns(conn, sql) != await _columns(conn, new_sql):
+            self._reject(sql, st, rule, "result columns differ (names or types)")
+            return
 
         async def run(q: str, params: Any) -> list[Any]:
             return list(await conn.fetch(q, *params))
 
         result = await shadow_check(run, sql, new_sql, [()])
         if not result.equivalent:
-            st.disabled = True
-            self.verdicts[sql] = None
-            self.log.warning("rewrite disabled: results differ", rule=rule,
-                             fingerprint=st.fingerprint, reason=result.reason)  # fmt: skip
-            self.history.append(self._decision(st, rule, "reject", "rejected", result.reason))
+            self._reject(sql, st, rule, result.reason)
             return
-        st.rule = rule
-        st.proven += 1
-        self.verdicts[sql] = (rule, new_sql)
-        if len(self.verdicts) > 20_000:
-            self.verdicts.popitem(last=False)
+        self._proven(sql, st, rule, new_sql)
+
+    async def analyse_parse(
+        self, conn: Any, key: tuple[str, tuple[int, ...]], sets: list[ValueSet]
+    ) -> None:
+        """A Parse text: PREPARE original and candidates with the declared types, keep the
+        cheapest candidate (EXPLAIN EXECUTE with the first value set) that describes alike and
+        returns the same rows for every value set."""
+        sql, declared = key
+        st = self._template(sql)
+        candidates = self._candidates(sql, st)
+        if not candidates:
+            self.verdicts[key] = None
+            return
+        names = await conn.fetchval(
+            "SELECT array_agg(CASE WHEN o = 0 THEN 'unknown' ELSE format_type(o, NULL) END"
+            " ORDER BY n) FROM unnest($1::oid[]) WITH ORDINALITY AS t(o, n)",
+            list(declared),
+        )  # fmt: skip
+        types = f" ({', '.join(names)})" if declared else ""
+        prepared: list[str] = []
+
+        async def prepare(name: str, text: str) -> list[int] | None:
+            try:
+                await conn.execute(f"PREPARE {name}{types} AS {text}")
+            except Exception:
+                return None
+            prepared.append(name)
+            oids = await conn.fetchval(
+                "SELECT parameter_types::oid[] FROM pg_prepared_statements WHERE name = $1", name
+            )
+            return list(oids or [])
+
+        try:
+            resolved = await prepare("pgsage_rw_o", sql)
+            if resolved is None:
+                self.verdicts[key] = None
+                return
+            literal_sets = _literal_sets(sets, resolved)
+            if not literal_sets:
+                self.verdicts[key] = None  # no value set it could be proven with
+                return
+            first = literal_sets[0]
+            base = await _cost(conn, f"EXECUTE pgsage_rw_o {first}")
+            priced = []
+            for i, (rule, new_sql) in enumerate(candidates):
+                name = f"pgsage_rw_{i}"
+                if await prepare(name, new_sql) != resolved:
+                    continue  # parameters typed otherwise: a client would see the difference
+                cost = await _cost(conn, f"EXECUTE {name} {first}")
+                if base is not None and cost is not None and cost < base:
+                    priced.append((cost, rule, new_sql, name))
+            if not priced:
+                self.verdicts[key] = None
+                return
+            _, rule, new_sql, name = min(priced, key=lambda p: p[0])
+            if await _columns(conn, f"EXECUTE pgsage_rw_o {first}") != await _columns(
+                conn, f"EXECUTE {name} {first}"
+            ):
+                self._reject(key, st, rule, "result columns differ (names or types)")
+                return
+
+            async def run(statement: str, params: Any) -> list[Any]:
+                # not through asyncpg's statement cache: the same EXECUTE text may name
+                # another statement at the next analysis (its cached description would not do)
+                stmt = await conn.prepare(f"EXECUTE {statement} {params[0]}")
+                return list(await stmt.fetch())
+
+            result = await shadow_check(run, "pgsage_rw_o", name, [(v,) for v in literal_sets])
+            if not result.equivalent:
+                self._reject(key, st, rule, result.reason)
+                return
+            self._proven(key, st, rule, new_sql)
+        finally:
+            for name in prepared:
+                with contextlib.suppress(Exception):
+                    await conn.execute(f"DEALLOCATE {name}")
 
     # ---------------------------------------------------------------- A/B
 
@@ -303,6 +485,41 @@ def _rule_names() -> list[str]:
     from optimizer.rules import RULES
 
     return list(RULES)
+
+
+def _literal_sets(sets: list[ValueSet], types: list[int]) -> list[str]:
+    """Each value set as EXECUTE's argument list, '(lit, ...)' ('' without parameters); sets
+    with a binary value of a type without a text rendering, or of the wrong arity, are left
+    out."""
+    out: list[str] = []
+    for formats, values in sets:
+        if len(values) != len(types):
+            continue
+        try:
+            lits = []
+            for i, raw in enumerate(values):
+                fmt = formats[i] if len(formats) > 1 else formats[0] if formats else 0
+                if raw is None:
+                    lits.append("NULL")
+                elif fmt == 1:
+                    lits.append(quote_literal(as_text(types[i], raw)))
+                else:
+                    lits.append(quote_literal(raw.decode("utf-8")))
+        except (Unsupported, UnicodeDecodeError, ValueError):
+            continue
+        args = f"({', '.join(lits)})" if lits else ""
+        if args not in out:
+            out.append(args)
+    return out
+
+
+async def _columns(conn: Any, sql: str) -> list[tuple[str, int]] | None:
+    """The result columns (name, type OID) a client would be described, or None if it fails."""
+    try:
+        stmt = await conn.prepare(sql)
+    except Exception:
+        return None
+    return [(a.name, a.type.oid) for a in stmt.get_attributes()]
 
 
 async def _cost(conn: Any, sql: str) -> float | None:

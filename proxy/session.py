@@ -40,7 +40,14 @@ from .protocol import (
     Status,
     error_response,
 )
-from .protocol.batch import Batch, bind_parameters, parse_then_sync, read_batch, request_sql
+from .protocol.batch import (
+    Batch,
+    bind_parameters,
+    extended_request,
+    parse_then_sync,
+    read_batch,
+    request_sql,
+)
 from .protocol.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -50,9 +57,11 @@ from .protocol.errors import (
     QUERY_CANCELED,
     TOO_MANY_CONNECTIONS,
 )
-from .protocol.frontend import Query
+from .protocol.frontend import Parse, Query
 from .records import SessionInfo, StatementRecord
 from .rewriting import APPLY as REWRITE_APPLY
+from .rewriting import Decision as RewriteDecision
+from .rewriting import RewriteController
 from .steering import DRY_RUN, HOLDOUT, PIN, SteeringController
 from .telemetry.apps import app_class
 
@@ -116,7 +125,10 @@ class ClientConnection(asyncio.Protocol):
         self.steer_reset: str | None = None
         self.steer_blocked = False
         #: rewrite decision for the request in flight: (text sent or None, rule, mode)
-        self.rewrite: tuple[str | None, str, str] | None = None
+        self.rewrite: RewriteDecision | None = None
+        #: per prepared statement name: its Parse's (text, declared types) and rewrite decision
+        self.rw_statements: dict[str, tuple[tuple[str, tuple[int, ...]], RewriteDecision | None]]
+        self.rw_statements = {}
         #: the startup packet, when the server connection may be kept for the next client with
         #: the same one (server_pool_size); None for the admin console and replication
         self.pool_key: bytes | None = None
@@ -216,11 +228,48 @@ class ClientConnection(asyncio.Protocol):
                 if decision[0] is not None:  # sent rewritten (the client's text is logged)
                     self._relay(data, now, up, Query(decision[0]).encode())
                     return
+        elif (
+            rewriter is not None
+            and data[0] in (0x50, 0x42)  # Parse or Bind
+            and self._rewrite_extended(data, now, up, rewriter)
+        ):
+            return
         steering = server.steering
         if steering is None:
             self._relay(data, now, up)
         else:
             self._steered(data, now, up, steering)
+
+    def _rewrite_extended(
+        self, data: bytes, now: float, up: UpstreamConnection, rewriter: RewriteController
+    ) -> bool:
+        """An extended-protocol request: its Parse sent with a proven rewrite in its place
+        (True: relayed here), and its Bind's values lent to a text being proven. Outside
+        transaction blocks only, as for a simple Query."""
+        if self.tracker.transaction_status != "I" or not self.scanner.at_boundary:
+            return False
+        req = extended_request(data)
+        if req is None:
+            return False
+        parse, bind = req.parse, req.bind
+        decision = None
+        if parse is not None:
+            key = (parse.sql, parse.param_types)
+            decision = rewriter.decide_parse(parse.sql, parse.param_types, self.info.database)
+            self.rw_statements[parse.name] = (key, decision)
+        if bind is not None:
+            entry = self.rw_statements.get(bind.statement)
+            if entry is not None:
+                if entry[1] is not None:
+                    self.rewrite = entry[1]  # this execution is observed for the A/B
+                elif rewriter.wants(entry[0]):
+                    rewriter.offer(entry[0], bind)
+        if parse is None or decision is None or decision[0] is None:
+            return False
+        start, end = req.parse_span
+        sent = Parse(parse.name, decision[0], parse.param_types).encode()
+        self._relay(data, now, up, data[:start] + sent + data[end:])
+        return True
 
     # ------------------------------------------------------------------ plan steering
 

@@ -250,6 +250,8 @@ class Settings(BaseSettings):
     rewrite_exclude: list[str] = Field(default_factory=list)
     #: statement_timeout (ms) of the shadow runs that prove a rewrite
     rewrite_timeout_ms: int = Field(default=10_000, ge=100)
+    #: value sets a parameterised (extended-protocol) text is proven with before it is rewritten
+    rewrite_literal_sets: int = Field(default=3, ge=1, le=20)
 
     # ---- workload forecast (models/forecast.py): re-forecast with the active model and
     # publish pgsage_forecast_queries{cluster,horizon} every this many seconds

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import ProtocolViolation
+from .frontend import Bind, Parse
+
 SYNC = b"S\x00\x00\x00\x04"
 _REPLAYABLE = frozenset(b"12tTnDCsZ")
 
@@ -204,3 +207,39 @@ __all__ = [
     "replayable",
     "request_sql",
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendedRequest:
+    """An extended-protocol request ending in Sync, read for a rewrite: its one Parse (with the
+    Parse message's bounds in the chunk, to send another text in its place) and its one Bind."""
+
+    parse: Parse | None
+    parse_span: tuple[int, int]  #: (first byte, end) of the Parse message in the chunk
+    bind: Bind | None
+
+
+def extended_request(data: bytes) -> ExtendedRequest | None:
+    """The Parse and Bind of `data` if it is whole messages ending with Sync or Flush (asyncpg
+    prepares with Parse, Describe, Flush) holding at most one of each (a pipeline of several
+    statements, or a batch binding one statement many times, is left alone: None)."""
+    msgs = _messages(data, 16)
+    if not msgs or msgs[-1][0] not in (0x53, 0x48):  # S, H
+        return None
+    parse: Parse | None = None
+    bind: Bind | None = None
+    span = (0, 0)
+    try:
+        for t, start, end in msgs:
+            if t == 0x50:
+                if parse is not None:
+                    return None
+                parse = Parse.decode(data[start:end])
+                span = (start - 5, end)
+            elif t == 0x42:
+                if bind is not None:
+                    return None
+                bind = Bind.decode(data[start:end])
+    except ProtocolViolation:
+        return None  # the server says what is wrong with it
+    return ExtendedRequest(parse, span, bind)
