@@ -20,6 +20,15 @@ table's watermark in the context; a query with no upper bound only while gold is
 (`RuleContext.gold_complete`). An aggregate that is not the whole statement but a derived table
 (``FROM (SELECT ... GROUP BY ...) m``, under window functions for instance) is rewritten in place.
 
+A bound that is a parameter (``sold_at >= $1::timestamp``, an extended-protocol client's text)
+is exact only for values at midnight, and an upper one only up to the watermark: the rewrite
+is then guarded, ``SELECT * FROM (<gold>) WHERE <guard> IS TRUE UNION ALL SELECT * FROM
+(<original>) WHERE <guard> IS NOT TRUE`` (the ORDER BY outside, by position), where the guard
+says every parameter bound is a day boundary (and an upper one at most the day after the
+watermark). The guard holds only parameters, so PostgreSQL plans it as a one-time filter (or
+folds it away for a custom plan): one branch runs, and the answer is the original's for every
+value.
+
 >>> import datetime as dt
 >>> from optimizer.rules import RuleContext
 >>> import sqlglot
@@ -167,10 +176,63 @@ def _apply_select(expr: exp.Expr, ctx: RuleContext) -> exp.Expr | None:
     scope = _scope(expr)
     if watermark is None or scope is None:
         return None
+    tr = _Translator(scope, watermark)
     try:
-        return _rewrite(expr, _Translator(scope), watermark, GOLD in ctx.gold_complete)
+        gold = _rewrite(expr, tr, watermark, GOLD in ctx.gold_complete)
+        return _guarded(expr, gold, tr.guards) if tr.guards else gold
     except _NotAnswerable:
         return None
+
+
+def _guarded(original: exp.Select, gold: exp.Select, guards: list[exp.Expr]) -> exp.Expr:
+    """Gold where the parameters allow it, the original otherwise: one UNION ALL whose
+    branches exclude each other (a guard of NULL runs the original)."""
+    if original.args.get("limit") or original.args.get("offset"):
+        raise _NotAnswerable  # the cut would have to move outside too
+    order = original.args.get("order")
+    positions = _order_positions(original, order) if order is not None else None
+    condition = exp.Paren(this=and_all([g.copy() for g in guards]))
+
+    def branch(select: exp.Select, alias: str, holds: bool) -> exp.Select:
+        inner = select.copy()
+        inner.set("order", None)
+        test: exp.Expr = exp.Is(this=condition.copy(), expression=exp.Boolean(this=True))
+        if not holds:
+            test = exp.Not(this=test)
+        return exp.select("*").from_(exp.Subquery(this=inner, alias=exp.TableAlias(
+            this=exp.to_identifier(alias)))).where(test)  # fmt: skip
+
+    union = exp.Union(
+        this=branch(gold, "_pgsage_gold", True),
+        expression=branch(original, "_pgsage_silver", False),
+        distinct=False,
+    )
+    if positions is not None:
+        union.set("order", exp.Order(expressions=positions))
+    return union
+
+
+def _order_positions(select: exp.Select, order: exp.Order) -> list[exp.Expr]:
+    """The ORDER BY items as output positions (for outside a UNION)."""
+    items = select.expressions
+    names = [pg_output_name(i) for i in items]
+    values = [i.this if isinstance(i, exp.Alias) else i for i in items]
+    out = []
+    for o in order.expressions:
+        node = unparen(o.this)
+        if isinstance(node, exp.Literal) and not node.is_string:
+            pos = int(str(node.this))
+        elif (isinstance(node, exp.Column) and node.args.get("table") is None
+              and names.count(ident_name(node.this)) == 1):  # fmt: skip
+            pos = names.index(ident_name(node.this)) + 1
+        elif node in values:
+            pos = values.index(node) + 1
+        else:
+            raise _NotAnswerable
+        new = o.copy()
+        new.set("this", exp.Literal.number(pos))
+        out.append(new)
+    return out
 
 
 def _table(node: exp.Expr) -> str | None:
@@ -218,8 +280,13 @@ def _is_key_join(on: exp.Expr, key: str, sales: str, dim: str) -> bool:
 class _Translator:
     """Maps expressions over the silver scope to expressions over gold.sales_summary."""
 
-    def __init__(self, scope: dict[str, str]) -> None:
+    def __init__(self, scope: dict[str, str], watermark: dt.date | None = None) -> None:
         self.scope = scope
+        self.watermark = watermark
+        #: conditions on parameters under which the gold form is exact (parameter bounds)
+        self.guards: list[exp.Expr] = []
+        #: a parameter bounds the days from above (the guard keeps it within the watermark)
+        self.bounded_above = False
 
     def resolve(self, col: exp.Column) -> tuple[str, str]:
         name = ident_name(col.this)
@@ -322,7 +389,9 @@ def _rewrite(select: exp.Select, tr: _Translator, watermark: dt.date, complete: 
 
     where = select.args.get("where")
     parts, last_day = _filters(conjuncts(where.this if where is not None else None), tr)
-    if (last_day is None and not complete) or (last_day is not None and last_day > watermark):
+    if last_day is not None and last_day > watermark:
+        raise _NotAnswerable
+    if last_day is None and not complete and not tr.bounded_above:
         raise _NotAnswerable
     out.set("where", exp.Where(this=and_all(parts)) if parts else None)
 
@@ -413,9 +482,34 @@ def _raw_timestamp_bound(part: exp.Expr, tr: _Translator) -> exp.Expr | None:
     op, col, value = oriented
     if not tr.is_sold_at(unparen(col)):
         return None
-    if op not in (exp.GTE, exp.LT) or _date_literal(value) is None:
+    if op not in (exp.GTE, exp.LT):
         raise _NotAnswerable  # e.g. sold_at <= '2024-01-31' keeps only that day's midnight
-    return op(this=column_ref("sale_date"), expression=value.copy())
+    if _date_literal(value) is not None:
+        return op(this=column_ref("sale_date"), expression=value.copy())
+    if not _is_parameter(value):
+        raise _NotAnswerable
+    # the same rows only if the value is a midnight (and, from above, within the watermark)
+    stamp = exp.Cast(this=value.copy(), to=exp.DataType.build("timestamp"))
+    day = exp.Anonymous(this="DATE_TRUNC", expressions=[exp.Literal.string("DAY"), stamp.copy()])
+    tr.guards.append(exp.EQ(this=day, expression=stamp.copy()))
+    if op is exp.LT:
+        if tr.watermark is None:
+            raise _NotAnswerable
+        limit = (tr.watermark + dt.timedelta(days=1)).isoformat()
+        tr.guards.append(exp.LTE(this=stamp.copy(), expression=exp.Cast(
+            this=exp.Literal.string(limit), to=exp.DataType.build("timestamp"))))  # fmt: skip
+        tr.bounded_above = True
+    return op(this=column_ref("sale_date"), expression=stamp)
+
+
+def _is_parameter(node: exp.Expr) -> bool:
+    """A $n parameter, possibly cast to date or timestamp."""
+    node = unparen(node)
+    while isinstance(node, exp.Cast):
+        if not any(node.to.is_type(t) for t in _DAY_CASTS):
+            return False
+        node = unparen(node.this)
+    return isinstance(node, exp.Parameter)
 
 
 def _date_literal(node: exp.Expr) -> dt.date | None:

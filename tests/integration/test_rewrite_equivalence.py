@@ -80,8 +80,8 @@ def test_fixture_pair_returns_the_same_rows(conn: psycopg.Connection[Any], case:
     assert tree is not None
     out = apply_rule(case.rule, tree, case.ctx)
     assert out is not None
-    original = rows(conn, case.original)
-    rewritten = rows(conn, out.sql(dialect="postgres"))
+    original = rows(conn, case.original, case.params)
+    rewritten = rows(conn, out.sql(dialect="postgres"), case.params)
     assert original, "a fixture must return rows to prove anything"
     assert compare(original, rewritten) == ([], [])
     assert checksum(original) == checksum(rewritten)

@@ -228,3 +228,54 @@ def test_binary_values_read_back_as_the_value_sent() -> None:
         as_text(600, b"\x00" * 16)  # point: no rendering
     with pytest.raises(Unsupported):
         as_text(23, b"\x00\x01")  # an int4 of two bytes
+
+
+def test_gold_rewrite_of_a_parameter_bound_is_guarded(make_service: Any) -> None:
+    """`sold_at >= $1::timestamp` (the workload's monthly revenue): gold answers it exactly
+    only when $1 is a midnight. The rewrite carries the guard, so a client binding 12:00 still
+    gets silver's answer while midnights are answered from gold."""
+    import datetime as dt
+
+    from bench.warehouse import drop_database_async, init_warehouse_async
+
+    name = f"pgsage_goldx_{int(time.time() * 1000) % 10**8}"
+    asyncio.run(init_warehouse_async(direct_dsn(), 0.03, 5, name, progress=False))
+    sql = (
+        "SELECT date_trunc('month', sold_at) AS month, sum(net_amount) AS revenue"
+        " FROM silver.sales_cleaned WHERE sold_at >= $1::timestamp GROUP BY 1 ORDER BY 1"
+    )
+    try:
+        svc = make_service(warehouse_database=name, rewrite_enabled=True, rewrite_holdout=0.0)
+        rewriter = svc.service.proxy.rewriter
+
+        async def run() -> None:
+            direct = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=name)
+            last = await direct.fetchval("SELECT max(sale_date) FROM gold.sales_summary")
+            values = [dt.datetime.combine(last - dt.timedelta(days=d), dt.time()) for d in
+                      (200, 90, 31)] + [dt.datetime.combine(last - dt.timedelta(days=60),
+                                                            dt.time(12))]  # fmt: skip
+            expected = {v: [tuple(r) for r in await direct.fetch(sql, v)] for v in values}
+            await direct.close()
+            dsn = f"postgresql://{PG_USER}@{svc.host}:{svc.port}/{name}"
+            first = await asyncpg.connect(dsn)
+            for v in values:
+                assert [tuple(r) for r in await first.fetch(sql, v)] == expected[v]
+            await first.close()
+            rule, new_sql = await asyncio.to_thread(_wait_proven, rewriter, sql)
+            assert rule == "gold_aggregate" and "UNION ALL" in new_sql
+            second = await asyncpg.connect(dsn)
+            for _ in range(3):
+                for v in values:
+                    assert [tuple(r) for r in await second.fetch(sql, v)] == expected[v]
+            await second.close()
+
+        asyncio.run(run())
+        svc.flush()
+        with psycopg.connect(direct_dsn(name)) as m:
+            rules = dict(m.execute(
+                "SELECT rewrite_rule, count(*) FROM metadata.query_logs"
+                " WHERE normalized_text LIKE 'SELECT date_trunc(%' GROUP BY 1"
+            ).fetchall())  # fmt: skip
+        assert rules.get("gold_aggregate", 0) == 12, rules
+    finally:
+        asyncio.run(drop_database_async(direct_dsn(), name))
