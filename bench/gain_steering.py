@@ -375,8 +375,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " binding, simple-protocol Query (psql, psycopg2, most BI tools)",
     )
     ap.add_argument("--rewrites", action="store_true",
-                    help="equivalence-checked rewrites on too (they apply to simple-protocol"
-                    " Query messages: use with --protocol literal)")  # fmt: skip
+                    help="equivalence-checked rewrites on too (simple-protocol Query texts,"
+                    " and extended-protocol Parse texts once proven with bound values)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)

@@ -351,8 +351,9 @@ class RewriteController:
         self, conn: Any, key: tuple[str, tuple[int, ...]], sets: list[ValueSet]
     ) -> None:
         """A Parse text: PREPARE original and candidates with the declared types, keep the
-        cheapest candidate (EXPLAIN EXECUTE with the first value set) that describes alike and
-        returns the same rows for every value set."""
+        cheapest candidate (EXPLAIN EXECUTE, summed over the value sets: a guarded rewrite
+        pays only for some values) that describes alike and returns the same rows for every
+        value set."""
         sql, declared = key
         st = self._template(sql)
         candidates = self._candidates(sql, st)
@@ -388,15 +389,20 @@ class RewriteController:
                 self.verdicts[key] = None  # no value set it could be proven with
                 return
             first = literal_sets[0]
-            base = await _cost(conn, f"EXECUTE pgsage_rw_o {first}")
+
+            async def cost(name: str) -> float | None:
+                costs = [await _cost(conn, f"EXECUTE {name} {args}") for args in literal_sets]
+                return None if None in costs else sum(c for c in costs if c is not None)
+
+            base = await cost("pgsage_rw_o")
             priced = []
             for i, (rule, new_sql) in enumerate(candidates):
                 name = f"pgsage_rw_{i}"
                 if await prepare(name, new_sql) != resolved:
                     continue  # parameters typed otherwise: a client would see the difference
-                cost = await _cost(conn, f"EXECUTE {name} {first}")
-                if base is not None and cost is not None and cost < base:
-                    priced.append((cost, rule, new_sql, name))
+                price = await cost(name)
+                if base is not None and price is not None and price < base:
+                    priced.append((price, rule, new_sql, name))
             if not priced:
                 self.verdicts[key] = None
                 return
