@@ -10,7 +10,10 @@ proxy sees every template's executions, so per-template posteriors are cheap and
 * an arm whose log latency is above the stock arm's by more than `regression` with confidence
   (Welch's t above `t_retire`) is *retired* for that template;
 * once one arm is the best in at least `confidence` of joint posterior draws, exploration stops
-  and that arm is used (the template has *converged*); a holdout share still runs stock, and
+  and that arm is used (the template has *converged*). In those draws stock is given a head
+  start of `min_gain`: another arm leads only where it is faster by that much, so arms that
+  merely tie with stock (most of them, on most templates) end in stock, not in a coin flip
+  among equals that the A/B trial must then undo; a holdout share still runs stock, and
   the A/B trial that judges the arm starts afresh (its samples and the holdout's cleared, so
   both come from the same period: latencies drift with the load).
 
@@ -180,8 +183,11 @@ class Policy:
         stock = st.arms[STOCK]
         prior_var = max(stock.var if math.isfinite(stock.var) else 1.0, 0.05)
         wins = dict.fromkeys(live, 0)
+        head_start = math.log1p(self.min_gain)
         for _ in range(self.draws):
             draws = {a: st.arms[a].sample_mean(rng, stock.mean, prior_var) for a in live}
+            if STOCK in draws:
+                draws[STOCK] -= head_start
             wins[min(draws, key=draws.__getitem__)] += 1
         best = max(wins, key=wins.__getitem__)
         return best if wins[best] >= self.confidence * self.draws else None
