@@ -376,7 +376,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--rewrites", action="store_true",
                     help="equivalence-checked rewrites on too (simple-protocol Query texts,"
-                    " and extended-protocol Parse texts once proven with bound values)")  # fmt: skip
+                    " and extended-protocol Parse texts, proven with bound values)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)

@@ -247,7 +247,8 @@ class Sampler:
         """A [start, end) range of whole days of min..max length inside the data."""
         length = self.int_between(min_days, max_days)
         end = self.moment().replace(hour=0, minute=0, second=0) + timedelta(days=1)
-        start = max(end - timedelta(days=length), self.p.first_sale.replace(hour=0, minute=0))
+        first = self.p.first_sale.replace(hour=0, minute=0, second=0, microsecond=0)
+        start = max(end - timedelta(days=length), first)
         return start, end
 
     def day_range(self, min_days: int, max_days: int) -> tuple[date, date]:
