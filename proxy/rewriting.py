@@ -151,11 +151,11 @@ class RewriteController:
     def _gather(self, key: tuple[str, tuple[int, ...]]) -> None:
         sql = key[0]
         if not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql:
-            self.verdicts[key] = None
+            self._verdict(key, None)
             return
         st = self.templates.get(literal_key(sql))
         if st is not None and st.disabled:
-            self.verdicts[key] = None
+            self._verdict(key, None)
             return
         if len(self.pending) >= 1000:
             old, _ = self.pending.popitem(last=False)
@@ -180,12 +180,12 @@ class RewriteController:
         if sql in self._queued or len(self._queued) > 10_000:
             return
         if not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql:
-            self.verdicts[sql] = None
+            self._verdict(sql, None)
             return
         key = literal_key(sql)
         st = self.templates.get(key)
         if st is not None and st.disabled:
-            self.verdicts[sql] = None
+            self._verdict(sql, None)
             return
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(sql)
@@ -241,7 +241,7 @@ class RewriteController:
             except Exception as exc:  # the database went away: try again later
                 self.log.warning("rewrite analysis failed", error=str(exc))
                 if sql is not None:
-                    self.verdicts[sql] = None
+                    self._verdict(sql, None)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await conn.close()
@@ -305,13 +305,17 @@ class RewriteController:
     def _proven(self, key: Key, st: TemplateRewrite, rule: str, new_sql: str) -> None:
         st.rule = rule
         st.proven += 1
-        self.verdicts[key] = (rule, new_sql)
+        self._verdict(key, (rule, new_sql))
+
+    def _verdict(self, key: Key, verdict: tuple[str, str] | None) -> None:
+        """Remember what a text came to (the oldest verdicts go first past 20,000 texts)."""
+        self.verdicts[key] = verdict
         if len(self.verdicts) > 20_000:
             self.verdicts.popitem(last=False)
 
     def _reject(self, key: Key, st: TemplateRewrite, rule: str, reason: str) -> None:
         st.disabled = True
-        self.verdicts[key] = None
+        self._verdict(key, None)
         self.log.warning("rewrite disabled: results differ", rule=rule,
                          fingerprint=st.fingerprint, reason=reason)  # fmt: skip
         self.history.append(self._decision(st, rule, "reject", "rejected", reason))
@@ -325,13 +329,13 @@ class RewriteController:
         st = self._template(sql)
         candidates = self._candidates(sql, st)
         if not candidates:
-            self.verdicts[sql] = None
+            self._verdict(sql, None)
             return
         base = await _cost(conn, sql)
         priced = [(await _cost(conn, new), rule, new) for rule, new in candidates]
         priced = [p for p in priced if base is not None and p[0] is not None and p[0] < base]
         if not priced:
-            self.verdicts[sql] = None
+            self._verdict(sql, None)
             return
         _, rule, new_sql = min(priced, key=lambda p: p[0])
         if await _columns(conn, sql) != await _columns(conn, new_sql):
@@ -358,7 +362,7 @@ class RewriteController:
         st = self._template(sql)
         candidates = self._candidates(sql, st)
         if not candidates:
-            self.verdicts[key] = None
+            self._verdict(key, None)
             return
         names = await conn.fetchval(
             "SELECT array_agg(CASE WHEN o = 0 THEN 'unknown' ELSE format_type(o, NULL) END"
@@ -382,11 +386,11 @@ class RewriteController:
         try:
             resolved = await prepare("pgsage_rw_o", sql)
             if resolved is None:
-                self.verdicts[key] = None
+                self._verdict(key, None)
                 return
             literal_sets = _literal_sets(sets, resolved)
             if not literal_sets:
-                self.verdicts[key] = None  # no value set it could be proven with
+                self._verdict(key, None)  # no value set it could be proven with
                 return
             first = literal_sets[0]
 
@@ -404,7 +408,7 @@ class RewriteController:
                 if base is not None and price is not None and price < base:
                     priced.append((price, rule, new_sql, name))
             if not priced:
-                self.verdicts[key] = None
+                self._verdict(key, None)
                 return
             _, rule, new_sql, name = min(priced, key=lambda p: p[0])
             if await _columns(conn, f"EXECUTE pgsage_rw_o {first}") != await _columns(

@@ -244,6 +244,8 @@ def test_two_instances_sharing_redis_never_serve_stale_rows(
         psycopg.connect(b.dsn(gold_db), autocommit=True) as writer_b,
     ):
         assert via_a.execute(read).fetchone() == ("v41",)
+        # A stores into Redis after it has answered (off the relay): wait for the store
+        _wait(lambda: a.server.cache is not None and a.server.cache.stores >= 1)
         assert via_b.execute(read).fetchone() == ("v41",)  # stored by A, served to B
         assert b.records[-1].execution.cache_hit
         for i in range(60):
