@@ -23,10 +23,12 @@ proxy applies periodically off the hot path, comparing an arm with the holdout e
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Bao's idea, PostgreSQL's switches: the stock planner plus hint sets that turn operators off
 ARMS: dict[str, tuple[str, ...]] = {
@@ -101,6 +103,8 @@ class TemplateState:
     samples: dict[str, list[float]] = field(default_factory=dict)
     fingerprint: str | None = None
     decisions: int = 0
+    #: the plans of its arms were compared (arms with the plan of another were retired)
+    plans_checked: bool = False
 
     def live(self, disabled: Iterable[str] = ()) -> list[str]:
         off = set(disabled)
@@ -176,6 +180,25 @@ class Policy:
                 return f"converged:{leader}"
         return None
 
+    def same_plans(self, st: TemplateState, shapes: dict[str, Hashable]) -> list[str]:
+        """Retire the arms whose plan (its shape, from EXPLAIN under the arm's switches) is
+        stock's or an earlier arm's: trying them would measure the same plan again. Returns
+        the arms retired. Bao compares the plans of its hint sets the same way."""
+        seen = {shapes[STOCK]} if STOCK in shapes else set()
+        out = []
+        for arm in ARMS:
+            if arm == STOCK or arm not in shapes:
+                continue
+            if shapes[arm] in seen and arm not in st.retired:
+                st.retired.add(arm)
+                out.append(arm)
+                if st.converged == arm:  # converged on a plan it already had: nothing to try
+                    st.converged = None
+            seen.add(shapes[arm])
+        if out and st.converged is None and all(a in st.retired for a in ARMS if a != STOCK):
+            st.converged = STOCK  # no switch changes its plan: nothing to explore
+        return out
+
     def _leader(self, st: TemplateState, rng: random.Random) -> str | None:
         live = [a for a in st.live() if st.arms[a].n >= self.min_pulls]
         if len(live) < 2:
@@ -214,3 +237,23 @@ def _median(values: Sequence[float]) -> float:
     s = sorted(values)
     n = len(s)
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+#: what makes two plans the same plan (not their estimates)
+_SHAPE_KEYS = ("Node Type", "Join Type", "Strategy", "Relation Name", "Index Name",
+               "Scan Direction", "Parent Relationship", "Sort Key", "Hash Cond", "Merge Cond",
+               "Join Filter", "Index Cond", "Filter")  # fmt: skip
+
+
+def plan_shape(explain_output: Any) -> Hashable:
+    """The shape of an EXPLAIN (FORMAT JSON) plan: node types, relations, indexes and
+    conditions, children in order; costs and row estimates left out."""
+    doc = json.loads(explain_output) if isinstance(explain_output, str | bytes) else explain_output
+    if isinstance(doc, list):
+        doc = doc[0]
+
+    def shape(node: dict[str, Any]) -> tuple[Any, ...]:
+        own = tuple(str(node.get(k)) for k in _SHAPE_KEYS)
+        return own + tuple(shape(child) for child in node.get("Plans", ()))
+
+    return shape(doc["Plan"])

@@ -90,6 +90,10 @@ class Service:
             self.proxy.rewriter.connect = partial(
                 metadata.connect, self.metadata_args, "pgsage-rewrite"
             )
+        if self.proxy.steering is not None:
+            self.proxy.steering.connect = partial(
+                metadata.connect, self.metadata_args, "pgsage-steering"
+            )
         self.migrations_applied: list[str] | None = None
         self.capabilities: dict[str, bool] = {}
         self.http: Any = None
@@ -148,6 +152,8 @@ class Service:
             self.load_probe.start()
         if self.proxy.rewriter is not None:
             self.proxy.rewriter.start()
+        if self.proxy.steering is not None:
+            self.proxy.steering.start()
         await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
@@ -180,6 +186,8 @@ class Service:
             await self.load_probe.stop()
         if self.proxy.rewriter is not None:
             await self.proxy.rewriter.stop()
+        if self.proxy.steering is not None:
+            await self.proxy.steering.stop()
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)

@@ -288,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
             if prepared and not nparams:
                 self.steer = ("", "", "skip")
                 sql = None
-            decision = ctl.decide(sql) if sql is not None else None
+            decision = ctl.decide(sql, self.info.database) if sql is not None else None
             if decision is not None:
                 self.steer = decision
                 arm, mode = decision[1], decision[2]

@@ -15,25 +15,35 @@ execution (no exploration, no holdout; logged as `pin:ARM`) until the index is r
 
 The session applies an arm by sending `SET enable_... = off` before the statement and `RESET`
 after it on the client's own connection, swallowing both replies (see session.py).
+
+Same plans: when a template of the warehouse database first becomes eligible, a background task
+EXPLAINs its text under every arm's switches on pgsage's own read-only connection; arms whose
+plan is stock's (or an earlier arm's) are retired before they are tried (`Policy.same_plans`).
+Texts with $n parameters are left to exploration: their plans depend on the values.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from models.steering import ARMS, STOCK, Policy, TemplateState, mann_whitney
+from models.steering import ARMS, STOCK, Policy, TemplateState, mann_whitney, plan_shape
 from optimizer.fingerprint import compute_fingerprint, literal_key
 
+from .log import get_logger
 from .settings import Settings
 
 _SELECT = re.compile(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(?:select|with)\b", re.I | re.S)
 _WRITES = re.compile(r"\b(?:insert|update|delete|merge|into|for\s+update|for\s+share)\b", re.I)
+_PARAMETER = re.compile(r"\$\d")
 HOLDOUT, STEER, DRY_RUN, PIN = "holdout", "steer", "dry_run", "pin"
 
 
@@ -49,13 +59,19 @@ class SteeringController:
         self.pins: dict[str, str] = {}
         self.decisions = 0
         self.applied = 0
+        #: pgsage's own connection to the warehouse (set by the service): plans of the arms
+        self.connect: Callable[[], Awaitable[Any]] | None = None
+        self.plans: asyncio.Queue[tuple[str, str]] | None = None
+        self.same_plan_retired = 0
+        self._task: asyncio.Task[None] | None = None
         if registry is not None:
             self.m_decisions = Counter(
                 "pgsage_steering_decisions", "Steering decisions by mode", ["mode"],
                 registry=registry,
             )  # fmt: skip
             self.m_events = Counter(
-                "pgsage_steering_events", "Arms retired, converged, validated, withdrawn",
+                "pgsage_steering_events",
+                "Arms retired, converged, validated, withdrawn, retired for a plan seen before",
                 ["event"], registry=registry,
             )  # fmt: skip
             Gauge("pgsage_steering_templates", "Templates with steering state",
@@ -89,7 +105,7 @@ class SteeringController:
 
     # ---------------------------------------------------------------- decisions
 
-    def decide(self, sql: str) -> tuple[str, str, str] | None:
+    def decide(self, sql: str, database: str | None = None) -> tuple[str, str, str] | None:
         """(key, arm, mode) for a statement about to run, or None (not steered)."""
         s = self.settings
         if not s.steering_active:
@@ -115,6 +131,13 @@ class SteeringController:
             return None
         if stock.n and _ms(stock.mean) < s.steering_min_ms and st.converged is None:
             return None
+        if not st.plans_checked:
+            st.plans_checked = True
+            plans = self.plans
+            mine = database == s.warehouse_database  # the database pgsage's connection is in
+            if plans is not None and mine and not _PARAMETER.search(sql):
+                with contextlib.suppress(asyncio.QueueFull):
+                    plans.put_nowait((key, sql))
         self.decisions += 1
         st.decisions += 1
         holdout = s.steering_holdout
@@ -160,6 +183,44 @@ class SteeringController:
         event = self.policy.update(st, STOCK if mode == DRY_RUN else arm, ms, self.rng)
         if event is not None and self.m_events is not None:
             self.m_events.labels(event.split(":", 1)[0]).inc()
+
+    # ---------------------------------------------------------------- same plans
+
+    def start(self) -> None:
+        if self.connect is not None:
+            self.plans = asyncio.Queue(maxsize=500)
+            self._task = asyncio.ensure_future(self._compare_plans())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _compare_plans(self) -> None:
+        assert self.connect is not None and self.plans is not None
+        log = get_logger("pgsage.steering")
+        conn = None
+        while True:
+            key, sql = await self.plans.get()
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await self.connect()
+                    await conn.execute("SET default_transaction_read_only = on;"
+                                       " SET statement_timeout = 5000")  # fmt: skip
+                shapes = await arm_plans(conn, sql)
+            except Exception as exc:  # a text that does not plan here: explore as before
+                log.info("arm plans not compared", error=str(exc)[:200])
+                if conn is not None and conn.is_closed():
+                    conn = None
+                continue
+            st = self.states.get(key)
+            if st is None:
+                continue
+            dropped = self.policy.same_plans(st, shapes)
+            self.same_plan_retired += len(dropped)
+            if dropped and self.m_events is not None:
+                self.m_events.labels("same_plan").inc(len(dropped))
 
     # ---------------------------------------------------------------- A/B against holdout
 
@@ -242,6 +303,18 @@ class SteeringController:
         out.sort(key=lambda r: -r[0])
         rows = [row for _, row in out]
         return rows if limit is None else rows[:limit]
+
+
+async def arm_plans(conn: Any, sql: str) -> dict[str, Any]:
+    """The plan shape of `sql` under each arm's switches (SET LOCAL in a transaction of its
+    own, rolled back)."""
+    shapes = {}
+    for arm, switches in ARMS.items():
+        async with conn.transaction():
+            for name in switches:  # names of ARMS, never client input
+                await conn.execute(f"SET LOCAL {name} = off")
+            shapes[arm] = plan_shape(await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql))
+    return shapes
 
 
 def _ms(log_ms: float) -> float:

@@ -623,7 +623,7 @@ def test_the_learned_parts_on_the_board_are_at_work(stack):
     events = {k.split(":", 1)[1]: v for k, v in m.items()
               if k.startswith("pgsage_steering_events_total:")}  # fmt: skip
     assert m["pgsage_steering_events_total"] > 0 and events, events
-    assert set(events) <= {"retired", "converged", "validate", "revert"}, events
+    assert set(events) <= {"retired", "converged", "validate", "revert", "same_plan"}, events
     assert m["pgsage_anomalies_total:latency"] > 0 and m["pgsage_anomaly_incidents_open"] > 0
     assert m["pgsage_forecast_queries:total"] > 0
     assert 1.0 <= m["pgsage_cost_prediction_qerror"] < 100

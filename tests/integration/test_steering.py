@@ -139,3 +139,52 @@ def test_ab_decision_goes_to_the_optimisation_history(make_service: Any, misled_
 
     template = "SELECT id, pad FROM t4 WHERE cat = $1 ORDER BY id LIMIT 20"
     assert asyncio.run(_steering_status(svc.port, [("q", template, (7,))])) == {"q": "validated"}
+
+
+def test_arms_whose_plan_is_stocks_are_retired_before_they_are_tried(make_service: Any) -> None:
+    """`pgsage serve` EXPLAINs a newly eligible template under every arm on its own connection:
+    a one-table aggregate plans the same with any join switch off, so those arms are retired
+    untried; the join's arms that change its plan stay in play."""
+    from proxy.steering import arm_plans
+
+    svc = make_service(steering_enabled=True, steering_min_ms=0.1, steering_seed=2)
+    with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE one (id int PRIMARY KEY, v text);"
+            " INSERT INTO one SELECT i, md5(i::text) FROM generate_series(1, 20000) i;"
+            " CREATE TABLE two (id int, one_id int);"
+            " INSERT INTO two SELECT i, i % 20000 + 1 FROM generate_series(1, 20000) i;"
+            " ANALYZE one; ANALYZE two;"
+        )
+    ctl = svc.service.proxy.steering
+    scan = "SELECT count(*) FROM one WHERE v LIKE 'a%'"
+    with psycopg.connect(svc.dsn(svc.database), autocommit=True) as c:
+        for _ in range(4):  # three stock runs make it eligible; the fourth queues the EXPLAINs
+            c.execute(scan, prepare=False)
+        deadline = time.monotonic() + 20
+        while ctl.same_plan_retired < 5:
+            assert time.monotonic() < deadline, (ctl.rows(), ctl.same_plan_retired)
+            time.sleep(0.05)
+        (state,) = [st for k, st in ctl.states.items() if k.startswith("SELECT count(*)")]
+        # a sequential scan and an aggregate: no switch changes them
+        assert state.converged == "stock" and state.live() == ["stock"]
+        tried = {a: v.n for a, v in state.arms.items() if a != "stock"}
+        for _ in range(20):
+            c.execute(scan, prepare=False)
+        assert {a: v.n for a, v in state.arms.items() if a != "stock"} == tried  # none again
+
+    async def plans() -> dict[str, Any]:
+        import asyncpg
+
+        from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER
+
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER,
+                                     database=svc.database)  # fmt: skip
+        try:
+            return await arm_plans(conn, "SELECT * FROM one JOIN two ON two.one_id = one.id")
+        finally:
+            await conn.close()
+
+    shapes = asyncio.run(plans())
+    assert len(set(shapes.values())) >= 2  # the join's switches change its plan
+    assert shapes["no_hashjoin"] != shapes["stock"]

@@ -13,6 +13,7 @@ from models.steering import (
     Policy,
     TemplateState,
     mann_whitney,
+    plan_shape,
     reset_sql,
     set_sql,
     welch_t,
@@ -208,3 +209,37 @@ def test_show_steering_lists_every_template_the_most_executed_first() -> None:
     pulls = [int(r[2].split("/")[-1]) for r in rows]  # "stock=30.0ms/N"
     assert pulls == sorted(pulls, reverse=True) and pulls[0] == 9 and pulls[-1] == 3
     assert len(ctl.rows(limit=10)) == 10
+
+
+def _plan(node: str, *children: dict, **extra: str) -> dict:
+    out: dict = {"Node Type": node, "Total Cost": 1.0, "Plan Rows": 10, **extra}
+    if children:
+        out["Plans"] = list(children)
+    return out
+
+
+def test_arms_with_a_plan_seen_before_are_retired_untried() -> None:
+    scan = [{"Plan": _plan("Seq Scan", **{"Relation Name": "t"})}]
+    costlier = [{"Plan": _plan("Seq Scan", **{"Relation Name": "t", "Total Cost": 9e9})}]
+    by_index = [{"Plan": _plan("Index Scan", **{"Relation Name": "t", "Index Name": "t_pk"})}]
+    assert plan_shape(scan) == plan_shape(costlier)  # estimates are not the plan
+    assert plan_shape(scan) != plan_shape(by_index)
+    shapes = {a: plan_shape(scan) for a in ARMS}
+    shapes["no_indexscan"] = plan_shape(by_index)  # (only to have one that differs)
+    st = TemplateState()
+    assert Policy().same_plans(st, shapes) == ["no_nestloop", "no_hashjoin", "no_mergejoin",
+                                               "hash_only"]  # fmt: skip
+    assert st.converged is None and st.live() == [STOCK, "no_indexscan"]
+    # two arms sharing a plan that is not stock's: the first is kept, the second retired
+    join = [{"Plan": _plan("Hash Join", _plan("Seq Scan"), _plan("Hash"))}]
+    shapes = {a: plan_shape(scan) for a in ARMS}
+    shapes["no_nestloop"] = shapes["hash_only"] = plan_shape(join)
+    st = TemplateState()
+    assert "hash_only" in Policy().same_plans(st, shapes)
+    assert st.live() == [STOCK, "no_nestloop"]
+    # no switch changes the plan: nothing to explore, the template runs stock
+    st = TemplateState()
+    Policy().same_plans(st, {a: plan_shape(scan) for a in ARMS})
+    assert st.converged == STOCK and st.live() == [STOCK]
+    rng = random.Random(1)
+    assert {Policy().choose(st, rng) for _ in range(50)} == {STOCK}
