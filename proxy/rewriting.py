@@ -40,10 +40,9 @@ from models.steering import mann_whitney
 from optimizer.equivalence import shadow_check
 from optimizer.fingerprint import compute_fingerprint, literal_key
 from optimizer.rules import RuleContext, rewrite
-from optimizer.whatif import quote_literal
 
 from .log import get_logger
-from .protocol.binary import Unsupported, as_text
+from .prepared import Prepared, ValueSet, literal_sets
 from .protocol.frontend import Bind
 from .settings import Settings
 from .steering import _SELECT, _WRITES
@@ -52,8 +51,6 @@ HOLDOUT, APPLY, DRY_RUN = "holdout", "apply", "dry_run"
 
 #: a simple Query's text, or a Parse's (text, declared parameter type OIDs)
 Key = str | tuple[str, tuple[int, ...]]
-#: one Bind's values as sent: (format codes, values)
-ValueSet = tuple[tuple[int, ...], tuple[bytes | None, ...]]
 Decision = tuple[str | None, str, str]
 
 
@@ -364,45 +361,26 @@ class RewriteController:
         if not candidates:
             self._verdict(key, None)
             return
-        names = await conn.fetchval(
-            "SELECT array_agg(CASE WHEN o = 0 THEN 'unknown' ELSE format_type(o, NULL) END"
-            " ORDER BY n) FROM unnest($1::oid[]) WITH ORDINALITY AS t(o, n)",
-            list(declared),
-        )  # fmt: skip
-        types = f" ({', '.join(names)})" if declared else ""
-        prepared: list[str] = []
-
-        async def prepare(name: str, text: str) -> list[int] | None:
-            try:
-                await conn.execute(f"PREPARE {name}{types} AS {text}")
-            except Exception:
-                return None
-            prepared.append(name)
-            oids = await conn.fetchval(
-                "SELECT parameter_types::oid[] FROM pg_prepared_statements WHERE name = $1", name
-            )
-            return list(oids or [])
-
-        try:
-            resolved = await prepare("pgsage_rw_o", sql)
+        async with Prepared(conn, declared) as stmts:
+            resolved = await stmts.prepare("pgsage_rw_o", sql)
             if resolved is None:
                 self._verdict(key, None)
                 return
-            literal_sets = _literal_sets(sets, resolved)
-            if not literal_sets:
+            values = literal_sets(sets, resolved)
+            if not values:
                 self._verdict(key, None)  # no value set it could be proven with
                 return
-            first = literal_sets[0]
+            first = values[0]
 
             async def cost(name: str) -> float | None:
-                costs = [await _cost(conn, f"EXECUTE {name} {args}") for args in literal_sets]
+                costs = [await _cost(conn, f"EXECUTE {name} {args}") for args in values]
                 return None if None in costs else sum(c for c in costs if c is not None)
 
             base = await cost("pgsage_rw_o")
             priced = []
             for i, (rule, new_sql) in enumerate(candidates):
                 name = f"pgsage_rw_{i}"
-                if await prepare(name, new_sql) != resolved:
+                if await stmts.prepare(name, new_sql) != resolved:
                     continue  # parameters typed otherwise: a client would see the difference
                 price = await cost(name)
                 if base is not None and price is not None and price < base:
@@ -423,15 +401,11 @@ class RewriteController:
                 stmt = await conn.prepare(f"EXECUTE {statement} {params[0]}")
                 return list(await stmt.fetch())
 
-            result = await shadow_check(run, "pgsage_rw_o", name, [(v,) for v in literal_sets])
+            result = await shadow_check(run, "pgsage_rw_o", name, [(v,) for v in values])
             if not result.equivalent:
                 self._reject(key, st, rule, result.reason)
                 return
             self._proven(key, st, rule, new_sql)
-        finally:
-            for name in prepared:
-                with contextlib.suppress(Exception):
-                    await conn.execute(f"DEALLOCATE {name}")
 
     # ---------------------------------------------------------------- A/B
 
@@ -495,32 +469,6 @@ def _rule_names() -> list[str]:
     from optimizer.rules import RULES
 
     return list(RULES)
-
-
-def _literal_sets(sets: list[ValueSet], types: list[int]) -> list[str]:
-    """Each value set as EXECUTE's argument list, '(lit, ...)' ('' without parameters); sets
-    with a binary value of a type without a text rendering, or of the wrong arity, are left
-    out."""
-    out: list[str] = []
-    for formats, values in sets:
-        if len(values) != len(types):
-            continue
-        try:
-            lits = []
-            for i, raw in enumerate(values):
-                fmt = formats[i] if len(formats) > 1 else formats[0] if formats else 0
-                if raw is None:
-                    lits.append("NULL")
-                elif fmt == 1:
-                    lits.append(quote_literal(as_text(types[i], raw)))
-                else:
-                    lits.append(quote_literal(raw.decode("utf-8")))
-        except (Unsupported, UnicodeDecodeError, ValueError):
-            continue
-        args = f"({', '.join(lits)})" if lits else ""
-        if args not in out:
-            out.append(args)
-    return out
 
 
 async def _columns(conn: Any, sql: str) -> list[tuple[str, int]] | None:

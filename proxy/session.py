@@ -289,6 +289,12 @@ class ClientConnection(asyncio.Protocol):
                 self.steer = ("", "", "skip")
                 sql = None
             decision = ctl.decide(sql, self.info.database) if sql is not None else None
+            if decision is not None and ctl.awaiting and decision[0] in ctl.awaiting:
+                req = extended_request(data)  # a template with $n: its plans need values
+                if req is not None and req.bind is not None:
+                    declared = req.parse.param_types if req.parse is not None else ()
+                    values = (req.bind.param_formats, req.bind.params)
+                    ctl.lend_values(decision[0], declared, values)
             if decision is not None:
                 self.steer = decision
                 arm, mode = decision[1], decision[2]

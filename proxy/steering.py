@@ -19,7 +19,8 @@ after it on the client's own connection, swallowing both replies (see session.py
 Same plans: when a template of the warehouse database first becomes eligible, a background task
 EXPLAINs its text under every arm's switches on pgsage's own read-only connection; arms whose
 plan is stock's (or an earlier arm's) are retired before they are tried (`Policy.same_plans`).
-Texts with $n parameters are left to exploration: their plans depend on the values.
+A text with $n parameters is planned with the values of its first eligible Bind (PREPARE with
+the Parse's declared types, EXPLAIN EXECUTE with a custom plan, as steered executions run).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from models.steering import ARMS, STOCK, Policy, TemplateState, mann_whitney, pl
 from optimizer.fingerprint import compute_fingerprint, literal_key
 
 from .log import get_logger
+from .prepared import Prepared, ValueSet, literal_sets
 from .settings import Settings
 
 _SELECT = re.compile(r"^\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(?:select|with)\b", re.I | re.S)
@@ -61,7 +63,10 @@ class SteeringController:
         self.applied = 0
         #: pgsage's own connection to the warehouse (set by the service): plans of the arms
         self.connect: Callable[[], Awaitable[Any]] | None = None
-        self.plans: asyncio.Queue[tuple[str, str]] | None = None
+        self.plans: asyncio.Queue[tuple[str, str, tuple[int, ...], ValueSet | None]] | None
+        self.plans = None
+        #: templates with $n parameters waiting for a Bind's values to compare plans with
+        self.awaiting: dict[str, str] = {}
         self.same_plan_retired = 0
         self._task: asyncio.Task[None] | None = None
         if registry is not None:
@@ -135,9 +140,13 @@ class SteeringController:
             st.plans_checked = True
             plans = self.plans
             mine = database == s.warehouse_database  # the database pgsage's connection is in
-            if plans is not None and mine and not _PARAMETER.search(sql):
-                with contextlib.suppress(asyncio.QueueFull):
-                    plans.put_nowait((key, sql))
+            if plans is not None and mine:
+                if _PARAMETER.search(sql):
+                    if len(self.awaiting) < 500:
+                        self.awaiting[key] = sql  # the session lends its Bind's values
+                else:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        plans.put_nowait((key, sql, (), None))
         self.decisions += 1
         st.decisions += 1
         holdout = s.steering_holdout
@@ -186,6 +195,13 @@ class SteeringController:
 
     # ---------------------------------------------------------------- same plans
 
+    def lend_values(self, key: str, declared: tuple[int, ...], values: ValueSet) -> None:
+        """The values of an eligible execution of a template awaiting them (`awaiting`)."""
+        sql = self.awaiting.pop(key, None)
+        if sql is not None and self.plans is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.plans.put_nowait((key, sql, declared, values))
+
     def start(self) -> None:
         if self.connect is not None:
             self.plans = asyncio.Queue(maxsize=500)
@@ -202,13 +218,22 @@ class SteeringController:
         log = get_logger("pgsage.steering")
         conn = None
         while True:
-            key, sql = await self.plans.get()
+            key, sql, declared, values = await self.plans.get()
             try:
                 if conn is None or conn.is_closed():
                     conn = await self.connect()
                     await conn.execute("SET default_transaction_read_only = on;"
-                                       " SET statement_timeout = 5000")  # fmt: skip
-                shapes = await arm_plans(conn, sql)
+                                       " SET statement_timeout = 5000;"
+                                       " SET standard_conforming_strings = on")  # fmt: skip
+                if values is None:
+                    shapes = await arm_plans(conn, sql)
+                else:
+                    async with Prepared(conn, declared) as stmts:
+                        resolved = await stmts.prepare("pgsage_arm", sql)
+                        args = literal_sets([values], resolved) if resolved is not None else []
+                        if not args:
+                            continue  # values it cannot render: explore as before
+                        shapes = await arm_plans(conn, f"EXECUTE pgsage_arm {args[0]}", True)
             except Exception as exc:  # a text that does not plan here: explore as before
                 log.info("arm plans not compared", error=str(exc)[:200])
                 if conn is not None and conn.is_closed():
@@ -305,14 +330,16 @@ class SteeringController:
         return rows if limit is None else rows[:limit]
 
 
-async def arm_plans(conn: Any, sql: str) -> dict[str, Any]:
+async def arm_plans(conn: Any, sql: str, custom: bool = False) -> dict[str, Any]:
     """The plan shape of `sql` under each arm's switches (SET LOCAL in a transaction of its
-    own, rolled back)."""
+    own, rolled back); `custom`: an EXECUTE, planned for its values as steered runs are."""
     shapes = {}
     for arm, switches in ARMS.items():
         async with conn.transaction():
             for name in switches:  # names of ARMS, never client input
                 await conn.execute(f"SET LOCAL {name} = off")
+            if custom:
+                await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
             shapes[arm] = plan_shape(await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql))
     return shapes
 

@@ -173,6 +173,29 @@ def test_arms_whose_plan_is_stocks_are_retired_before_they_are_tried(make_servic
             c.execute(scan, prepare=False)
         assert {a: v.n for a, v in state.arms.items() if a != "stock"} == tried  # none again
 
+    # the same through asyncpg: $1 bound in binary to a named statement; the plans are
+    # compared with the values of its first eligible execution
+    async def bound() -> None:
+        import asyncpg
+
+        from tests.fix_proxy import PG_USER
+
+        conn = await asyncpg.connect(host=svc.host, port=svc.port, user=PG_USER,
+                                     database=svc.database)  # fmt: skip
+        try:
+            for _ in range(4):
+                await conn.fetch("SELECT count(*) FROM one WHERE v LIKE $1 AND id > $2", "b%", 7)
+        finally:
+            await conn.close()
+
+    asyncio.run(bound())
+    deadline = time.monotonic() + 20
+    while ctl.same_plan_retired < 10:
+        assert time.monotonic() < deadline, (ctl.rows(), ctl.same_plan_retired, ctl.awaiting)
+        time.sleep(0.05)
+    (state,) = [st for k, st in ctl.states.items() if "LIKE $1" in k]
+    assert state.converged == "stock" and not ctl.awaiting
+
     async def plans() -> dict[str, Any]:
         import asyncpg
 
