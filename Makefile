@@ -26,7 +26,7 @@ run: $(VENV)/.installed-run
 test: $(VENV)/.installed-test
 	bash scripts/system-deps.sh
 	$(MAKE) lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
