@@ -89,32 +89,20 @@ class RewriteController:
 
     # ---------------------------------------------------------------- hot path
 
-    def decide(self, sql: str, database: str | None) -> Decision | None:
-        """(text to send or None for the original, rule, mode) for a Query about to run."""
-        s = self.settings
-        if not s.rewrite_active or database != s.warehouse_database:
-            return None
-        verdict = self.verdicts.get(sql, False)
-        if verdict is False:
-            self._enqueue(sql)
-            return None
-        if verdict is None:
-            return None
-        return self._mode(sql, verdict)
-
-    def decide_parse(
-        self, sql: str, types: tuple[int, ...], database: str | None
+    def decide(
+        self, sql: str, database: str | None, types: tuple[int, ...] | None = None
     ) -> Decision | None:
-        """As `decide`, for a Parse of `sql` declaring parameter types `types`. A text not seen
-        before starts gathering value sets (`offer`)."""
+        """(text to send or None for the original, rule, mode) for a Query about to run, or for
+        a Parse of `sql` declaring parameter types `types`. A text not seen before is queued
+        for analysis (a Parse's first gathers the value sets it is proven with: `offer`)."""
         s = self.settings
         if not s.rewrite_active or database != s.warehouse_database:
             return None
-        key = (sql, types)
+        key: Key = sql if types is None else (sql, types)
         verdict = self.verdicts.get(key, False)
         if verdict is False:
-            if key not in self.pending and key not in self._queued:
-                self._gather(key)
+            if key not in self._queued and key not in self.pending:
+                self._consider(key)
             return None
         if verdict is None:
             return None
@@ -145,19 +133,23 @@ class RewriteController:
             self.pending.pop(key, None)  # the queue is full: forget it, gather again later
             self._offers.pop(key, None)
 
-    def _gather(self, key: tuple[str, tuple[int, ...]]) -> None:
-        sql = key[0]
-        if not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql:
-            self._verdict(key, None)
-            return
+    def _consider(self, key: Key) -> None:
+        """A text seen for the first time: nothing to do unless it is a read-only SELECT of a
+        template not disabled; a Query's text is queued, a Parse's starts gathering values."""
+        sql = key if isinstance(key, str) else key[0]
         st = self.templates.get(literal_key(sql))
-        if st is not None and st.disabled:
+        if (not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql
+                or (st is not None and st.disabled)):  # fmt: skip
             self._verdict(key, None)
-            return
-        if len(self.pending) >= 1000:
-            old, _ = self.pending.popitem(last=False)
-            self._offers.pop(old, None)
-        self.pending[key] = []
+        elif isinstance(key, tuple):
+            if len(self.pending) >= 1000:
+                old, _ = self.pending.popitem(last=False)
+                self._offers.pop(old, None)
+            self.pending[key] = []
+        elif len(self._queued) <= 10_000:
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(key)
+                self._queued.add(key)
 
     def _mode(self, sql: str, verdict: tuple[str, str]) -> Decision | None:
         s = self.settings
@@ -172,21 +164,6 @@ class RewriteController:
         if s.rewrite_dry_run:
             return None, rule, DRY_RUN
         return new_sql, rule, APPLY
-
-    def _enqueue(self, sql: str) -> None:
-        if sql in self._queued or len(self._queued) > 10_000:
-            return
-        if not _SELECT.match(sql) or _WRITES.search(sql) or "pgsage:off" in sql:
-            self._verdict(sql, None)
-            return
-        key = literal_key(sql)
-        st = self.templates.get(key)
-        if st is not None and st.disabled:
-            self._verdict(sql, None)
-            return
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(sql)
-            self._queued.add(sql)
 
     def observe(self, sql: str | None, decision: Decision | None, ms: float) -> None:
         if sql is None or decision is None:

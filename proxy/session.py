@@ -251,19 +251,21 @@ class ClientConnection(asyncio.Protocol):
         req = extended_request(data)
         if req is None:
             return False
-        parse, bind = req.parse, req.bind
+        parse = req.parse
         decision = None
         if parse is not None:
             key = (parse.sql, parse.param_types)
-            decision = rewriter.decide_parse(parse.sql, parse.param_types, self.info.database)
+            decision = rewriter.decide(parse.sql, self.info.database, parse.param_types)
             self.rw_statements[parse.name] = (key, decision)
-        if bind is not None:
-            entry = self.rw_statements.get(bind.statement)
+        if req.bind_statement is not None:
+            entry = self.rw_statements.get(req.bind_statement)
             if entry is not None:
                 if entry[1] is not None:
                     self.rewrite = entry[1]  # this execution is observed for the A/B
                 elif rewriter.wants(entry[0]):
-                    rewriter.offer(entry[0], bind)
+                    bind = req.bind(data)  # its values, decoded only while they are wanted
+                    if bind is not None:
+                        rewriter.offer(entry[0], bind)
         if parse is None or decision is None or decision[0] is None:
             return False
         start, end = req.parse_span
@@ -291,10 +293,10 @@ class ClientConnection(asyncio.Protocol):
             decision = ctl.decide(sql, self.info.database) if sql is not None else None
             if decision is not None and ctl.awaiting and decision[0] in ctl.awaiting:
                 req = extended_request(data)  # a template with $n: its plans need values
-                if req is not None and req.bind is not None:
+                bind = req.bind(data) if req is not None else None
+                if req is not None and bind is not None:
                     declared = req.parse.param_types if req.parse is not None else ()
-                    values = (req.bind.param_formats, req.bind.params)
-                    ctl.lend_values(decision[0], declared, values)
+                    ctl.lend_values(decision[0], declared, (bind.param_formats, bind.params))
             if decision is not None:
                 self.steer = decision
                 arm, mode = decision[1], decision[2]

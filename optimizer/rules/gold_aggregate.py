@@ -502,24 +502,26 @@ def _raw_timestamp_bound(part: exp.Expr, tr: _Translator) -> exp.Expr | None:
     return op(this=column_ref("sale_date"), expression=stamp)
 
 
-def _is_parameter(node: exp.Expr) -> bool:
-    """A $n parameter, possibly cast to date or timestamp."""
-    node = unparen(node)
-    while isinstance(node, exp.Cast):
-        if not any(node.to.is_type(t) for t in _DAY_CASTS):
-            return False
-        node = unparen(node.this)
-    return isinstance(node, exp.Parameter)
-
-
-def _date_literal(node: exp.Expr) -> dt.date | None:
-    """The day of a 'YYYY-MM-DD' (or 'YYYY-MM-DD 00:00:00') string literal, possibly cast to
-    date or timestamp (any number of times, as client-side binding writes it)."""
+def _under_day_casts(node: exp.Expr) -> exp.Expr | None:
+    """`node` without its casts to date or timestamp (any number of them, as client-side
+    binding writes them); None if another cast is in the way."""
     node = unparen(node)
     while isinstance(node, exp.Cast):
         if not any(node.to.is_type(t) for t in _DAY_CASTS):
             return None
         node = unparen(node.this)
+    return node
+
+
+def _is_parameter(node: exp.Expr) -> bool:
+    """A $n parameter, possibly cast to date or timestamp."""
+    return isinstance(_under_day_casts(node), exp.Parameter)
+
+
+def _date_literal(node: exp.Expr) -> dt.date | None:
+    """The day of a 'YYYY-MM-DD' (or 'YYYY-MM-DD 00:00:00') string literal, possibly cast to
+    date or timestamp."""
+    node = _under_day_casts(node)
     if not isinstance(node, exp.Literal) or not node.is_string:
         return None
     found = _DATE.fullmatch(str(node.this))

@@ -212,11 +212,23 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class ExtendedRequest:
     """An extended-protocol request ending in Sync, read for a rewrite: its one Parse (with the
-    Parse message's bounds in the chunk, to send another text in its place) and its one Bind."""
+    Parse message's bounds in the chunk, to send another text in its place) and the statement
+    its one Bind binds. The Bind's values are decoded only when asked for (`bind`)."""
 
     parse: Parse | None
     parse_span: tuple[int, int]  #: (first byte, end) of the Parse message in the chunk
-    bind: Bind | None
+    bind_statement: str | None  #: the statement name of its Bind (None: no Bind)
+    bind_span: tuple[int, int]  #: (payload start, end) of the Bind in the chunk
+
+    def bind(self, data: bytes) -> Bind | None:
+        """The Bind of `data` (the chunk this was read from), decoded in full."""
+        if self.bind_statement is None:
+            return None
+        start, end = self.bind_span
+        try:
+            return Bind.decode(data[start:end])
+        except ProtocolViolation:
+            return None
 
 
 def extended_request(data: bytes) -> ExtendedRequest | None:
@@ -227,19 +239,21 @@ def extended_request(data: bytes) -> ExtendedRequest | None:
     if not msgs or msgs[-1][0] not in (0x53, 0x48):  # S, H
         return None
     parse: Parse | None = None
-    bind: Bind | None = None
-    span = (0, 0)
-    try:
-        for t, start, end in msgs:
-            if t == 0x50:
-                if parse is not None:
-                    return None
+    statement: str | None = None
+    span = bind_span = (0, 0)
+    for t, start, end in msgs:
+        if t == 0x50:
+            if parse is not None:
+                return None
+            try:
                 parse = Parse.decode(data[start:end])
-                span = (start - 5, end)
-            elif t == 0x42:
-                if bind is not None:
-                    return None
-                bind = Bind.decode(data[start:end])
-    except ProtocolViolation:
-        return None  # the server says what is wrong with it
-    return ExtendedRequest(parse, span, bind)
+            except ProtocolViolation:
+                return None  # the server says what is wrong with it
+            span = (start - 5, end)
+        elif t == 0x42:
+            portal = _cstr(data, start, end)
+            name = _cstr(data, portal[1], end) if portal is not None else None
+            if statement is not None or name is None:
+                return None
+            statement, bind_span = name[0], (start, end)
+    return ExtendedRequest(parse, span, statement, bind_span)
