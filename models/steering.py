@@ -17,6 +17,18 @@ proxy sees every template's executions, so per-template posteriors are cheap and
   the A/B trial that judges the arm starts afresh (its samples and the holdout's cleared, so
   both come from the same period: latencies drift with the load).
 
+Warm start (Bao's model, here the cost predictor's): when a template becomes eligible the proxy
+EXPLAINs it under every arm and the cost model predicts each distinct plan's latency from its
+features (`TemplateState.predicted`: log-ratio to stock's plan). A prediction can bring an arm
+forward, never hold one back: an arm predicted faster has its posterior centred on stock's
+observed mean plus that log-ratio (clipped to `prior_clip`), with the weight the model's own
+error earns it (`prior_sd`: a log-latency sd from its held-out q-error), so it is tried first
+and a few real executions outweigh a wrong prediction. An arm predicted slower starts as it
+would without a model. The asymmetry is deliberate: the arms worth steering to are the
+planner's mistakes, and a model that reads the planner's own estimates calls every one of them
+slower (the misled `ORDER BY id LIMIT 20` of the tests costs 55x less under stock's plan and
+runs 10x slower); letting that hold the arm back would keep the mistake.
+
 Pure Python (the proxy calls it per eligible statement); `mann_whitney` is the A/B test the
 proxy applies periodically off the hot path, comparing an arm with the holdout executions.
 """
@@ -76,9 +88,12 @@ class ArmStats:
     def var(self) -> float:
         return self.m2 / (self.n - 1) if self.n > 1 else math.inf
 
-    def sample_mean(self, rng: random.Random, prior_mean: float, prior_var: float) -> float:
-        """A draw of the mean log latency from the Normal-Inverse-Gamma posterior."""
-        kappa0, alpha0 = 1.0, 2.0
+    def sample_mean(
+        self, rng: random.Random, prior_mean: float, prior_var: float, kappa0: float = 1.0
+    ) -> float:
+        """A draw of the mean log latency from the Normal-Inverse-Gamma posterior (`kappa0`:
+        the prior mean's weight, in observations)."""
+        alpha0 = 2.0
         beta0 = prior_var * (alpha0 - 1)
         kappa = kappa0 + self.n
         mu = (kappa0 * prior_mean + self.n * self.mean) / kappa
@@ -105,6 +120,12 @@ class TemplateState:
     decisions: int = 0
     #: the plans of its arms were compared (arms with the plan of another were retired)
     plans_checked: bool = False
+    #: arm -> the cost model's predicted log latency minus stock's (warm start; see above)
+    predicted: dict[str, float] = field(default_factory=dict)
+    #: arm -> offset of its posterior's mean from stock's: the predictions that bring it forward
+    prior: dict[str, float] = field(default_factory=dict)
+    #: the sd of the model's log-latency error: how much a prediction weighs
+    prior_sd: float = 0.5
 
     def live(self, disabled: Iterable[str] = ()) -> list[str]:
         off = set(disabled)
@@ -125,6 +146,8 @@ class Policy:
     quick_pulls: int = 2
     draws: int = 200
     max_samples: int = 200
+    #: a predicted ratio to stock beyond this factor (either way) counts as this factor
+    prior_clip: float = 4.0
 
     def choose(self, st: TemplateState, rng: random.Random, disabled: Sequence[str] = ()) -> str:
         if st.withdrawn:
@@ -139,8 +162,13 @@ class Policy:
         prior_var = stock.var if stock.n > 1 and math.isfinite(stock.var) else 1.0
         prior_var = max(prior_var, 0.05)
         best, best_mu = STOCK, math.inf
+        prior = st.prior
         for arm in live:
-            mu = st.arms[arm].sample_mean(rng, prior_mean, prior_var)
+            if arm in prior:
+                mu = st.arms[arm].sample_mean(rng, prior_mean + prior[arm], prior_var,
+                                              self._kappa(st, prior_var))  # fmt: skip
+            else:
+                mu = st.arms[arm].sample_mean(rng, prior_mean, prior_var)
             if mu < best_mu:
                 best, best_mu = arm, mu
         return best
@@ -199,6 +227,31 @@ class Policy:
             st.converged = STOCK  # no switch changes its plan: nothing to explore
         return out
 
+    def warm_start(
+        self, st: TemplateState, predicted_ms: dict[str, float], error_sd: float = 0.5
+    ) -> dict[str, float]:
+        """Take the cost model's predictions (ms per arm, stock included: only the ratios are
+        used, the level is the template's own observed mean) and its error's sd in log
+        latency. Returns the offsets that bring arms forward (those predicted faster)."""
+        base = predicted_ms.get(STOCK)
+        if base is None or not base > 0 or not math.isfinite(base):
+            return {}
+        clip = math.log(self.prior_clip)
+        st.predicted = {
+            arm: max(-clip, min(clip, math.log(ms / base)))
+            for arm, ms in predicted_ms.items()
+            if arm != STOCK and arm not in st.retired and ms > 0 and math.isfinite(ms)
+        }
+        st.prior = {arm: r for arm, r in st.predicted.items() if r < 0}
+        st.prior_sd = max(error_sd, 0.05)
+        return st.prior
+
+    @staticmethod
+    def _kappa(st: TemplateState, prior_var: float) -> float:
+        """The weight of a prediction in observations: the posterior's mean has the spread of
+        one execution divided by kappa, so kappa makes it the model's error."""
+        return min(1.0, max(0.05, prior_var / st.prior_sd**2))
+
     def _leader(self, st: TemplateState, rng: random.Random) -> str | None:
         live = [a for a in st.live() if st.arms[a].n >= self.min_pulls]
         if len(live) < 2:
@@ -208,7 +261,12 @@ class Policy:
         wins = dict.fromkeys(live, 0)
         head_start = math.log1p(self.min_gain)
         for _ in range(self.draws):
-            draws = {a: st.arms[a].sample_mean(rng, stock.mean, prior_var) for a in live}
+            kappa = self._kappa(st, prior_var)
+            draws = {
+                a: st.arms[a].sample_mean(rng, stock.mean + st.prior[a], prior_var, kappa)
+                if a in st.prior else st.arms[a].sample_mean(rng, stock.mean, prior_var)
+                for a in live
+            }  # fmt: skip
             if STOCK in draws:
                 draws[STOCK] -= head_start
             wins[min(draws, key=draws.__getitem__)] += 1

@@ -323,7 +323,7 @@ async def train_cost(
         _, _, test = time_split(len(data))
         test_frame = data.frame.iloc[test]
         active_entry = await registry.active(COST)
-        active = _load(active_entry)
+        active = load_cost_model(active_entry)
         ok, reason, detail = gate(card["metrics"], active, active_entry, test_frame, config)
         card["gate"] = {"active": detail}
         art.mkdir(parents=True, exist_ok=True)
@@ -334,7 +334,8 @@ async def train_cost(
     return await run_registered(COST, registry, card, work)
 
 
-def _load(entry: Entry | None) -> CostModel | None:
+def load_cost_model(entry: Entry | None) -> CostModel | None:
+    """The cost model of a registry row (None if it has no readable artifact)."""
     if entry is None or not entry.artifact_path:
         return None
     try:
@@ -352,7 +353,7 @@ def _model_file(entry: Entry) -> Any:
 async def load_active_cost_model(registry: Registry) -> tuple[CostModel, Entry] | None:
     """The serving side: the active cost model and its registry row (None if there is none)."""
     entry = await registry.active(COST)
-    model = _load(entry)
+    model = load_cost_model(entry)
     return None if model is None or entry is None else (model, entry)
 
 
@@ -374,5 +375,6 @@ __all__ = [
     "fit_cost_model",
     "gate",
     "load_active_cost_model",
+    "load_cost_model",
     "train_cost",
 ]

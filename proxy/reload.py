@@ -60,6 +60,7 @@ RELOADABLE = frozenset(
         "rewrite_literal_sets",
         "steering_active",
         "steering_dry_run",
+        "steering_warm_start",
         "steering_holdout",
         "steering_trial_holdout",
         "steering_min_ms",

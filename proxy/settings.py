@@ -233,6 +233,9 @@ class Settings(BaseSettings):
     #: an arm must cut the median by at least this share to stay
     steering_min_gain: float = Field(default=0.05, ge=0, lt=1)
     steering_eval_interval: float = Field(default=30.0, ge=1)
+    #: centre each arm's posterior on the active cost model's prediction for the arm's plan
+    #: (Bao's warm start; nothing changes while no cost model is active)
+    steering_warm_start: bool = True
 
     # ---- rewrites (optimizer/rules, proxy/rewriting.py): proven equivalent before use
     rewrite_enabled: bool = False

@@ -21,17 +21,30 @@ EXPLAINs its text under every arm's switches on pgsage's own read-only connectio
 plan is stock's (or an earlier arm's) are retired before they are tried (`Policy.same_plans`).
 A text with $n parameters is planned with the values of its first eligible Bind (PREPARE with
 the Parse's declared types, EXPLAIN EXECUTE with a custom plan, as steered executions run).
+
+Warm start: with `steering_warm_start` and an active cost model in the registry, the same task
+predicts the latency of each arm's plan that differs from stock's (the template's static
+features with that plan's features, `models.serve.serving_features`); an arm predicted faster
+is tried first (`Policy.warm_start`: why only faster), with the weight the model's held-out
+q-error earns its predictions. The model is
+read from the registry on pgsage's own connection, looked up again at most every
+`cost_refresh_interval` and loaded again (in a thread: LightGBM never blocks the relay) when
+another version became active.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import json
+import math
 import random
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -68,6 +81,13 @@ class SteeringController:
         #: templates with $n parameters waiting for a Bind's values to compare plans with
         self.awaiting: dict[str, str] = {}
         self.same_plan_retired = 0
+        #: templates whose arms the cost model warm-started
+        self.warm_started = 0
+        self._model: Any = None
+        self._model_version: tuple[str, int] | None = None
+        self._model_checked = -math.inf
+        self._model_sd = 0.5
+        self._static: Any = None
         self._task: asyncio.Task[None] | None = None
         if registry is not None:
             self.m_decisions = Counter(
@@ -76,7 +96,8 @@ class SteeringController:
             )  # fmt: skip
             self.m_events = Counter(
                 "pgsage_steering_events",
-                "Arms retired, converged, validated, withdrawn, retired for a plan seen before",
+                "Arms retired, converged, validated, withdrawn, retired for a plan seen before,"
+                " templates warm-started by the cost model",
                 ["event"], registry=registry,
             )  # fmt: skip
             Gauge("pgsage_steering_templates", "Templates with steering state",
@@ -226,14 +247,14 @@ class SteeringController:
                                        " SET statement_timeout = 5000;"
                                        " SET standard_conforming_strings = on")  # fmt: skip
                 if values is None:
-                    shapes = await arm_plans(conn, sql)
+                    plans = await explain_arms(conn, sql)
                 else:
                     async with Prepared(conn, declared) as stmts:
                         resolved = await stmts.prepare("pgsage_arm", sql)
                         args = literal_sets([values], resolved) if resolved is not None else []
                         if not args:
                             continue  # values it cannot render: explore as before
-                        shapes = await arm_plans(conn, f"EXECUTE pgsage_arm {args[0]}", True)
+                        plans = await explain_arms(conn, f"EXECUTE pgsage_arm {args[0]}", True)
             except Exception as exc:  # a text that does not plan here: explore as before
                 log.info("arm plans not compared", error=str(exc)[:200])
                 if conn is not None and conn.is_closed():
@@ -242,10 +263,64 @@ class SteeringController:
             st = self.states.get(key)
             if st is None:
                 continue
-            dropped = self.policy.same_plans(st, shapes)
+            dropped = self.policy.same_plans(st, {a: plan_shape(p) for a, p in plans.items()})
             self.same_plan_retired += len(dropped)
             if dropped and self.m_events is not None:
                 self.m_events.labels("same_plan").inc(len(dropped))
+            if self.settings.steering_warm_start and st.converged is None:
+                try:
+                    if await self._warm_start(conn, st, sql, plans) and self.m_events is not None:
+                        self.m_events.labels("warm_start").inc()
+                except Exception as exc:  # no prediction: the arms start from stock's mean
+                    log.info("arms not warm-started", error=str(exc)[:200])
+
+    async def _warm_start(self, conn: Any, st: TemplateState, sql: str,
+                          plans: dict[str, Any]) -> bool:  # fmt: skip
+        """Predict each live arm's plan with the active cost model; True when it set priors."""
+        arms = [a for a in plans if a == STOCK or a not in st.retired]
+        if len(arms) < 2:
+            return False
+        model = await self._cost_model(conn)
+        if model is None:
+            return False
+        import pandas as pd
+
+        from models.dataset import FEATURES, StaticFeatures
+        from models.serve import serving_features
+        from optimizer.features import plan_features
+
+        if self._static is None or len(self._static.computed) > 5_000:
+            self._static = StaticFeatures(None, conn)  # (its caches, bounded)
+        self._static.catalog_conn = conn
+        fp = compute_fingerprint(sql)
+        static = await self._static.features(fp.id, sql, fp.normalized)
+        now = datetime.now(UTC)
+        rows = [serving_features({**static, **plan_features(plans[a])}, None, now) for a in arms]
+        names = list(getattr(model, "feature_names_", FEATURES))
+        predicted = model.predict(pd.DataFrame(rows).reindex(columns=names).astype(float))
+        self.policy.warm_start(st, dict(zip(arms, map(float, predicted), strict=True)),
+                               self._model_sd)  # fmt: skip
+        if st.predicted:
+            self.warm_started += 1
+        return bool(st.predicted)
+
+    async def _cost_model(self, conn: Any) -> Any:
+        """The active cost model (looked up at most every `cost_refresh_interval`, when a
+        template becomes eligible; loaded again when another version became active)."""
+        now = time.monotonic()
+        if now - self._model_checked < self.settings.cost_refresh_interval:
+            return self._model
+        self._model_checked = now
+        train = await asyncio.to_thread(importlib.import_module, "models.train")
+        from models.registry import Registry, model_dir
+
+        entry = await Registry(conn, model_dir()).active(train.COST)
+        version = None if entry is None else (entry.name, entry.version)
+        if version != self._model_version:
+            self._model = await asyncio.to_thread(train.load_cost_model, entry)
+            self._model_version = version
+            self._model_sd = error_sd(entry.metrics if entry is not None else {})
+        return self._model
 
     # ---------------------------------------------------------------- A/B against holdout
 
@@ -321,7 +396,11 @@ class SteeringController:
                 else f"converged:{st.converged}" if st.converged
                 else "exploring" if st.decisions else "watching"
             )  # fmt: skip
-            arms = ", ".join(f"{a}={_ms(v.mean):.1f}ms/{v.n}" for a, v in st.arms.items() if v.n)
+            arms = ", ".join(
+                (f"{a}={_ms(v.mean):.1f}ms/{v.n}" if v.n else f"{a}=untried")
+                + (f" (model x{math.exp(st.predicted[a]):.2f})" if a in st.predicted else "")
+                for a, v in st.arms.items() if v.n or a in st.predicted
+            )  # fmt: skip
             row = (st.fingerprint, status, arms, ", ".join(sorted(st.retired)),
                    len(st.holdout), key[:120])  # fmt: skip
             out.append((sum(v.n for v in st.arms.values()) + len(st.holdout), row))
@@ -330,23 +409,38 @@ class SteeringController:
         return rows if limit is None else rows[:limit]
 
 
-async def arm_plans(conn: Any, sql: str, custom: bool = False) -> dict[str, Any]:
-    """The plan shape of `sql` under each arm's switches (SET LOCAL in a transaction of its
-    own, rolled back); `custom`: an EXECUTE, planned for its values as steered runs are."""
-    shapes = {}
+async def explain_arms(conn: Any, sql: str, custom: bool = False) -> dict[str, Any]:
+    """EXPLAIN (FORMAT JSON) of `sql` under each arm's switches (SET LOCAL in a transaction
+    of its own, rolled back), parsed; `custom`: an EXECUTE, planned for its values as steered
+    runs are."""
+    plans = {}
     for arm, switches in ARMS.items():
         async with conn.transaction():
             for name in switches:  # names of ARMS, never client input
                 await conn.execute(f"SET LOCAL {name} = off")
             if custom:
                 await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-            shapes[arm] = plan_shape(await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql))
-    return shapes
+            doc = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql)
+            plans[arm] = json.loads(doc) if isinstance(doc, str | bytes) else doc
+    return plans
+
+
+async def arm_plans(conn: Any, sql: str, custom: bool = False) -> dict[str, Any]:
+    """The plan shape of `sql` under each arm's switches (see `explain_arms`)."""
+    return {arm: plan_shape(p) for arm, p in (await explain_arms(conn, sql, custom)).items()}
+
+
+def error_sd(metrics: dict[str, Any]) -> float:
+    """The sd of a cost model's log-latency error from its held-out q-error p90 (q-error is
+    exp|log error|; for a normal error its p90 is 1.645 sd); 0.5 when the card has none."""
+    test = metrics.get("test", metrics)
+    q90 = test.get("qerror_p90") if isinstance(test, dict) else None
+    if not isinstance(q90, int | float) or not q90 > 1 or not math.isfinite(q90):
+        return 0.5
+    return math.log(q90) / 1.645
 
 
 def _ms(log_ms: float) -> float:
-    import math
-
     return math.exp(log_ms)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from models.steering import (
     ARMS,
     STOCK,
@@ -25,11 +27,14 @@ TRUE = {"stock": 80.0, "no_nestloop": 85.0, "no_hashjoin": 300.0, "no_mergejoin"
 
 
 def _run(
-    policy: Policy, truth: dict[str, float], n: int, seed: int
-) -> tuple[TemplateState, list[str]]:
+    policy: Policy, truth: dict[str, float], n: int, seed: int,
+    predicted: dict[str, float] | None = None,
+) -> tuple[TemplateState, list[str]]:  # fmt: skip
     rng = random.Random(seed)
     noise = random.Random(seed + 1)
     st = TemplateState()
+    if predicted is not None:
+        policy.warm_start(st, predicted)
     for _ in range(3):  # the template's stock history that made it eligible
         policy.update(st, STOCK, truth[STOCK] * math.exp(noise.gauss(0, 0.1)), rng)
     chosen = []
@@ -243,3 +248,75 @@ def test_arms_with_a_plan_seen_before_are_retired_untried() -> None:
     assert st.converged == STOCK and st.live() == [STOCK]
     rng = random.Random(1)
     assert {Policy().choose(st, rng) for _ in range(50)} == {STOCK}
+
+
+def test_an_arm_the_cost_model_predicts_faster_is_tried_first() -> None:
+    """Bao's warm start: an arm the model expects to be faster starts from that prediction,
+    so the bandit tries it first and converges on it with less exploration of the others."""
+    # the model's level is off (x3 everywhere): only the ratios to stock matter
+    predicted = {a: 3 * ms for a, ms in TRUE.items()}
+    cold_other = warm_other = cold_first = warm_first = 0
+    for seed in range(10):
+        st, chosen = _run(Policy(), TRUE, 80, seed)
+        cold_other += sum(a not in (STOCK, "no_indexscan") for a in chosen)
+        cold_first += chosen.index("no_indexscan")
+        st, chosen = _run(Policy(), TRUE, 80, seed, predicted)
+        assert st.converged == "no_indexscan", (seed, st.converged)
+        assert chosen[-20:] == ["no_indexscan"] * 20
+        assert set(st.prior) == {"no_indexscan"}  # the only arm predicted faster
+        warm_other += sum(a not in (STOCK, "no_indexscan") for a in chosen)
+        warm_first += chosen.index("no_indexscan")
+    assert warm_first < cold_first / 2, (warm_first, cold_first)
+    assert warm_other < cold_other, (warm_other, cold_other)
+
+
+def test_a_prediction_never_holds_an_arm_back() -> None:
+    """The planner's mistakes are the arms worth finding, and a model reading the planner's
+    estimates calls them slower: a prediction that an arm is slower leaves it as it would be
+    without a model, so the bandit still finds it, exactly as from a cold start."""
+    wrong = dict(TRUE, no_indexscan=320.0)  # the winning arm predicted 4x slower
+    for seed in range(5):
+        _, cold_chosen = _run(Policy(), TRUE, 80, seed)
+        warm, warm_chosen = _run(Policy(), TRUE, 80, seed, wrong)
+        assert warm.prior == {} and warm.predicted["no_indexscan"] == pytest.approx(math.log(4))
+        assert warm_chosen == cold_chosen and warm.converged == "no_indexscan"
+
+
+def test_a_wrong_prediction_of_a_gain_is_outweighed_by_real_executions() -> None:
+    """An arm predicted 4x faster that is not: a few executions retire it, and the stock
+    plan stays (the prediction weighs what the model's error earns it)."""
+    truth = {a: 50.0 * (1.0 if a == STOCK else 1.6) for a in ARMS}
+    liked = dict(truth, no_mergejoin=12.5)
+    for seed in range(5):
+        st, chosen = _run(Policy(), truth, 120, seed, liked)
+        assert "no_mergejoin" in st.retired and st.converged == STOCK, (seed, st.retired)
+        # it cost what a cold start costs: two tries of every arm, then stock for good
+        assert all(chosen.count(a) <= 3 for a in ARMS if a != STOCK)
+        assert chosen[-50:] == [STOCK] * 50
+
+
+def test_warm_start_clips_and_skips_what_it_cannot_use() -> None:
+    policy = Policy(prior_clip=4.0)
+    st = TemplateState()
+    st.retired.add("no_hashjoin")
+    priors = policy.warm_start(
+        st, {STOCK: 10.0, "no_nestloop": 1000.0, "no_hashjoin": 1.0, "no_mergejoin": 5.0,
+             "hash_only": math.nan, "no_indexscan": 1.0}, error_sd=0.3,
+    )  # fmt: skip
+    assert priors == st.prior == {"no_mergejoin": math.log(0.5), "no_indexscan": -math.log(4.0)}
+    assert st.predicted == {**priors, "no_nestloop": math.log(4.0)}
+    assert st.prior_sd == 0.3
+    assert policy.warm_start(TemplateState(), {"no_nestloop": 5.0}) == {}  # no stock: nothing
+
+
+def test_a_models_error_sets_the_weight_of_its_predictions() -> None:
+    from proxy.steering import error_sd
+
+    assert error_sd({"test": {"qerror_p90": math.e**1.645}}) == pytest.approx(1.0)
+    assert error_sd({"qerror_p90": 1.8}) == pytest.approx(math.log(1.8) / 1.645)
+    assert error_sd({}) == error_sd({"qerror_p90": float("nan")}) == 0.5
+    # a precise model's prediction weighs up to one execution, a poor one's much less
+    st = TemplateState(prior_sd=0.01)
+    assert Policy._kappa(st, 0.05) == 1.0
+    st.prior_sd = 2.0
+    assert Policy._kappa(st, 0.05) == 0.05
