@@ -18,7 +18,13 @@ continue while the bandit explores and converges.
   are counted apart as `tie_differences`;
 * `worst_p95_regression`: the largest p95(on) / p95(off) - 1 of any template, second half;
 * `success_rate`: of the templates steering moved off the stock plan, the share whose median
-  improved by at least 5%.
+  improved by at least 5%;
+* `time_reduction_exploring`: the same reduction over the first half of the rounds, while
+  the bandit explores: what exploration costs (negative) or already gains; the warm start
+  from an active cost model (`--no-warm-start` turns it off) acts here.
+
+Each template's SHOW STEERING row (arms tried, the cost model's predicted ratios) is kept in
+the JSON; so is the cost model version active in the database when the run started.
 
 Writes `bench/results/gain.json` and prints a table.
 """
@@ -197,6 +203,7 @@ def same_result(sql: str, a: list[Any], b: list[Any]) -> bool:
 
 def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     stmts = asyncio.run(_statements(args))
+    cost_model = asyncio.run(_active_cost_model(args))
     u = urlparse(args.dsn)
     upstream = Upstream(u.hostname or "127.0.0.1", u.port or 5432, u.username or "postgres")
     workdir = Path(tempfile.mkdtemp(prefix="pgsage-gain-steering-"))
@@ -208,6 +215,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     "PGSAGE_STEERING_MIN_MS": str(args.min_ms),
                     "PGSAGE_STEERING_SEED": str(args.seed),
                     "PGSAGE_STEERING_EVAL_INTERVAL": str(args.eval_interval),
+                    "PGSAGE_STEERING_WARM_START": str(args.warm_start).lower(),
                     "PGSAGE_REWRITE_ENABLED": str(args.rewrites).lower()}),
         ):  # fmt: skip
             p, h = free_port(), free_port()
@@ -236,15 +244,40 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 for m in ("on", "off"):
                     times[m].append([t for t, _ in res[m]])
                 bars.advance(task)
-        decided = asyncio.run(_steering_status(ports["on"], stmts))
+        shown = _steering_rows(ports["on"], stmts)
+        decided = {name: row[1] for name, row in shown.items()}
     finally:
         for child in children.values():
             child.stop()
-    return summarise(stmts, times, mismatched, tie_only, args, decided)
+    doc = summarise(stmts, times, mismatched, tie_only, args, decided)
+    doc["config"]["cost_model"] = cost_model
+    for row in doc["templates"]:
+        if row["template"] in shown:
+            row["arms"], row["retired"] = shown[row["template"]][2:4]
+    return doc
+
+
+async def _active_cost_model(args: argparse.Namespace) -> str | None:
+    """The cost model version active in the bench database (what the warm start reads)."""
+    conn = await asyncpg.connect(args.dsn, database=args.database)
+    try:
+        return await conn.fetchval(
+            "SELECT model_name || ':v' || version FROM ml.model_registry"
+            " WHERE model_name = 'cost' AND is_active"
+        )
+    except asyncpg.PostgresError:
+        return None
+    finally:
+        await conn.close()
 
 
 async def _steering_status(port: int, stmts: list[tuple[str, str, tuple]]) -> dict[str, str]:
-    """Template name -> status in the steering pgsage's SHOW STEERING (admin console, which
+    """Template name -> status in the steering pgsage's SHOW STEERING."""
+    return {name: row[1] for name, row in _steering_rows(port, stmts).items()}
+
+
+def _steering_rows(port: int, stmts: list[tuple[str, str, tuple]]) -> dict[str, list[str]]:
+    """Template name -> its row of the steering pgsage's SHOW STEERING (admin console, which
     speaks the simple protocol only: psql)."""
     import subprocess
 
@@ -259,7 +292,7 @@ async def _steering_status(port: int, stmts: list[tuple[str, str, tuple]]) -> di
     for line in out.splitlines():
         parts = line.split("\t")
         if len(parts) == 6:
-            by_fp[parts[0]] = parts[1]
+            by_fp[parts[0]] = parts
     # by fingerprint: the same for the $n text and for the text with literals bound on the
     # client (whose normalised form has a $n for every literal, a LIMIT's count included)
     return {
@@ -272,10 +305,11 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
               decided: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     half = len(times["on"]) // 2
     per: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"on": [], "off": []})
+    early: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"on": [], "off": []})
     for m in ("on", "off"):
-        for rnd in times[m][half:]:
+        for i, rnd in enumerate(times[m]):
             for (name, _, _), t in zip(stmts, rnd, strict=True):
-                per[name][m].append(t)
+                (per if i >= half else early)[name][m].append(t)
     # eligible: templates whose stock (off) median reaches the steering threshold
     eligible = {n for n, d in per.items() if statistics.median(d["off"]) * 1000 >= args.min_ms}
     rows = []
@@ -293,10 +327,10 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
             "steering": decided.get(name),
         })  # fmt: skip
 
-    def reduction(select: Any) -> float | None:
+    def reduction(select: Any, part: dict[str, dict[str, list[float]]] = per) -> float | None:
         sel = [r for r in rows if r["eligible"] and select(r)]
-        off = sum(sum(per[r["template"]]["off"]) for r in sel)
-        on = sum(sum(per[r["template"]]["on"]) for r in sel)
+        off = sum(sum(part[r["template"]]["off"]) for r in sel)
+        on = sum(sum(part[r["template"]]["on"]) for r in sel)
         return 1 - on / off if off else None
 
     eligible_rows = [r for r in rows if r["eligible"]]
@@ -309,6 +343,8 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
         "time_reduction": reduction(lambda r: True),
         "time_reduction_workload": reduction(lambda r: not r["trap"]),
         "time_reduction_traps": reduction(lambda r: r["trap"]),
+        "time_reduction_exploring": reduction(lambda r: True, early),
+        "time_reduction_exploring_workload": reduction(lambda r: not r["trap"], early),
         "wrong_results": sum(mismatched.values()),
         "wrong_results_by_template": mismatched,
         "tie_differences": tie_only,
@@ -321,7 +357,7 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
         "config": {"scale": args.scale, "rounds": args.rounds, "per_template": args.per_template,
                    "min_ms": args.min_ms, "statements_per_round": len(stmts),
                    "protocol": args.protocol, "rewrites": args.rewrites,
-                   "eval_interval": args.eval_interval},
+                   "eval_interval": args.eval_interval, "warm_start": args.warm_start},
         "templates": rows,
     }  # fmt: skip
 
@@ -344,7 +380,8 @@ def render(doc: dict[str, Any]) -> Table:
         f"time reduction {pct(doc['time_reduction'])} (workload "
         f"{pct(doc['time_reduction_workload'])}, traps {pct(doc['time_reduction_traps'])}); "
         f"wrong results {doc['wrong_results']}; worst p95 regression "
-        f"{pct(doc['worst_p95_regression'])}; success rate {pct(doc['success_rate'])}"
+        f"{pct(doc['worst_p95_regression'])}; success rate {pct(doc['success_rate'])}; "
+        f"first half (exploring) {pct(doc['time_reduction_exploring'])}"
     )
     return t
 
@@ -377,6 +414,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rewrites", action="store_true",
                     help="equivalence-checked rewrites on too (simple-protocol Query texts,"
                     " and extended-protocol Parse texts, proven with bound values)")  # fmt: skip
+    ap.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                    help="steering_warm_start of the steering pgsage (acts only where a cost"
+                    " model is active in the database: train one on its log first)")  # fmt: skip
     ap.add_argument("--pgsage", default=str(Path(sys.executable).with_name("pgsage")))
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)

@@ -39,6 +39,9 @@ def serve(
     ] = None,
     http: Annotated[str | None, typer.Option(help="host:port of the HTTP API")] = None,
     max_client_connections: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="relay processes on the listen port; 0 = one per core")
+    ] = None,
     tls_cert: Annotated[Path | None, typer.Option()] = None,
     tls_key: Annotated[Path | None, typer.Option()] = None,
     clock_speed: Annotated[
@@ -54,6 +57,7 @@ def serve(
         "upstream": upstream,
         "http": http,
         "max_client_connections": max_client_connections,
+        "workers": workers,
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "log_format": log_format,

@@ -19,12 +19,19 @@ from . import __version__
 from .telemetry.metrics import ProxyMetrics
 
 
-def create_app(metrics: ProxyMetrics, ready: Callable[[], dict[str, Any]]) -> FastAPI:
+def create_app(
+    metrics: ProxyMetrics,
+    ready: Callable[[], dict[str, Any]],
+    exposition: Callable[[], bytes] | None = None,
+) -> FastAPI:
+    """`exposition`: what /metrics serves (default: the registry's; in multi-worker mode, every
+    worker's, gathered in the thread pool FastAPI runs this synchronous handler in)."""
     app = FastAPI(title="pgsage", version=__version__, docs_url="/docs", redoc_url=None)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = exposition() if exposition is not None else generate_latest(metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -286,9 +286,12 @@ class Optimiser:
 
     # ---------------------------------------------------------------- automatic mode
 
-    def start(self, steering: Any = None, rewriter: Any = None) -> None:
-        self._task = asyncio.ensure_future(self._auto_loop())
-        self._forecast_task = asyncio.ensure_future(self._forecast_loop())
+    def start(self, steering: Any = None, rewriter: Any = None, auto: bool = True) -> None:
+        """`auto`: the automatic advisor and the forecast too (in multi-worker mode only the
+        primary runs them; every worker A/B-tests its own steering and rewrites)."""
+        if auto:
+            self._task = asyncio.ensure_future(self._auto_loop())
+            self._forecast_task = asyncio.ensure_future(self._forecast_loop())
         if steering is not None or rewriter is not None:
             self._steering_task = asyncio.ensure_future(self.steering_loop(steering, rewriter))
 

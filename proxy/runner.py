@@ -12,6 +12,7 @@ from .log import get_logger
 from .service import Service
 from .settings import Settings
 from .upstream import Upstream
+from .workers import WorkerInfo, supervise, worker_count
 
 
 def resolve_upstream(settings: Settings) -> tuple[Upstream, EmbeddedPostgres | None]:
@@ -30,12 +31,13 @@ def resolve_upstream(settings: Settings) -> tuple[Upstream, EmbeddedPostgres | N
     return upstream, embedded
 
 
-async def _serve(settings: Settings, upstream: Upstream, overrides: dict[str, Any]) -> None:
+async def _serve(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
+                 worker: WorkerInfo | None = None) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = Service(settings, upstream, overrides)
+    service = Service(settings, upstream, overrides, worker=worker)
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     tune_gc()
     await service.serve_until(stop)
@@ -53,12 +55,28 @@ def tune_gc() -> None:
 def run_proxy(settings: Settings, overrides: dict[str, Any] | None = None) -> None:
     upstream, embedded = resolve_upstream(settings)
     try:
-        try:
-            import uvloop
-
-            uvloop.run(_serve(settings, upstream, overrides or {}))
-        except ImportError:  # pragma: no cover
-            asyncio.run(_serve(settings, upstream, overrides or {}))
+        count = worker_count(settings.workers)
+        if count > 1:
+            supervise(settings, upstream, overrides or {}, count)
+        else:
+            _run(_serve(settings, upstream, overrides or {}))
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def run_worker(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
+               info: WorkerInfo) -> None:  # fmt: skip
+    """One worker of multi-worker mode (a forked child of the supervisor)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)  # the supervisor's handlers are not this process's
+    _run(_serve(settings, upstream, overrides, info))
+
+
+def _run(main: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main)
+        return
+    uvloop.run(main)

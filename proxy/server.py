@@ -29,6 +29,7 @@ from .settings import Settings
 from .steering import SteeringController
 from .telemetry.metrics import ProxyMetrics
 from .upstream import Upstream, UpstreamTLS
+from .workers import WorkerInfo
 
 SWEEP_INTERVAL = 0.5
 TRAFFIC_KEYS = (
@@ -94,6 +95,8 @@ class ProxyServer:
         self.resumed.set()
         #: what the admin console talks to (the Service); None for a bare proxy
         self.admin_context: Any = None
+        #: multi-worker mode (proxy/workers.py): bind with SO_REUSEPORT, relay unknown cancels
+        self.worker: WorkerInfo | None = None
         #: traffic and Parse counts of sessions that ended (live ones are summed at scrape)
         self.closed_totals: dict[str, int] = dict.fromkeys(TRAFFIC_KEYS, 0)
         #: bytes from and to clients of ended sessions, per database (SHOW STATS)
@@ -145,6 +148,7 @@ class ProxyServer:
             host,
             port,
             reuse_address=True,
+            reuse_port=self.worker is not None,
             backlog=1024,
         )
         sock = self._server.sockets[0].getsockname()
@@ -210,10 +214,32 @@ class ProxyServer:
         """A client's CancelRequest: pass it to the upstream if the key belongs to a session."""
         target = self.cancel_keys.get((request.process_id, request.secret_key))
         if target is None:
-            self.metrics.cancel("unknown_key")
+            if self.worker is not None and self.worker.count > 1:
+                self.spawn(self._relay_cancel(raw))  # the session may live in another worker
+            else:
+                self.metrics.cancel("unknown_key")
             return
         self.metrics.cancel("forwarded")
         self.spawn(self._send_cancel(raw))
+
+    async def _relay_cancel(self, raw: bytes) -> None:
+        from .workers import ask_siblings
+
+        assert self.worker is not None
+        replies = await ask_siblings(self.worker, "cancel " + raw.hex())
+        self.metrics.cancel("relayed" if b"1" in replies.values() else "unknown_key")
+
+    def accept_relayed_cancel(self, raw: bytes) -> bool:
+        """A CancelRequest another worker received: sent upstream if this worker holds the
+        session whose key it carries."""
+        if len(raw) < 12 or int.from_bytes(raw[4:8], "big") != CANCEL_REQUEST_CODE:
+            return False
+        key = (int.from_bytes(raw[8:12], "big", signed=True), raw[12:])
+        if self.cancel_keys.get(key) is None:
+            return False
+        self.metrics.cancel("forwarded")
+        self.spawn(self._send_cancel(raw))
+        return True
 
     def cancel_upstream(self, tracker: SessionTracker) -> None:
         """Cancel whatever the upstream backend of a session runs (the client went away)."""

@@ -8,8 +8,13 @@ the proxy (drains clients, see server.py), the recorder (flushes the queue), the
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 from functools import partial
 from typing import Any
+
+from prometheus_client import generate_latest
 
 from . import __version__, metadata
 from . import reload as reload_
@@ -29,13 +34,21 @@ from .telemetry.metrics import ProxyMetrics
 from .telemetry.querylog import QueryLogRecorder
 from .telemetry.sampler import SystemSampler
 from .upstream import Upstream
+from .workers import ControlServer, WorkerInfo, merged_exposition, rows_json, sibling_rows
 
 
 class Service:
     def __init__(
-        self, settings: Settings, upstream: Upstream, cli_overrides: dict[str, Any] | None = None
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        cli_overrides: dict[str, Any] | None = None,
+        worker: WorkerInfo | None = None,
     ) -> None:
         self.settings = settings
+        #: multi-worker mode (proxy/workers.py): which worker this is; None for one process
+        self.worker = worker
+        self.primary = worker is None or worker.primary
         self.cli_overrides = cli_overrides or {}
         self.upstream = upstream
         self.log = get_logger("pgsage")
@@ -56,6 +69,11 @@ class Service:
         self.proxy = ProxyServer(
             settings, upstream=upstream, sink=self.recorder, metrics=self.metrics
         )
+        self.control: ControlServer | None = None
+        self._telling = []
+        if worker is not None:
+            self.proxy.worker = worker
+            self.control = ControlServer(worker, self.control_answer)
         self.proxy.admin_context = self
         self.metrics.registry.register(TrafficCollector(self.proxy.traffic))
         self.sampler = SystemSampler(
@@ -141,23 +159,27 @@ class Service:
             self.apply_clock()
         if self.settings.auto_migrate:
             await self.migrate()
+        if self.control is not None:
+            await self.control.start()
         await self.proxy.start()
         self.recorder.start()
-        self.sampler.start()
-        self.retrainer.start()
+        if self.primary:  # multi-worker mode: the primary alone samples, retrains, advises
+            self.sampler.start()
+            self.retrainer.start()
         if self.refresh_listener is not None:
             self.refresh_listener.start()
-        self.optimiser.start(self.proxy.steering, self.proxy.rewriter)
+        self.optimiser.start(self.proxy.steering, self.proxy.rewriter, auto=self.primary)
         if self.load_probe is not None:
             self.load_probe.start()
         if self.proxy.rewriter is not None:
             self.proxy.rewriter.start()
         if self.proxy.steering is not None:
             self.proxy.steering.start()
-        await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
+        if self.primary:
+            await self.sampler.sample()  # a first probe, so /readyz is meaningful at once
         if self.settings.http:
             host, port = self.settings.http_address
-            app = create_app(self.metrics, self.readiness)
+            app = create_app(self.metrics, self.readiness, self.exposition)
             app.include_router(make_router(self), prefix="/api/v1")
             self.http = make_http_server(app, host, port)
             self._http_task = asyncio.ensure_future(self.http.serve())
@@ -191,6 +213,8 @@ class Service:
         if self.http is not None and self._http_task is not None:
             self.http.should_exit = True
             await asyncio.wait([self._http_task], timeout=5)
+        if self.control is not None:
+            await self.control.stop()
 
     async def serve_until(self, stop: asyncio.Event) -> None:
         self._stop_event = stop
@@ -227,6 +251,12 @@ class Service:
         return reload_.config_items(self.settings)
 
     def set_setting(self, key: str, value: str) -> str | None:
+        problem = self._set_setting(key, value)
+        if problem is None:
+            self._tell_siblings("set " + json.dumps([key, value]))
+        return problem
+
+    def _set_setting(self, key: str, value: str) -> str | None:
         problem = reload_.set_setting(self.settings, key, value)
         if problem is None and key.startswith("clock_"):
             self.apply_clock()
@@ -236,6 +266,10 @@ class Service:
         CLOCK.set(self.settings.clock_speed, self.settings.clock_start)
 
     def reload(self) -> str | None:
+        self._tell_siblings("reload")
+        return self._reload()
+
+    def _reload(self) -> str | None:
         problem, changed = reload_.reload(self.settings, self.cli_overrides)
         if any(k.startswith("clock_") for k in changed):
             self.apply_clock()
@@ -270,10 +304,76 @@ class Service:
 
     def pause(self) -> None:
         self.proxy.pause()
+        self._tell_siblings("pause")
 
     def resume(self) -> None:
         self.proxy.resume()
+        self._tell_siblings("resume")
 
     def request_shutdown(self) -> None:
-        if self._stop_event is not None:
+        if self.worker is not None:  # the supervisor stops every worker (and none restarts)
+            os.kill(os.getppid(), signal.SIGTERM)
+        elif self._stop_event is not None:
             self._stop_event.set()
+
+    # ---------------------------------------------------------------- multi-worker mode
+
+    @property
+    def has_workers(self) -> bool:
+        return self.worker is not None and self.worker.count > 1
+
+    async def sibling_rows(self, what: str) -> list[tuple[Any, ...]]:
+        return [] if self.worker is None else await sibling_rows(self.worker, what)
+
+    def worker_row(self) -> tuple[Any, ...]:
+        role = "single" if self.worker is None else "primary" if self.primary else "worker"
+        return (0 if self.worker is None else self.worker.index, os.getpid(), role,
+                len(self.client_sessions()), self.recorder.executed,
+                f"{self.proxy.host}:{self.proxy.port}")  # fmt: skip
+
+    def exposition(self) -> bytes:
+        """/metrics: this process's registry, or every worker's with a `worker` label."""
+        own = generate_latest(self.metrics.registry)
+        return merged_exposition(own, self.worker) if self.has_workers else own  # type: ignore[arg-type]
+
+    def control_answer(self, command: str, arg: str) -> bytes:
+        """A sibling's request on this worker's control socket (see proxy/workers.py)."""
+        if command == "cancel":
+            return b"1" if self.proxy.accept_relayed_cancel(bytes.fromhex(arg)) else b"0"
+        if command == "metrics":
+            return generate_latest(self.metrics.registry)
+        if command == "rows":
+            from .admin.commands import client_rows, server_rows
+
+            rows: dict[str, Any] = {
+                "clients": lambda: client_rows(self),
+                "servers": lambda: server_rows(self),
+                "stats": lambda: [(self.database_stats(),)],
+                "worker": lambda: [self.worker_row()],
+            }
+            return rows_json(rows[arg]()) if arg in rows else b"[]"
+        if command == "set":
+            key, value = json.loads(arg)
+            return (self._set_setting(key, value) or "").encode()
+        if command == "reload":
+            return (self._reload() or "").encode()
+        if command == "pause":
+            self.proxy.pause()
+        elif command == "resume":
+            self.proxy.resume()
+        return b""
+
+    def _tell_siblings(self, request: str) -> None:
+        """Pass an admin change (SET, RELOAD, PAUSE, RESUME) on to every other worker; the
+        admin command completes once they have it (`siblings_told`)."""
+        if self.worker is not None and self.has_workers:
+            from .workers import ask_siblings
+
+            self._telling.append(asyncio.ensure_future(ask_siblings(self.worker, request)))
+
+    _telling: list[asyncio.Future[Any]]
+
+    async def siblings_told(self) -> None:
+        pending, self._telling = self._telling, []
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

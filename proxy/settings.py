@@ -49,13 +49,16 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:6432"
     #: the PostgreSQL server in front of which pgsage sits; empty means embedded (pgserver)
     upstream: str = "127.0.0.1:5432"
-    #: HTTP endpoint for /metrics, /healthz and the admin API
+    #: HTTP endpoint for /metrics, /healthz and the admin API ("": none)
     http: str = "127.0.0.1:9930"
     #: use an embedded PostgreSQL (pgserver) when the upstream is empty or unreachable
     embedded_fallback: bool = True
     embedded_data_dir: Path = Path.home() / ".local/share/pgsage/embedded"
 
     max_client_connections: int = Field(default=1000, ge=1)
+    #: relay processes accepting on the listen port (SO_REUSEPORT; proxy/workers.py); 0: one
+    #: per core. Learned state is per worker, so the default stays one process
+    workers: int = Field(default=1, ge=0, le=256)
     #: seconds of silence before TCP keepalive probes a client socket (0: no keepalive);
     #: a client gone without FIN or RST is dropped about a minute after that
     tcp_keepalive_idle: int = Field(default=60, ge=0)
@@ -307,7 +310,8 @@ class Settings(BaseSettings):
     @field_validator("listen", "http")
     @classmethod
     def _address(cls, value: str, info: Any) -> str:
-        parse_address(value, info.field_name)
+        if value or info.field_name != "http":  # http = "": no HTTP endpoint
+            parse_address(value, info.field_name)
         return value
 
     @field_validator("anomaly_webhook_url")

@@ -4,7 +4,7 @@ the encoded response messages (without ReadyForQuery)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ HELP = (
     ("SHOW STATS", "statements, errors and time per database"),
     ("SHOW CLIENTS", "client connections"),
     ("SHOW SERVERS", "upstream connections"),
+    ("SHOW WORKERS", "the relay processes (workers setting): pid, role, clients, statements"),
     ("SHOW QUERIES [LIMIT n]", "statements by fingerprint, by total time (pg_stat_statements)"),
     ("SHOW CONFIG", "settings, with default and whether SET can change them"),
     ("SHOW CACHE", "result cache: entries, bytes, hits, misses, invalidations"),
@@ -61,9 +62,26 @@ def show_version(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("version",), [(f"pgsage {__version__}",)])
 
 
-def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
+    own = ctx.database_stats()
+    if not ctx.has_workers:
+        return _stats(ctx, own)
+
+    async def merged() -> bytes:  # every worker's counters, summed per database
+        total: dict[str, dict[str, float]] = {db: dict(v) for db, v in own.items()}
+        for (theirs,) in await ctx.sibling_rows("stats"):
+            for db, values in theirs.items():
+                entry = total.setdefault(db, {})
+                for k, v in values.items():
+                    entry[k] = entry.get(k, 0) + v
+        return _stats(ctx, total)
+
+    return merged()
+
+
+def _stats(ctx: AdminContext, stats: dict[str, dict[str, float]]) -> bytes:
     rows = []
-    for db, s in sorted(ctx.database_stats().items()):
+    for db, s in sorted(stats.items()):
         if db == ctx.admin_database:
             continue
         count, seconds, errors = s["queries"], s["seconds"], s["errors"]
@@ -92,7 +110,39 @@ def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     )
 
 
-def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
+    return _everywhere(ctx, "clients", CLIENT_COLUMNS, client_rows(ctx))
+
+
+def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
+    return _everywhere(ctx, "servers", SERVER_COLUMNS, server_rows(ctx))
+
+
+def show_workers(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
+    return _everywhere(ctx, "worker", WORKER_COLUMNS, [ctx.worker_row()])
+
+
+def _everywhere(ctx: AdminContext, what: str, head: Sequence[str], rows: list[tuple[Any, ...]]
+                ) -> bytes | Awaitable[bytes]:  # fmt: skip
+    """This process's rows, and in multi-worker mode every other worker's after them."""
+    if not ctx.has_workers:
+        return result_set(head, rows)
+
+    async def merged() -> bytes:
+        return result_set(head, rows + await ctx.sibling_rows(what))
+
+    return merged()
+
+
+CLIENT_COLUMNS = ("type", "user", "database", "state", "addr", "port", "connect_time",
+                  "request_time", "remote_pid", "tls", "application_name",
+                  "transaction_status")  # fmt: skip
+SERVER_COLUMNS = ("type", "user", "database", "state", "addr", "port", "local_addr",
+                  "local_port", "connect_time", "remote_pid")  # fmt: skip
+WORKER_COLUMNS = ("worker", "pid", "role", "clients", "statements", "listen")
+
+
+def client_rows(ctx: AdminContext) -> list[tuple[Any, ...]]:
     rows = []
     for c in ctx.client_sessions():
         addr, _, port = c.info.client_addr.rpartition(":")
@@ -112,26 +162,10 @@ def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 c.tracker.transaction_status,
             )
         )
-    return result_set(
-        (
-            "type",
-            "user",
-            "database",
-            "state",
-            "addr",
-            "port",
-            "connect_time",
-            "request_time",
-            "remote_pid",
-            "tls",
-            "application_name",
-            "transaction_status",
-        ),
-        rows,
-    )
+    return rows
 
 
-def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def server_rows(ctx: AdminContext) -> list[tuple[Any, ...]]:
     def row(transport: Any, user: Any, database: Any, state: str, opened: float, pid: Any
             ) -> tuple[Any, ...]:  # fmt: skip
         peer = transport.get_extra_info("peername")
@@ -155,21 +189,7 @@ def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes:
         state = "idle" if parked.ready else "resetting"
         rows.append(row(parked.transport, parked.user, parked.database, state,
                         parked.connected_at, parked.backend_pid))  # fmt: skip
-    return result_set(
-        (
-            "type",
-            "user",
-            "database",
-            "state",
-            "addr",
-            "port",
-            "local_addr",
-            "local_port",
-            "connect_time",
-            "remote_pid",
-        ),
-        rows,
-    )
+    return rows
 
 
 def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
@@ -359,29 +379,41 @@ def show_config(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("key", "value", "default", "changeable"), rows)
 
 
-def set_setting(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def set_setting(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     problem = ctx.set_setting(args["key"], args["value"])
     if problem:
         return error("22023", problem)
-    return command_complete("SET")
+    return _when_told(ctx, command_complete("SET"))
 
 
-def reload(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def reload(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     problem = ctx.reload()
     if problem and problem.startswith("configuration not reloaded"):
         return error("F0000", problem)
     # keys that need a restart are reported, not refused (as PgBouncer logs them)
-    return (notice(problem) if problem else b"") + command_complete("RELOAD")
+    return _when_told(ctx, (notice(problem) if problem else b"") + command_complete("RELOAD"))
 
 
-def pause(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def pause(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     ctx.pause()
-    return command_complete("PAUSE")
+    return _when_told(ctx, command_complete("PAUSE"))
 
 
-def resume(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def resume(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     ctx.resume()
-    return command_complete("RESUME")
+    return _when_told(ctx, command_complete("RESUME"))
+
+
+def _when_told(ctx: AdminContext, reply: bytes) -> bytes | Awaitable[bytes]:
+    """In multi-worker mode a change is complete once every worker has it."""
+    if not ctx.has_workers:
+        return reply
+
+    async def told() -> bytes:
+        await ctx.siblings_told()
+        return reply
+
+    return told()
 
 
 def shutdown(ctx: AdminContext, args: dict[str, Any]) -> bytes:
@@ -404,6 +436,7 @@ SHOW: dict[str, Command] = {
     "rewrites": show_rewrites,
     "anomalies": show_anomalies,
     "clusters": show_clusters,
+    "workers": show_workers,
 }
 
 #: VERB NOUN n

@@ -22,7 +22,8 @@ _BARE = {
 }
 
 VALID = (
-    "SHOW HELP|STATS|CLIENTS|SERVERS|QUERIES [LIMIT n]|CONFIG|CACHE|LANES|STEERING|REWRITES|"
+    "SHOW HELP|STATS|CLIENTS|SERVERS|WORKERS|QUERIES [LIMIT n]|CONFIG|CACHE|LANES|STEERING|"
+    "REWRITES|"
     "RECOMMENDATIONS|"
     "VERSION, "
     "SHOW ANOMALIES [LIMIT n]|CLUSTERS, SET key = value, APPLY|REJECT RECOMMENDATION n, "
@@ -34,7 +35,12 @@ class AdminContext(Protocol):
     """What the console needs from the running service."""
 
     admin_database: str
+    #: multi-worker mode: SHOW CLIENTS, SERVERS, STATS and WORKERS gather every worker's rows
+    has_workers: bool
 
+    async def sibling_rows(self, what: str) -> list[tuple[Any, ...]]: ...
+    def worker_row(self) -> tuple[Any, ...]: ...
+    async def siblings_told(self) -> None: ...
     def client_sessions(self) -> Iterable[Any]: ...
     def idle_servers(self) -> Iterable[Any]: ...
     def database_stats(self) -> dict[str, dict[str, float]]: ...

@@ -200,7 +200,7 @@ class ProxyMetrics:
             "cancel",
         ):
             self.startup_requests.labels(kind)
-        for result in ("forwarded", "unknown_key"):
+        for result in ("forwarded", "relayed", "unknown_key"):
             self.cancel_requests.labels(result)
 
     # ---- connection events (called by the session; rare)

@@ -1,0 +1,177 @@
+"""Multi-worker mode (issue 15): `pgsage serve --workers 2` as in production, a subprocess in
+front of the shared server. Connections spread over both workers on one port; a cancel reaches
+the worker that owns the session whichever worker it lands on; /metrics and the admin console
+show every worker; an admin SET reaches them all; a killed worker is started again; SIGTERM
+stops everything."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fix_pgcluster import _free_port, wait_until
+from tests.fix_proxy import PG_HOST, PG_PORT, create_database, drop_database
+
+PGSAGE = Path(sys.executable).with_name("pgsage")
+PROMTOOL = "/usr/bin/promtool"
+
+
+class Workers:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, http: int, log: Path) -> None:
+        self.proc, self.port, self.http, self.log = proc, port, http, log
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname} connect_timeout=10"
+
+    def admin(self, sql: str) -> list[tuple[object, ...]]:
+        with psycopg.connect(self.dsn("pgsage"), autocommit=True) as c:
+            cur = c.execute(sql)
+            return cur.fetchall() if cur.description else []
+
+    def workers(self) -> list[tuple[object, ...]]:
+        return self.admin("SHOW WORKERS")
+
+    def metrics(self) -> str:
+        return (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    warehouse = create_database("pgsage_workers")
+    tmp = tmp_path_factory.mktemp("workers")
+    port, http = _free_port(), _free_port()
+    log = tmp / "pgsage.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_")}
+    environ.update(PGSAGE_WAREHOUSE_DATABASE=warehouse, PGSAGE_EMBEDDED_FALLBACK="false",
+                   PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json")  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(PGSAGE), "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}",
+             "--upstream", f"{PG_HOST}:{PG_PORT}"],
+            cwd=tmp, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    w = Workers(proc, port, http, log)
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        with contextlib.suppress(psycopg.Error, OSError):
+            return len(w.workers()) == 2 and "pgsage_" in w.metrics()
+        return False
+
+    wait_until(ready, 60, "both workers to answer")
+    yield w
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    drop_database(warehouse)
+
+
+def test_connections_spread_over_the_workers_and_the_console_sees_them_all(
+    served: Workers,
+) -> None:
+    rows = served.workers()
+    assert sorted(r[0] for r in rows) == [0, 1]
+    assert {r[2] for r in rows} == {"primary", "worker"}
+    pids = {int(r[1]) for r in rows}  # type: ignore[call-overload]
+    assert len(pids) == 2 and psutil.Process(served.proc.pid).children() != []
+    conns = [psycopg.connect(served.dsn(), autocommit=True, application_name="spread")
+             for _ in range(16)]  # fmt: skip
+    try:
+        backends = {c.execute("select pg_backend_pid()").fetchone()[0] for c in conns}  # type: ignore[index]
+        assert len(backends) == 16
+        per_worker = {int(r[0]): int(r[3]) for r in served.workers()}  # type: ignore[call-overload]
+        # the kernel hashes each connection to a worker: both get some (2 ** -15 that not)
+        assert sum(per_worker.values()) == 16 and min(per_worker.values()) > 0, per_worker
+        clients = [r for r in served.admin("SHOW CLIENTS") if r[10] == "spread"]
+        assert {r[8] for r in clients} == backends  # every worker's sessions, once each
+        servers = {r[9] for r in served.admin("SHOW SERVERS")}
+        assert backends <= servers
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_cancel_reaches_the_session_whichever_worker_it_lands_on(served: Workers) -> None:
+    def relayed() -> float:
+        fams = {f.name: f for f in text_string_to_metric_families(served.metrics())}
+        return sum(s.value for s in fams["pgsage_cancel_requests"].samples
+                   if s.labels["result"] == "relayed")  # fmt: skip
+
+    before = relayed()
+    for _ in range(12):  # a cancel is a new connection: about half land on the other worker
+        with psycopg.connect(served.dsn(), autocommit=True) as c:
+            t0 = time.monotonic()
+            threading.Timer(0.2, c.cancel).start()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                c.execute("select pg_sleep(30)")
+            assert time.monotonic() - t0 < 1.5
+    assert relayed() - before >= 1  # (2 ** -12 that none crossed)
+
+
+def test_metrics_carry_every_worker_and_pass_promtool(served: Workers) -> None:
+    with psycopg.connect(served.dsn(), autocommit=True, application_name="counted") as c:
+        for _ in range(5):
+            c.execute("select 1")
+    text = served.metrics()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    workers = {s.labels.get("worker") for s in fams["process_cpu_seconds"].samples}
+    assert workers == {"0", "1"}
+    queries = [s for s in fams["pgsage_queries"].samples if s.name == "pgsage_queries_total"]
+    assert queries and all(s.labels.get("worker") in ("0", "1") for s in queries)
+    # summed over workers: every statement of this test is there
+    assert sum(s.value for s in queries if s.labels["database"] == "postgres") >= 5
+    # promtool comes with Debian's prometheus, which .ci/run installs
+    check = subprocess.run([PROMTOOL, "check", "metrics"], input=text.encode(),
+                           capture_output=True, timeout=30)  # fmt: skip
+    said = (check.stdout + check.stderr).decode().splitlines()
+    problems = [ln for ln in said if "error" in ln.lower()]
+    assert not problems, problems
+
+
+def test_an_admin_set_reaches_every_worker(served: Workers) -> None:
+    served.admin("SET steering_min_ms = 123")
+    seen = set()
+    for _ in range(12):  # admin connections land on either worker
+        with psycopg.connect(served.dsn("pgsage"), autocommit=True) as c:
+            config = {r[0]: r[1] for r in c.execute("SHOW CONFIG").fetchall()}
+            seen.add(config["steering_min_ms"])
+    assert seen == {"123.0"}
+    served.admin("SET steering_min_ms = 20")
+
+
+def test_a_killed_worker_is_started_again_and_sigterm_stops_all(served: Workers) -> None:
+    rows = {int(r[0]): int(r[1]) for r in served.workers()}  # type: ignore[call-overload]
+    os.kill(rows[1], signal.SIGKILL)
+
+    def replaced() -> bool:
+        with contextlib.suppress(psycopg.Error):
+            now = {int(r[0]): int(r[1]) for r in served.workers()}  # type: ignore[call-overload]
+            return len(now) == 2 and now[1] != rows[1] and now[0] == rows[0]
+        return False
+
+    wait_until(replaced, 30, "the supervisor to start worker 1 again")
+    children = psutil.Process(served.proc.pid).children(recursive=True)
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) == 0
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(served.dsn(), connect_timeout=2)
