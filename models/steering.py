@@ -6,7 +6,11 @@ log-normal with a Normal-Inverse-Gamma posterior over the mean and variance of l
 (Bao's Thompson sampling, with the posterior in closed form instead of a neural network: the
 proxy sees every template's executions, so per-template posteriors are cheap and exact).
 
-* `choose()` samples a mean from each live arm's posterior and takes the lowest;
+* `choose()` samples each live arm's expected latency from its posterior and takes the
+  lowest. The expected latency of a log-normal is exp(mu + sigma^2 / 2), not its median
+  exp(mu): a template's executions differ in their parameters, and an arm that speeds up the
+  cheap ones while slowing the expensive ones has the lower median and the higher total. Users
+  (and the bench) pay the total, so mu and sigma^2 are both drawn and the mean is compared;
 * an arm whose log latency is above the stock arm's by more than `regression` with confidence
   (Welch's t above `t_retire`) is *retired* for that template;
 * once one arm is the best in at least `confidence` of joint posterior draws, exploration stops
@@ -91,8 +95,8 @@ class ArmStats:
     def sample_mean(
         self, rng: random.Random, prior_mean: float, prior_var: float, kappa0: float = 1.0
     ) -> float:
-        """A draw of the mean log latency from the Normal-Inverse-Gamma posterior (`kappa0`:
-        the prior mean's weight, in observations)."""
+        """A draw of the log of the expected latency, mu + sigma^2 / 2, from the
+        Normal-Inverse-Gamma posterior (`kappa0`: the prior mean's weight, in observations)."""
         alpha0 = 2.0
         beta0 = prior_var * (alpha0 - 1)
         kappa = kappa0 + self.n
@@ -102,7 +106,7 @@ class ArmStats:
         if self.n:
             beta += kappa0 * self.n * (self.mean - prior_mean) ** 2 / (2 * kappa)
         sigma2 = beta / rng.gammavariate(alpha, 1.0)  # inverse-gamma draw
-        return rng.gauss(mu, math.sqrt(sigma2 / kappa))
+        return rng.gauss(mu, math.sqrt(sigma2 / kappa)) + sigma2 / 2
 
 
 @dataclass
@@ -289,6 +293,12 @@ def mann_whitney(treated: Sequence[float], control: Sequence[float]) -> tuple[fl
     result = mannwhitneyu(treated, control, alternative="less")
     ratio = _median(treated) / max(_median(control), 1e-9)
     return float(result.pvalue), ratio
+
+
+def mean_ratio(treated: Sequence[float], control: Sequence[float]) -> float:
+    """Mean latency of the treated executions over the control's: the A/B test's second
+    condition (Mann-Whitney U speaks of medians; users pay the total)."""
+    return (sum(treated) / len(treated)) / max(sum(control) / len(control), 1e-9)
 
 
 def _median(values: Sequence[float]) -> float:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.steering import mann_whitney
+from models.steering import mann_whitney, mean_ratio
 from optimizer.equivalence import shadow_check
 from optimizer.fingerprint import compute_fingerprint, literal_key
 from optimizer.rules import RuleContext, rewrite
@@ -396,7 +396,9 @@ class RewriteController:
             if len(st.rewritten) < s.steering_ab_min_samples or len(st.holdout) < 3:
                 continue
             p, ratio = mann_whitney(st.rewritten, st.holdout)
-            better = p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+            # faster in the middle with confidence, and no slower in total
+            better = (p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+                      and mean_ratio(st.rewritten, st.holdout) < 1.0)  # fmt: skip
             if better and not st.validated:
                 st.validated = True
                 out.append(self._decision(st, st.rule, "validate", "validated", "", p, ratio))

@@ -49,7 +49,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from models.steering import ARMS, STOCK, Policy, TemplateState, mann_whitney, plan_shape
+from models.steering import (
+    ARMS,
+    STOCK,
+    Policy,
+    TemplateState,
+    mann_whitney,
+    mean_ratio,
+    plan_shape,
+)
 from optimizer.fingerprint import compute_fingerprint, literal_key
 
 from .log import get_logger
@@ -339,7 +347,9 @@ class SteeringController:
                 continue
             p, ratio = mann_whitney(treated, control)
             enough = len(treated) >= s.steering_ab_min_samples
-            better = enough and p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+            # faster in the middle with confidence, and no slower in total
+            better = (enough and p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
+                      and mean_ratio(treated, control) < 1.0)  # fmt: skip
             # slower than the stock plan with confidence: withdrawn at once
             worse = mann_whitney(control, treated)[0] < s.steering_ab_alpha
             if better and self.validated.get(key) != arm:
@@ -370,6 +380,7 @@ class SteeringController:
                 "template": key[:500],
                 "p_value": p,
                 "median_ratio": ratio,
+                "mean_ratio": mean_ratio(treated, control),
                 "n_arm": len(treated),
                 "n_holdout": len(control),
                 "retired": sorted(st.retired),
