@@ -16,7 +16,11 @@ continue while the bandit explores and converges.
   except where the query is `ORDER BY ... LIMIT` and the two differ only among rows tied on the
   sort key at the cut (both are valid answers; the stock planner may return either): those
   are counted apart as `tie_differences`;
-* `worst_p95_regression`: the largest p95(on) / p95(off) - 1 of any template, second half;
+* `worst_p95_regression`: the largest p95(on) / p95(off) - 1 of any template after its
+  convergence: SHOW STEERING is read after every round, and a template's p95s are taken over
+  the rounds after the first that found it settled (converged, validated or withdrawn), both
+  sides, when at least `MIN_AFTER` rounds remain; otherwise (and for templates steering never
+  settled) over the second half;
 * `success_rate`: of the templates steering moved off the stock plan, the share whose median
   improved by at least 5%;
 * `time_reduction_exploring`: the same reduction over the first half of the rounds, while
@@ -57,6 +61,10 @@ from bench.warehouse import init_warehouse_async
 from bench.workload.templates import TEMPLATES, Profile, Sampler
 
 RESULTS = Path(__file__).parent / "results" / "gain.json"
+#: SHOW STEERING statuses of a template steering has settled
+SETTLED = ("converged:", "validated", "withdrawn", "pinned:")
+#: fewer rounds than this after convergence: the p95s are the second half's
+MIN_AFTER = 5
 
 TRAP_SETUP = """
 CREATE SCHEMA IF NOT EXISTS traps;
@@ -229,6 +237,7 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             m: f"postgresql://postgres@127.0.0.1:{p}/{args.database}" for m, p in ports.items()
         }
         times: dict[str, list[list[float]]] = {"on": [], "off": []}
+        statuses: list[dict[str, str]] = []
         mismatched: dict[str, int] = {}
         tie_only: dict[str, int] = {}
         with Progress(console=console, transient=True) as bars:
@@ -243,13 +252,16 @@ def benchmark(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                         bucket[name] = bucket.get(name, 0) + 1
                 for m in ("on", "off"):
                     times[m].append([t for t, _ in res[m]])
+                statuses.append(
+                    {n: row[1] for n, row in _steering_rows(ports["on"], stmts).items()}
+                )
                 bars.advance(task)
         shown = _steering_rows(ports["on"], stmts)
         decided = {name: row[1] for name, row in shown.items()}
     finally:
         for child in children.values():
             child.stop()
-    doc = summarise(stmts, times, mismatched, tie_only, args, decided)
+    doc = summarise(stmts, times, mismatched, tie_only, args, decided, statuses)
     doc["config"]["cost_model"] = cost_model
     for row in doc["templates"]:
         if row["template"] in shown:
@@ -300,9 +312,19 @@ def _steering_rows(port: int, stmts: list[tuple[str, str, tuple]]) -> dict[str, 
     }
 
 
+def settled_from(statuses: list[dict[str, str]], name: str, rounds: int) -> int | None:
+    """The first round after the one whose SHOW STEERING found `name` settled, if at least
+    MIN_AFTER rounds remain from there."""
+    for i, seen in enumerate(statuses):
+        if seen.get(name, "").startswith(SETTLED):
+            return i + 1 if rounds - (i + 1) >= MIN_AFTER else None
+    return None
+
+
 def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[float]]],
               mismatched: dict[str, int], tie_only: dict[str, int], args: Any,
-              decided: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+              decided: dict[str, str],
+              statuses: list[dict[str, str]] | None = None) -> dict[str, Any]:  # fmt: skip
     half = len(times["on"]) // 2
     per: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"on": [], "off": []})
     early: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"on": [], "off": []})
@@ -313,16 +335,24 @@ def summarise(stmts: list[tuple[str, str, tuple]], times: dict[str, list[list[fl
     # eligible: templates whose stock (off) median reaches the steering threshold
     eligible = {n for n, d in per.items() if statistics.median(d["off"]) * 1000 >= args.min_ms}
     rows = []
+    rounds = len(times["on"])
     for name, d in sorted(per.items()):
         off_med, on_med = statistics.median(d["off"]), statistics.median(d["on"])
         p95 = lambda v: sorted(v)[min(len(v) - 1, int(len(v) * 0.95))]  # noqa: E731
+        start = settled_from(statuses or [], name, rounds)
+        tail = d
+        if start is not None:  # after convergence: every execution of those rounds
+            positions = [i for i, (n, _, _) in enumerate(stmts) if n == name]
+            tail = {m: [times[m][r][i] for r in range(start, rounds) for i in positions]
+                    for m in ("on", "off")}  # fmt: skip
         rows.append({
             "template": name,
             "eligible": name in eligible,
             "trap": name.startswith("trap_"),
             "off_median_ms": 1000 * off_med,
             "on_median_ms": 1000 * on_med,
-            "p95_ratio": p95(d["on"]) / p95(d["off"]),
+            "p95_ratio": p95(tail["on"]) / p95(tail["off"]),
+            "p95_from_round": start if start is not None else half,
             "speedup": off_med / on_med,
             "steering": decided.get(name),
         })  # fmt: skip

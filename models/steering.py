@@ -295,6 +295,10 @@ def mann_whitney(treated: Sequence[float], control: Sequence[float]) -> tuple[fl
     return float(result.pvalue), ratio
 
 
+#: an A/B trial is settled before its full sample when p is below this share of alpha
+EARLY_ALPHA = 0.05
+
+
 def mean_ratio(treated: Sequence[float], control: Sequence[float]) -> float:
     """Mean latency of the treated executions over the control's: the A/B test's second
     condition (Mann-Whitney U speaks of medians; users pay the total)."""

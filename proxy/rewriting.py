@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.steering import mann_whitney, mean_ratio
+from models.steering import EARLY_ALPHA, mann_whitney, mean_ratio
 from optimizer.equivalence import shadow_check
 from optimizer.fingerprint import compute_fingerprint, literal_key
 from optimizer.rules import RuleContext, rewrite
@@ -393,9 +393,15 @@ class RewriteController:
         for st in self.templates.values():
             if st.rule is None or st.withdrawn or st.disabled:
                 continue
-            if len(st.rewritten) < s.steering_ab_min_samples or len(st.holdout) < 3:
+            if len(st.rewritten) < s.steering_ab_min_holdout or len(st.holdout) < 3:
                 continue
             p, ratio = mann_whitney(st.rewritten, st.holdout)
+            # the full sample, or a gain clear enough to settle it early (see steering)
+            if (
+                len(st.rewritten) < s.steering_ab_min_samples
+                and not p < s.steering_ab_alpha * EARLY_ALPHA
+            ):
+                continue
             # faster in the middle with confidence, and no slower in total
             better = (p < s.steering_ab_alpha and ratio < 1.0 - s.steering_min_gain
                       and mean_ratio(st.rewritten, st.holdout) < 1.0)  # fmt: skip

@@ -34,3 +34,33 @@ def test_a_busy_machine_is_named_in_a_warning() -> None:
     out = io.StringIO()
     load = warn_if_busy("the scores", out)
     assert len(load) == 3 and all(x >= 0 for x in load)
+
+
+def test_p95_after_convergence_uses_the_rounds_after_the_template_settled() -> None:
+    """The p95s of a template are taken from the round after SHOW STEERING first found it
+    settled (exploration before that is not "after convergence"), when enough rounds remain;
+    otherwise from the second half."""
+    from types import SimpleNamespace
+
+    from bench.gain_steering import settled_from, summarise
+
+    stmts = [("q", "SELECT 1", ()), ("q", "SELECT 1", ()), ("r", "SELECT 2", ())]
+    rounds = 12
+    # q explores a slow arm in rounds 0-6 (200 ms), settles at round 6; r never settles
+    on = [[200.0 if r < 7 else 30.0, 30.0, 30.0 if r != 11 else 90.0] for r in range(rounds)]
+    off = [[30.0, 30.0, 30.0] for _ in range(rounds)]
+    statuses = [{"q": "exploring" if r < 6 else "converged:stock", "r": "exploring"}
+                for r in range(rounds)]  # fmt: skip
+    assert settled_from(statuses, "q", rounds) == 7 and settled_from(statuses, "r", rounds) is None
+    assert settled_from(statuses, "q", 10) is None  # three rounds left: too few
+    args = SimpleNamespace(min_ms=20.0, scale=1.0, rounds=rounds, per_template=2,
+                           protocol="extended", rewrites=False, eval_interval=30.0,
+                           warm_start=True)  # fmt: skip
+    doc = summarise(stmts, {"on": on, "off": off}, {}, {}, args, {}, statuses)
+    rows = {r["template"]: r for r in doc["templates"]}
+    assert rows["q"]["p95_from_round"] == 7 and rows["q"]["p95_ratio"] == 1.0
+    # r's p95 is the second half's: its slow last round counts
+    assert rows["r"]["p95_from_round"] == 6 and rows["r"]["p95_ratio"] == 3.0
+    # without statuses (older JSON): the second half for every template
+    doc = summarise(stmts, {"on": on, "off": off}, {}, {}, args, {})
+    assert {r["template"]: r["p95_from_round"] for r in doc["templates"]} == {"q": 6, "r": 6}
