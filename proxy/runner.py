@@ -57,7 +57,8 @@ def run_proxy(settings: Settings, overrides: dict[str, Any] | None = None) -> No
     try:
         count = worker_count(settings.workers)
         if count > 1:
-            supervise(settings, upstream, overrides or {}, count)
+            if supervise(settings, upstream, overrides or {}, count):
+                raise RuntimeError("workers kept exiting at start (see their errors above)")
         else:
             _run(_serve(settings, upstream, overrides or {}))
     finally:

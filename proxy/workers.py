@@ -52,6 +52,10 @@ from .upstream import Upstream
 MAX_LINE = 4096
 MAX_REPLY = 64 * 1024 * 1024
 RESTART_DELAY = 1.0
+#: a worker that exits sooner than this after its start failed to start; this many such exits
+#: in a row (a bad TLS key, say) stop the supervisor instead of restarting forever
+QUICK_EXIT = 10.0
+MAX_QUICK_EXITS = 3
 
 
 @dataclass(frozen=True)
@@ -259,13 +263,18 @@ def supervise(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
     """Run `count` workers until SIGTERM/SIGINT; returns the exit code."""
     log = get_logger("pgsage")
     host, port = settings.listen_address
-    reserved = _reserve(host, port)
+    try:
+        reserved = _reserve(host, port)
+    except OSError as exc:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc}") from None
     port = reserved.getsockname()[1]
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     run_dir = Path(tempfile.mkdtemp(prefix="pgsage-workers-"))
     ctx = multiprocessing.get_context("fork")
     procs: dict[int, Any] = {}
+    started: dict[int, float] = {}
     stopping = False
+    quick_exits, code = 0, 0
 
     def start(i: int) -> None:
         info = WorkerInfo(i, count, run_dir)
@@ -274,6 +283,7 @@ def supervise(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
                         args=(own, upstream, overrides, info))  # fmt: skip
         p.start()
         procs[i] = p
+        started[i] = time.monotonic()
 
     def forward(sig: int, _frame: Any = None) -> None:
         nonlocal stopping
@@ -294,11 +304,20 @@ def supervise(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
         while not stopping:
             wait([p.sentinel for p in procs.values()], timeout=0.5)
             for i, p in list(procs.items()):
-                if not p.is_alive() and not stopping:
-                    log.error("worker exited; starting it again", worker=i, exitcode=p.exitcode)
-                    time.sleep(RESTART_DELAY)
-                    if not stopping:
-                        start(i)
+                if p.is_alive() or stopping:
+                    continue
+                quick = time.monotonic() - started[i] < QUICK_EXIT
+                quick_exits = quick_exits + 1 if quick else 0
+                if quick_exits >= MAX_QUICK_EXITS:
+                    log.error("workers keep exiting at start; stopping", worker=i,
+                              exitcode=p.exitcode)  # fmt: skip
+                    code = 1
+                    forward(signal.SIGTERM)
+                    break
+                log.error("worker exited; starting it again", worker=i, exitcode=p.exitcode)
+                time.sleep(RESTART_DELAY)
+                if not stopping:
+                    start(i)
         deadline = time.monotonic() + settings.shutdown_timeout + 10
         for p in procs.values():
             p.join(max(0.1, deadline - time.monotonic()))
@@ -306,7 +325,7 @@ def supervise(settings: Settings, upstream: Upstream, overrides: dict[str, Any],
                 p.kill()
                 p.join(5)
         log.info("workers stopped")
-        return 0
+        return code
     finally:
         reserved.close()
         shutil.rmtree(run_dir, ignore_errors=True)

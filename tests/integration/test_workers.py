@@ -175,3 +175,38 @@ def test_a_killed_worker_is_started_again_and_sigterm_stops_all(served: Workers)
     assert not alive, alive
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(served.dsn(), connect_timeout=2)
+
+
+def _serve_workers(tmp: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_")}
+    environ.update(PGSAGE_EMBEDDED_FALLBACK="false", PGSAGE_HTTP="", PGSAGE_AUTO_MIGRATE="false",
+                   PGSAGE_LOG_FORMAT="json")  # fmt: skip
+    return subprocess.run(
+        [str(PGSAGE), "serve", "--workers", "2", "--upstream", f"{PG_HOST}:{PG_PORT}", *args],
+        cwd=tmp, env=environ, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
+    """A TLS key the workers cannot load makes each exit at start: after three such exits the
+    supervisor stops with status 1 instead of restarting them forever. A port another program
+    holds is refused before any worker starts."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    t0 = time.monotonic()
+    done = _serve_workers(tmp_path, "--listen", f"127.0.0.1:{_free_port()}",
+                          "--tls-cert", str(cert), "--tls-key", str(key))  # fmt: skip
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 1, out
+    assert "workers keep exiting at start" in out and time.monotonic() - t0 < 45
+
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        done = _serve_workers(tmp_path, "--listen", f"127.0.0.1:{port}")
+    out = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out, out
