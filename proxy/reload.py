@@ -6,6 +6,7 @@ Only keys in RELOADABLE change at run time; the others need a restart (RELOAD sa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -121,12 +122,19 @@ def set_setting(settings: Settings, key: str, value: str | list[str]) -> str | N
     return None
 
 
-def reload(settings: Settings, overrides: dict[str, Any]) -> tuple[str | None, list[str]]:
-    """Re-read file and environment (CLI flags still win); apply reloadable changes."""
+def reload(
+    settings: Settings,
+    overrides: dict[str, Any],
+    adjust: Callable[[Settings], Settings] | None = None,
+) -> tuple[str | None, list[str]]:
+    """Re-read file and environment (CLI flags still win); apply reloadable changes.
+    `adjust`: what this process makes of the configuration (a worker's share and port)."""
     try:
         fresh = load_settings(None, **overrides)
     except SettingsError as exc:
         return f"configuration not reloaded: {exc}", []
+    if adjust is not None:
+        fresh = adjust(fresh)
     changed, restart = [], []
     for key in type(settings).model_fields:
         new, old = getattr(fresh, key), getattr(settings, key)

@@ -34,7 +34,14 @@ from .telemetry.metrics import ProxyMetrics
 from .telemetry.querylog import QueryLogRecorder
 from .telemetry.sampler import SystemSampler
 from .upstream import Upstream
-from .workers import ControlServer, WorkerInfo, merged_exposition, rows_json, sibling_rows
+from .workers import (
+    ControlServer,
+    WorkerInfo,
+    merged_exposition,
+    rows_json,
+    sibling_rows,
+    worker_settings,
+)
 
 
 class Service:
@@ -270,7 +277,11 @@ class Service:
         return self._reload()
 
     def _reload(self) -> str | None:
-        problem, changed = reload_.reload(self.settings, self.cli_overrides)
+        worker, adjust = self.worker, None
+        if worker is not None:  # a worker's port, share of the client limit and role stay
+            listen = self.settings.listen
+            adjust = partial(worker_settings, info=worker, listen=listen)
+        problem, changed = reload_.reload(self.settings, self.cli_overrides, adjust)
         if any(k.startswith("clock_") for k in changed):
             self.apply_clock()
         if changed:

@@ -30,8 +30,18 @@ PROMTOOL = "/usr/bin/promtool"
 
 
 class Workers:
+    config: Path
+
     def __init__(self, proc: subprocess.Popen[bytes], port: int, http: int, log: Path) -> None:
         self.proc, self.port, self.http, self.log = proc, port, http, log
+
+    def configs(self, key: str, tries: int = 12) -> set[str]:
+        """`key` as SHOW CONFIG gives it on the workers admin connections land on."""
+        seen = set()
+        for _ in range(tries):
+            with psycopg.connect(self.dsn("pgsage"), autocommit=True) as c:
+                seen.add({r[0]: r[1] for r in c.execute("SHOW CONFIG").fetchall()}[key])
+        return seen
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname} connect_timeout=10"
@@ -58,6 +68,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     tmp = tmp_path_factory.mktemp("workers")
     port, http = _free_port(), _free_port()
     log = tmp / "pgsage.log"
+    (tmp / "config").mkdir()
+    (tmp / "config" / "pgsage.toml").write_text("max_client_connections = 50\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_")}
     environ.update(PGSAGE_WAREHOUSE_DATABASE=warehouse, PGSAGE_EMBEDDED_FALLBACK="false",
                    PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json")  # fmt: skip
@@ -68,6 +80,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
             cwd=tmp, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     w = Workers(proc, port, http, log)
+    w.config = tmp / "config" / "pgsage.toml"
 
     def ready() -> bool:
         assert proc.poll() is None, log.read_text()
@@ -148,13 +161,25 @@ def test_metrics_carry_every_worker_and_pass_promtool(served: Workers) -> None:
 
 def test_an_admin_set_reaches_every_worker(served: Workers) -> None:
     served.admin("SET steering_min_ms = 123")
-    seen = set()
-    for _ in range(12):  # admin connections land on either worker
-        with psycopg.connect(served.dsn("pgsage"), autocommit=True) as c:
-            config = {r[0]: r[1] for r in c.execute("SHOW CONFIG").fetchall()}
-            seen.add(config["steering_min_ms"])
-    assert seen == {"123.0"}
+    assert served.configs("steering_min_ms") == {"123.0"}  # (2 ** -11 that one was missed)
     served.admin("SET steering_min_ms = 20")
+
+
+def test_a_reload_keeps_each_workers_share_and_role(served: Workers) -> None:
+    """max_client_connections is shared out (50 in the file: 25 each) and stays shared after
+    SIGHUP re-reads the file (30: 15 each); a worker's port, its lack of HTTP and of migrations
+    are its own, not changes that would want a restart."""
+    assert served.configs("max_client_connections") == {"25"}
+    served.config.write_text("max_client_connections = 30\n")
+    served.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: served.configs("max_client_connections", 4) == {"15"}, 20,
+               "both workers to reload")  # fmt: skip
+    assert served.configs("max_client_connections") == {"15"}
+    with psycopg.connect(served.dsn("pgsage"), autocommit=True) as c:
+        notices: list[str] = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        c.execute("RELOAD")
+    assert not [n for n in notices if "restart" in n], notices
 
 
 def test_a_killed_worker_is_started_again_and_sigterm_stops_all(served: Workers) -> None:
