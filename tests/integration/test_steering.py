@@ -19,6 +19,14 @@ from tests.fix_proxy import create_database, direct_dsn, drop_database
 
 QUERY = "SELECT id, pad FROM t4 WHERE cat = 7 ORDER BY id LIMIT 20"
 STEER = {"steering_enabled": True, "steering_min_ms": 5, "steering_seed": 1}
+#: two tables whose join the planner switches change (a one-table scan they do not)
+JOIN_TABLES = (
+    "CREATE TABLE one (id int PRIMARY KEY, v text);"
+    " INSERT INTO one SELECT i, md5(i::text) FROM generate_series(1, 20000) i;"
+    " CREATE TABLE two (id int, one_id int);"
+    " INSERT INTO two SELECT i, i % 20000 + 1 FROM generate_series(1, 20000) i;"
+    " ANALYZE one; ANALYZE two;"
+)
 
 
 @pytest.fixture(scope="module")
@@ -149,13 +157,7 @@ def test_arms_whose_plan_is_stocks_are_retired_before_they_are_tried(make_servic
 
     svc = make_service(steering_enabled=True, steering_min_ms=0.1, steering_seed=2)
     with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
-        c.execute(
-            "CREATE TABLE one (id int PRIMARY KEY, v text);"
-            " INSERT INTO one SELECT i, md5(i::text) FROM generate_series(1, 20000) i;"
-            " CREATE TABLE two (id int, one_id int);"
-            " INSERT INTO two SELECT i, i % 20000 + 1 FROM generate_series(1, 20000) i;"
-            " ANALYZE one; ANALYZE two;"
-        )
+        c.execute(JOIN_TABLES)
     ctl = svc.service.proxy.steering
     scan = "SELECT count(*) FROM one WHERE v LIKE 'a%'"
     with psycopg.connect(svc.dsn(svc.database), autocommit=True) as c:

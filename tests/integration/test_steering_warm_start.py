@@ -27,6 +27,7 @@ from optimizer.features import plan_features
 from optimizer.fingerprint import compute_fingerprint
 from proxy.steering import error_sd, explain_arms
 from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, direct_dsn
+from tests.integration.test_steering import JOIN_TABLES
 
 JOIN = "SELECT one.v, two.id FROM one JOIN two ON two.one_id = one.id WHERE one.id < {}"
 
@@ -47,13 +48,7 @@ def test_an_active_cost_model_warm_starts_the_arms(
                        cost_refresh_interval=0.3, log_parameters=True)  # fmt: skip
     ctl = svc.service.proxy.steering
     with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
-        c.execute(
-            "CREATE TABLE one (id int PRIMARY KEY, v text);"
-            " INSERT INTO one SELECT i, md5(i::text) FROM generate_series(1, 20000) i;"
-            " CREATE TABLE two (id int, one_id int);"
-            " INSERT INTO two SELECT i, i % 20000 + 1 FROM generate_series(1, 20000) i;"
-            " ANALYZE one; ANALYZE two;"
-        )
+        c.execute(JOIN_TABLES)
 
     def run(sql: str, n: int) -> None:
         with psycopg.connect(svc.dsn(svc.database), autocommit=True) as c:
