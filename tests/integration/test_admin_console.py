@@ -64,6 +64,7 @@ def test_show_stats_clients_servers(service):
             stats = {r[0]: r for r in a.execute("SHOW STATS").fetchall()}
             clients = a.execute("SHOW CLIENTS").fetchall()
             servers = a.execute("SHOW SERVERS").fetchall()
+            (worker,) = a.execute("SHOW WORKERS").fetchall()
             pid = c.execute("select pg_backend_pid()").fetchone()[0]
     assert stats[service.database][1] >= 1
     assert stats[service.database][5] > 0 and stats[service.database][6] > 0  # bytes in, out
@@ -72,6 +73,9 @@ def test_show_stats_clients_servers(service):
     assert len(mine) == 1 and mine[0][0] == "C" and mine[0][8] == pid
     assert all(r[10] != "psql" or r[2] != "pgsage" for r in clients)  # the console is not listed
     assert pid in [r[9] for r in servers]
+    # one process (workers = 1): SHOW WORKERS has its one row, this client in it
+    assert worker[0] == 0 and worker[2] == "single" and worker[3] == 1 and worker[4] >= 1
+    assert worker[5] == f"{service.host}:{service.port}"
 
 
 def test_show_servers_lists_kept_server_connections(service):
