@@ -192,8 +192,51 @@ def server_rows(ctx: AdminContext) -> list[tuple[Any, ...]]:
     return rows
 
 
-def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     limit = int(args.get("limit") or 20)
+    if not ctx.has_workers:
+        return result_set(QUERY_COLUMNS, query_rows(ctx, limit))
+    own = query_rows(ctx, MERGED_QUERIES)
+
+    async def merged() -> bytes:
+        rows = merge_query_rows(own + await ctx.sibling_rows("queries"))
+        return result_set(QUERY_COLUMNS, rows[:limit])
+
+    return merged()
+
+
+#: fingerprints each worker contributes to a merged SHOW QUERIES
+MERGED_QUERIES = 300
+QUERY_COLUMNS = ("fingerprint", "calls", "total_exec_time", "mean_exec_time", "min_exec_time",
+                 "max_exec_time", "stddev_exec_time", "p95_exec_time", "rows", "errors",
+                 "command", "query")  # fmt: skip
+
+
+def merge_query_rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """SHOW QUERIES rows of several workers as one row per fingerprint: calls, time, rows and
+    errors summed, min and max of all, the standard deviation pooled, and the p95 the highest
+    of the workers' (quantiles do not add up; this one bounds the true one from above)."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for r in rows:
+        groups.setdefault(r[0], []).append(r)
+    out = []
+    for fp, rs in groups.items():
+        if len(rs) == 1:
+            out.append(tuple(rs[0]))
+            continue
+        calls = sum(r[1] for r in rs)
+        total = sum(r[2] for r in rs)
+        mean = total / calls if calls else 0.0
+        second = sum(r[1] * (r[6] ** 2 + r[3] ** 2) for r in rs) / calls if calls else 0.0
+        out.append((fp, calls, round(total, 3), round(mean, 3), min(r[4] for r in rs),
+                    max(r[5] for r in rs), round(max(second - mean**2, 0.0) ** 0.5, 3),
+                    max(r[7] for r in rs), sum(r[8] for r in rs), sum(r[9] for r in rs),
+                    rs[0][10], rs[0][11]))  # fmt: skip
+    out.sort(key=lambda r: -r[2])
+    return out
+
+
+def query_rows(ctx: AdminContext, limit: int) -> list[tuple[Any, ...]]:
     rows = []
     for s in ctx.query_stats(limit):
         rows.append(
@@ -212,23 +255,7 @@ def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes:
                 s.normalized,
             )
         )
-    return result_set(
-        (
-            "fingerprint",
-            "calls",
-            "total_exec_time",
-            "mean_exec_time",
-            "min_exec_time",
-            "max_exec_time",
-            "stddev_exec_time",
-            "p95_exec_time",
-            "rows",
-            "errors",
-            "command",
-            "query",
-        ),
-        rows,
-    )
+    return rows
 
 
 def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes:

@@ -139,6 +139,24 @@ def test_a_cancel_reaches_the_session_whichever_worker_it_lands_on(served: Worke
     assert relayed() - before >= 1  # (2 ** -12 that none crossed)
 
 
+def test_show_queries_adds_up_every_workers_statements(served: Workers) -> None:
+    conns = [psycopg.connect(served.dsn(), autocommit=True) for _ in range(8)]
+    try:
+        for i in range(24):
+            conns[i % 8].execute("select %s::int AS workers_marker", (i,), prepare=False)
+    finally:
+        for c in conns:
+            c.close()
+
+    def ours() -> list[tuple[object, ...]]:
+        return [r for r in served.admin("SHOW QUERIES LIMIT 100") if "workers_marker" in str(r[11])]
+
+    wait_until(lambda: [r[1] for r in ours()] == [24], 30, "the statements in SHOW QUERIES")
+    (row,) = ours()
+    total, mean = float(row[2]), float(row[3])  # type: ignore[arg-type]
+    assert abs(total / 24 - mean) < 0.01 and float(row[4]) <= mean <= float(row[5])  # type: ignore[arg-type]
+
+
 def test_metrics_carry_every_worker_and_pass_promtool(served: Workers) -> None:
     with psycopg.connect(served.dsn(), autocommit=True, application_name="counted") as c:
         for _ in range(5):
