@@ -354,11 +354,19 @@ class Service:
         if command == "metrics":
             return generate_latest(self.metrics.registry)
         if command == "rows":
-            from .admin.commands import MERGED_QUERIES, client_rows, query_rows, server_rows
+            from .admin.commands import (
+                MERGED_QUERIES,
+                client_rows,
+                query_rows,
+                server_rows,
+                text_rows,
+            )
 
             rows: dict[str, Any] = {
                 "clients": lambda: client_rows(self),
                 "queries": lambda: query_rows(self, MERGED_QUERIES),
+                "steering": lambda: text_rows(self.steering_rows() or []),
+                "rewrites": lambda: text_rows(self.rewrite_rows() or []),
                 "servers": lambda: server_rows(self),
                 "stats": lambda: [(self.database_stats(),)],
                 "worker": lambda: [self.worker_row()],

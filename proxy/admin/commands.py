@@ -122,14 +122,14 @@ def show_workers(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[b
     return _everywhere(ctx, "worker", WORKER_COLUMNS, [ctx.worker_row()])
 
 
-def _everywhere(ctx: AdminContext, what: str, head: Sequence[str], rows: list[tuple[Any, ...]]
-                ) -> bytes | Awaitable[bytes]:  # fmt: skip
+def _everywhere(ctx: AdminContext, what: str, head: Sequence[str], rows: list[tuple[Any, ...]],
+                limit: int | None = None) -> bytes | Awaitable[bytes]:  # fmt: skip
     """This process's rows, and in multi-worker mode every other worker's after them."""
     if not ctx.has_workers:
-        return result_set(head, rows)
+        return result_set(head, rows[:limit])
 
     async def merged() -> bytes:
-        return result_set(head, rows + await ctx.sibling_rows(what))
+        return result_set(head, (rows + await ctx.sibling_rows(what))[:limit])
 
     return merged()
 
@@ -276,21 +276,26 @@ def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes:
     return result_set(("key", "value"), [(k, None if v is None else str(v)) for k, v in lanes])
 
 
-def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     rows = ctx.steering_rows()
     head = ("fingerprint", "status", "arms", "retired", "holdout", "template")
     if rows is None:
         return notice("plan steering is off (steering_enabled = false)") + result_set(head, [])
     limit = int(args["limit"]) if args.get("limit") else None
-    return result_set(head, [tuple(None if v is None else str(v) for v in r) for r in rows[:limit]])
+    # each worker steers its own sessions: one row per template and worker
+    return _everywhere(ctx, "steering", head, text_rows(rows), limit)
 
 
-def show_rewrites(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_rewrites(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     rows = ctx.rewrite_rows()
     head = ("fingerprint", "rule", "status", "proven", "rewritten", "holdout", "template")
     if rows is None:
         return notice("rewrites are off (rewrite_enabled = false)") + result_set(head, [])
-    return result_set(head, [tuple(None if v is None else str(v) for v in r) for r in rows])
+    return _everywhere(ctx, "rewrites", head, text_rows(rows))
+
+
+def text_rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [tuple(None if v is None else str(v) for v in r) for r in rows]
 
 
 def _num(v: Any, digits: int = 2) -> str | None:

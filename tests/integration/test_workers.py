@@ -72,7 +72,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     (tmp / "config" / "pgsage.toml").write_text("max_client_connections = 50\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_")}
     environ.update(PGSAGE_WAREHOUSE_DATABASE=warehouse, PGSAGE_EMBEDDED_FALLBACK="false",
-                   PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json")  # fmt: skip
+                   PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json",
+                   # steering watches every SELECT, and no template is slow enough to steer
+                   PGSAGE_STEERING_ENABLED="true", PGSAGE_STEERING_MIN_MS="100000")  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(PGSAGE), "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}",
@@ -155,6 +157,22 @@ def test_show_queries_adds_up_every_workers_statements(served: Workers) -> None:
     (row,) = ours()
     total, mean = float(row[2]), float(row[3])  # type: ignore[arg-type]
     assert abs(total / 24 - mean) < 0.01 and float(row[4]) <= mean <= float(row[5])  # type: ignore[arg-type]
+
+
+def test_show_steering_has_each_workers_templates(served: Workers) -> None:
+    """Each worker steers (here: watches) the sessions it holds: a template run through
+    connections on both workers has a row from each."""
+    conns = [psycopg.connect(served.dsn(), autocommit=True) for _ in range(16)]
+    try:  # three runs on each connection: a worker holding one sees enough to watch
+        for i in range(48):
+            conns[i % 16].execute("select %s::int AS steer_marker", (i,), prepare=False)
+    finally:
+        for c in conns:
+            c.close()
+    rows = [r for r in served.admin("SHOW STEERING") if "steer_marker" in str(r[5])]
+    assert len(rows) == 2 and {r[1] for r in rows} == {"watching"}, rows
+    assert len({r[0] for r in rows}) == 1  # one fingerprint, a row per worker
+    assert len(served.admin("SHOW STEERING LIMIT 1")) == 1
 
 
 def test_metrics_carry_every_worker_and_pass_promtool(served: Workers) -> None:
