@@ -38,7 +38,7 @@ async def _serve(settings: Settings, upstream: Upstream, overrides: dict[str, An
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     service = Service(settings, upstream, overrides, worker=worker)
-    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_here)
     tune_gc()
     await service.serve_until(stop)
 

@@ -273,10 +273,13 @@ class Service:
         CLOCK.set(self.settings.clock_speed, self.settings.clock_start)
 
     def reload(self) -> str | None:
+        """RELOAD in the admin console (or the API): this process and every other worker."""
         self._tell_siblings("reload")
-        return self._reload()
+        return self.reload_here()
 
-    def _reload(self) -> str | None:
+    def reload_here(self) -> str | None:
+        """Re-read the configuration in this process (SIGHUP: in multi-worker mode the
+        supervisor sends it to every worker)."""
         worker, adjust = self.worker, None
         if worker is not None:  # a worker's port, share of the client limit and role stay
             listen = self.settings.listen
@@ -376,7 +379,7 @@ class Service:
             key, value = json.loads(arg)
             return (self._set_setting(key, value) or "").encode()
         if command == "reload":
-            return (self._reload() or "").encode()
+            return (self.reload_here() or "").encode()
         if command == "pause":
             self.proxy.pause()
         elif command == "resume":
@@ -389,6 +392,7 @@ class Service:
         if self.worker is not None and self.has_workers:
             from .workers import ask_siblings
 
+            self._telling = [f for f in self._telling if not f.done()]
             self._telling.append(asyncio.ensure_future(ask_siblings(self.worker, request)))
 
     _telling: list[asyncio.Future[Any]]
