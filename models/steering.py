@@ -126,10 +126,14 @@ class TemplateState:
     plans_checked: bool = False
     #: arm -> the cost model's predicted log latency minus stock's (warm start; see above)
     predicted: dict[str, float] = field(default_factory=dict)
-    #: arm -> offset of its posterior's mean from stock's: the predictions that bring it forward
-    prior: dict[str, float] = field(default_factory=dict)
     #: the sd of the model's log-latency error: how much a prediction weighs
     prior_sd: float = 0.5
+
+    @property
+    def prior(self) -> dict[str, float]:
+        """arm -> offset of its posterior's mean from stock's: the predictions that bring it
+        forward (those of a faster plan)."""
+        return {arm: r for arm, r in self.predicted.items() if r < 0}
 
     def live(self, disabled: Iterable[str] = ()) -> list[str]:
         off = set(disabled)
@@ -166,13 +170,8 @@ class Policy:
         prior_var = stock.var if stock.n > 1 and math.isfinite(stock.var) else 1.0
         prior_var = max(prior_var, 0.05)
         best, best_mu = STOCK, math.inf
-        prior = st.prior
         for arm in live:
-            if arm in prior:
-                mu = st.arms[arm].sample_mean(rng, prior_mean + prior[arm], prior_var,
-                                              self._kappa(st, prior_var))  # fmt: skip
-            else:
-                mu = st.arms[arm].sample_mean(rng, prior_mean, prior_var)
+            mu = self._draw(st, arm, rng, prior_mean, prior_var)
             if mu < best_mu:
                 best, best_mu = arm, mu
         return best
@@ -246,7 +245,6 @@ class Policy:
             for arm, ms in predicted_ms.items()
             if arm != STOCK and arm not in st.retired and ms > 0 and math.isfinite(ms)
         }
-        st.prior = {arm: r for arm, r in st.predicted.items() if r < 0}
         st.prior_sd = max(error_sd, 0.05)
         return st.prior
 
@@ -255,6 +253,15 @@ class Policy:
         """The weight of a prediction in observations: the posterior's mean has the spread of
         one execution divided by kappa, so kappa makes it the model's error."""
         return min(1.0, max(0.05, prior_var / st.prior_sd**2))
+
+    def _draw(self, st: TemplateState, arm: str, rng: random.Random, base: float,
+              prior_var: float) -> float:  # fmt: skip
+        """One posterior draw of `arm`'s log expected latency; its prior is stock's `base`,
+        moved and weighted by the cost model when it predicted the arm's plan faster."""
+        offset = st.predicted.get(arm, 0.0)
+        if offset >= 0:
+            return st.arms[arm].sample_mean(rng, base, prior_var)
+        return st.arms[arm].sample_mean(rng, base + offset, prior_var, self._kappa(st, prior_var))
 
     def _leader(self, st: TemplateState, rng: random.Random) -> str | None:
         live = [a for a in st.live() if st.arms[a].n >= self.min_pulls]
@@ -265,12 +272,7 @@ class Policy:
         wins = dict.fromkeys(live, 0)
         head_start = math.log1p(self.min_gain)
         for _ in range(self.draws):
-            kappa = self._kappa(st, prior_var)
-            draws = {
-                a: st.arms[a].sample_mean(rng, stock.mean + st.prior[a], prior_var, kappa)
-                if a in st.prior else st.arms[a].sample_mean(rng, stock.mean, prior_var)
-                for a in live
-            }  # fmt: skip
+            draws = {a: self._draw(st, a, rng, stock.mean, prior_var) for a in live}
             if STOCK in draws:
                 draws[STOCK] -= head_start
             wins[min(draws, key=draws.__getitem__)] += 1

@@ -20,8 +20,8 @@ from .admission import AdmissionController
 from .cache import ResultCache
 from .log import get_logger
 from .pool import ServerPool
-from .protocol import CancelRequest, Phase, SessionTracker
-from .protocol.startup import CANCEL_REQUEST_CODE
+from .protocol import CancelRequest, Phase, ProtocolViolation, SessionTracker
+from .protocol.startup import parse_startup_packet
 from .records import RecordSink
 from .rewriting import RewriteController
 from .session import ClientConnection
@@ -232,10 +232,13 @@ class ProxyServer:
     def accept_relayed_cancel(self, raw: bytes) -> bool:
         """A CancelRequest another worker received: sent upstream if this worker holds the
         session whose key it carries."""
-        if len(raw) < 12 or int.from_bytes(raw[4:8], "big") != CANCEL_REQUEST_CODE:
+        try:
+            request = parse_startup_packet(raw)
+        except ProtocolViolation:
             return False
-        key = (int.from_bytes(raw[8:12], "big", signed=True), raw[12:])
-        if self.cancel_keys.get(key) is None:
+        if not isinstance(request, CancelRequest):
+            return False
+        if self.cancel_keys.get((request.process_id, request.secret_key)) is None:
             return False
         self.metrics.cancel("forwarded")
         self.spawn(self._send_cancel(raw))
@@ -245,13 +248,7 @@ class ProxyServer:
         """Cancel whatever the upstream backend of a session runs (the client went away)."""
         if tracker.backend_pid is None or tracker.backend_secret is None:
             return
-        secret = tracker.backend_secret
-        raw = (
-            (12 + len(secret)).to_bytes(4, "big")
-            + CANCEL_REQUEST_CODE.to_bytes(4, "big")
-            + tracker.backend_pid.to_bytes(4, "big", signed=True)
-            + secret
-        )
+        raw = CancelRequest(tracker.backend_pid, tracker.backend_secret).encode()
         self.spawn(self._send_cancel(raw))
 
     async def _send_cancel(self, raw: bytes) -> None:

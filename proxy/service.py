@@ -37,6 +37,7 @@ from .upstream import Upstream
 from .workers import (
     ControlServer,
     WorkerInfo,
+    ask_siblings,
     merged_exposition,
     rows_json,
     sibling_rows,
@@ -78,6 +79,7 @@ class Service:
         )
         self.control: ControlServer | None = None
         self._telling = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         if worker is not None:
             self.proxy.worker = worker
             self.control = ControlServer(worker, self.control_answer)
@@ -166,6 +168,7 @@ class Service:
             self.apply_clock()
         if self.settings.auto_migrate:
             await self.migrate()
+        self._loop = asyncio.get_running_loop()
         if self.control is not None:
             await self.control.start()
         await self.proxy.start()
@@ -346,9 +349,14 @@ class Service:
                 f"{self.proxy.host}:{self.proxy.port}")  # fmt: skip
 
     def exposition(self) -> bytes:
-        """/metrics: this process's registry, or every worker's with a `worker` label."""
+        """/metrics: this process's registry, or every worker's with a `worker` label. Called
+        from the HTTP server's thread pool: the siblings are asked on the event loop."""
         own = generate_latest(self.metrics.registry)
-        return merged_exposition(own, self.worker) if self.has_workers else own  # type: ignore[arg-type]
+        if self.worker is None or not self.has_workers or self._loop is None:
+            return own
+        asked = ask_siblings(self.worker, "metrics")
+        theirs = asyncio.run_coroutine_threadsafe(asked, self._loop).result(10)
+        return merged_exposition({self.worker.index: own, **theirs})
 
     def control_answer(self, command: str, arg: str) -> bytes:
         """A sibling's request on this worker's control socket (see proxy/workers.py)."""
@@ -357,24 +365,10 @@ class Service:
         if command == "metrics":
             return generate_latest(self.metrics.registry)
         if command == "rows":
-            from .admin.commands import (
-                MERGED_QUERIES,
-                client_rows,
-                query_rows,
-                server_rows,
-                text_rows,
-            )
+            from .admin.commands import LOCAL_ROWS
 
-            rows: dict[str, Any] = {
-                "clients": lambda: client_rows(self),
-                "queries": lambda: query_rows(self, MERGED_QUERIES),
-                "steering": lambda: text_rows(self.steering_rows() or []),
-                "rewrites": lambda: text_rows(self.rewrite_rows() or []),
-                "servers": lambda: server_rows(self),
-                "stats": lambda: [(self.database_stats(),)],
-                "worker": lambda: [self.worker_row()],
-            }
-            return rows_json(rows[arg]()) if arg in rows else b"[]"
+            local = LOCAL_ROWS.get(arg)
+            return rows_json(local(self)) if local is not None else b"[]"
         if command == "set":
             key, value = json.loads(arg)
             return (self._set_setting(key, value) or "").encode()
@@ -390,8 +384,6 @@ class Service:
         """Pass an admin change (SET, RELOAD, PAUSE, RESUME) on to every other worker; the
         admin command completes once they have it (`siblings_told`)."""
         if self.worker is not None and self.has_workers:
-            from .workers import ask_siblings
-
             self._telling = [f for f in self._telling if not f.done()]
             self._telling.append(asyncio.ensure_future(ask_siblings(self.worker, request)))
 

@@ -443,11 +443,6 @@ async def explain_arms(conn: Any, sql: str, custom: bool = False) -> dict[str, A
     return plans
 
 
-async def arm_plans(conn: Any, sql: str, custom: bool = False) -> dict[str, Any]:
-    """The plan shape of `sql` under each arm's switches (see `explain_arms`)."""
-    return {arm: plan_shape(p) for arm, p in (await explain_arms(conn, sql, custom)).items()}
-
-
 def error_sd(metrics: dict[str, Any]) -> float:
     """The sd of a cost model's log-latency error from its held-out q-error p90 (q-error is
     exp|log error|; for a normal error its p90 is 1.645 sd); 0.5 when the card has none."""

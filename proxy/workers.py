@@ -153,29 +153,6 @@ async def ask_siblings(info: WorkerInfo, request: str, timeout: float = 2.0) -> 
     return {i: r for i, r in replies if r is not None}
 
 
-def ask_siblings_sync(info: WorkerInfo, request: str, timeout: float = 2.0) -> dict[int, bytes]:
-    """`ask_siblings` with blocking sockets (for a synchronous caller: /metrics runs in the
-    HTTP server's thread pool)."""
-    out = {}
-    for i in info.siblings():
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(str(info.socket_path(i)))
-                s.sendall(request.encode("ascii") + b"\n")
-                chunks, size = [], 0
-                while size < MAX_REPLY:
-                    chunk = s.recv(1 << 16)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    size += len(chunk)
-                out[i] = b"".join(chunks)
-        except OSError:
-            continue
-    return out
-
-
 def rows_json(rows: Iterable[Iterable[Any]]) -> bytes:
     return json.dumps([list(r) for r in rows], default=str).encode()
 
@@ -193,14 +170,14 @@ async def sibling_rows(info: WorkerInfo, what: str) -> list[tuple[Any, ...]]:
 # ------------------------------------------------------------------------------ metrics
 
 
-def merged_exposition(own: bytes, info: WorkerInfo) -> bytes:
-    """Every worker's metrics in one exposition, each sample labelled with its `worker`."""
+def merged_exposition(texts: dict[int, bytes]) -> bytes:
+    """Every worker's metrics (exposition by worker index) in one exposition, each sample
+    labelled with its `worker`."""
     from prometheus_client.core import Metric
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.registry import CollectorRegistry
 
-    texts = {info.index: own, **ask_siblings_sync(info, "metrics")}
     families: dict[str, Metric] = {}
     for index in sorted(texts):
         try:

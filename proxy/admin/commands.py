@@ -69,7 +69,7 @@ def show_stats(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[byt
 
     async def merged() -> bytes:  # every worker's counters, summed per database
         total: dict[str, dict[str, float]] = {db: dict(v) for db, v in own.items()}
-        for (theirs,) in await ctx.sibling_rows("stats"):
+        for (theirs,) in await ctx.sibling_rows("stats"):  # LOCAL_ROWS["stats"] of each
             for db, values in theirs.items():
                 entry = total.setdefault(db, {})
                 for k, v in values.items():
@@ -111,20 +111,22 @@ def _stats(ctx: AdminContext, stats: dict[str, dict[str, float]]) -> bytes:
 
 
 def show_clients(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
-    return _everywhere(ctx, "clients", CLIENT_COLUMNS, client_rows(ctx))
+    return _everywhere(ctx, "clients", CLIENT_COLUMNS)
 
 
 def show_servers(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
-    return _everywhere(ctx, "servers", SERVER_COLUMNS, server_rows(ctx))
+    return _everywhere(ctx, "servers", SERVER_COLUMNS)
 
 
 def show_workers(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
-    return _everywhere(ctx, "worker", WORKER_COLUMNS, [ctx.worker_row()])
+    return _everywhere(ctx, "worker", WORKER_COLUMNS)
 
 
-def _everywhere(ctx: AdminContext, what: str, head: Sequence[str], rows: list[tuple[Any, ...]],
-                limit: int | None = None) -> bytes | Awaitable[bytes]:  # fmt: skip
-    """This process's rows, and in multi-worker mode every other worker's after them."""
+def _everywhere(ctx: AdminContext, what: str, head: Sequence[str], limit: int | None = None
+                ) -> bytes | Awaitable[bytes]:  # fmt: skip
+    """This process's rows of `what` (`LOCAL_ROWS`), and in multi-worker mode every other
+    worker's after them."""
+    rows = LOCAL_ROWS[what](ctx)
     if not ctx.has_workers:
         return result_set(head, rows[:limit])
 
@@ -196,7 +198,7 @@ def show_queries(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[b
     limit = int(args.get("limit") or 20)
     if not ctx.has_workers:
         return result_set(QUERY_COLUMNS, query_rows(ctx, limit))
-    own = query_rows(ctx, MERGED_QUERIES)
+    own = LOCAL_ROWS["queries"](ctx)
 
     async def merged() -> bytes:
         rows = merge_query_rows(own + await ctx.sibling_rows("queries"))
@@ -277,21 +279,19 @@ def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes:
 
 
 def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
-    rows = ctx.steering_rows()
     head = ("fingerprint", "status", "arms", "retired", "holdout", "template")
-    if rows is None:
+    if ctx.steering_rows() is None:
         return notice("plan steering is off (steering_enabled = false)") + result_set(head, [])
     limit = int(args["limit"]) if args.get("limit") else None
     # each worker steers its own sessions: one row per template and worker
-    return _everywhere(ctx, "steering", head, text_rows(rows), limit)
+    return _everywhere(ctx, "steering", head, limit)
 
 
 def show_rewrites(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
-    rows = ctx.rewrite_rows()
     head = ("fingerprint", "rule", "status", "proven", "rewritten", "holdout", "template")
-    if rows is None:
+    if ctx.rewrite_rows() is None:
         return notice("rewrites are off (rewrite_enabled = false)") + result_set(head, [])
-    return _everywhere(ctx, "rewrites", head, text_rows(rows))
+    return _everywhere(ctx, "rewrites", head)
 
 
 def text_rows(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -476,4 +476,18 @@ ACTIONS: dict[tuple[str, str], Any] = {
     ("apply", "recommendation"): apply_recommendation,
     ("reject", "recommendation"): reject_recommendation,
     ("ack", "anomaly"): ack_anomaly,
+}
+
+
+#: this process's rows of each SHOW that multi-worker mode gathers from every worker: the
+#: console computes its own with them, and a worker answers `rows <what>` on its control
+#: socket with them (proxy/workers.py)
+LOCAL_ROWS: dict[str, Callable[[AdminContext], list[tuple[Any, ...]]]] = {
+    "clients": client_rows,
+    "servers": server_rows,
+    "worker": lambda ctx: [ctx.worker_row()],
+    "queries": lambda ctx: query_rows(ctx, MERGED_QUERIES),
+    "steering": lambda ctx: text_rows(ctx.steering_rows() or []),
+    "rewrites": lambda ctx: text_rows(ctx.rewrite_rows() or []),
+    "stats": lambda ctx: [(ctx.database_stats(),)],
 }

@@ -153,7 +153,8 @@ def test_arms_whose_plan_is_stocks_are_retired_before_they_are_tried(make_servic
     """`pgsage serve` EXPLAINs a newly eligible template under every arm on its own connection:
     a one-table aggregate plans the same with any join switch off, so those arms are retired
     untried; the join's arms that change its plan stay in play."""
-    from proxy.steering import arm_plans
+    from models.steering import plan_shape
+    from proxy.steering import explain_arms
 
     svc = make_service(steering_enabled=True, steering_min_ms=0.1, steering_seed=2)
     with psycopg.connect(direct_dsn(svc.database), autocommit=True) as c:
@@ -206,7 +207,8 @@ def test_arms_whose_plan_is_stocks_are_retired_before_they_are_tried(make_servic
         conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER,
                                      database=svc.database)  # fmt: skip
         try:
-            return await arm_plans(conn, "SELECT * FROM one JOIN two ON two.one_id = one.id")
+            plans = await explain_arms(conn, "SELECT * FROM one JOIN two ON two.one_id = one.id")
+            return {arm: plan_shape(p) for arm, p in plans.items()}
         finally:
             await conn.close()
 
