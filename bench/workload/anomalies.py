@@ -23,8 +23,11 @@ drawn by the seed. Each label marks executions whose logged run the anomaly real
 - ``heavy_unseen``: cross joins that have never run before.
 - ``drift``: the sales overview dashboard's date-range queries (index range scans of
   gold.sales_summary, so the work grows with the range) read a range growing steadily up to
-  `DRIFT_FACTOR` times their own. Executions are labelled once the range is `DRIFT_LABEL_FROM`
-  times its usual width: below that they are not clearly slower than the machine's noise.
+  `DRIFT_FACTOR` times their own. An execution is labelled once the part of its range that
+  holds data is `DRIFT_LABEL_FROM` times the template's usual width (`DRIFT_USUAL_DAYS`): below
+  that it is not clearly slower than the template's other executions. (Its own range tripled is
+  not enough: a 7-day range tripled reads less than the template's median range, and a range
+  stretched back past the first sale reads nothing more there.)
 
 An execution an anomaly affects carries ``/* pgsage:label=KIND:RUN.N */`` at the start of its
 SQL: a regular execution of an affected template inside the window, or an extra execution the
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
@@ -70,9 +73,13 @@ HEAVY_TEMPLATES = ("cross_customers_products", "cross_customer_pairs", "cross_sa
 ERROR_TEMPLATES = (("analyst", "bad_sql_undefined_column"), ("etl", "insert_sales_line_invalid"))
 DISABLE_INDEXES = ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan")
 DRIFT_FACTOR = 20.0
-#: a drifting execution is labelled from this widening on: three times the rows, about twice
-#: to three times the templates' usual time (`DRIFT_TEMPLATES`); before, the slowdown is within
-#: the machine's noise
+#: the drifting templates' usual range in days: the median of the lengths their parameters
+#: draw (`day_range(7, 60)` and `day_range(30, 90)` in templates.py)
+DRIFT_USUAL_DAYS = {"daily_revenue": 33.5, "revenue_by_region_channel": 60.0}
+#: a drifting execution is labelled from this width on, in multiples of its template's usual
+#: (`DRIFT_USUAL_DAYS`; only the days from the first sale count): three times the rows, about
+#: twice to three times the templates' usual time (`DRIFT_TEMPLATES`); before, the slowdown is
+#: within the machine's noise
 DRIFT_LABEL_FROM = 3.0
 #: minimum real seconds a lock is held, whatever the clock speed (or nothing would wait)
 LOCK_MIN_REAL = 2.0
@@ -243,8 +250,10 @@ class Injector:
     (the runner counts the labels, then dispatches) labels the same statements.
     """
 
-    def __init__(self, schedule: list[Anomaly]) -> None:
+    def __init__(self, schedule: list[Anomaly], first_sale: date | None = None) -> None:
         self.schedule = schedule
+        #: the data's first day: a drifting range reads nothing before it
+        self.first_sale = first_sale
         self._starts = [a.start for a in schedule]
         #: (lock label, role, user) -> simulated time of that user's first blocked arrival
         self._first_wait: dict[tuple[str, str, int], float] = {}
@@ -275,13 +284,21 @@ class Injector:
                     stmts.append(st)
                     continue
                 params = widen(params, factor)
-                if factor < DRIFT_LABEL_FROM:
+                if self.drift_width(st.template, params) < DRIFT_LABEL_FROM:
                     stmts.append(Statement(st.template, st.sql, params))
                     continue
             disable = DISABLE_INDEXES if a.kind == "seq_scan" else ()
             stmts.append(Statement(st.template, mark(a.label, st.sql), params, a.label, disable))
         arrival.statements = stmts
         return arrival
+
+    def drift_width(self, template: str, params: tuple[Any, ...]) -> float:
+        """A drifting range's width in multiples of its template's usual, counting only the
+        days that hold data (from the first sale on)."""
+        start, end = params[0], params[1]
+        if self.first_sale is not None:
+            start = max(start, self.first_sale)
+        return max((end - start).days, 0) / DRIFT_USUAL_DAYS[template]
 
     def _lock(self, a: Anomaly, arrival: Arrival) -> Arrival:
         """Label the statement of this arrival that waits for the lock, if one does: the user's

@@ -55,7 +55,7 @@ class Plan:
                           run_tag=c.run_tag, per_day=c.anomalies_per_day)
             if c.anomalies else []
         )  # fmt: skip
-        self.injector = Injector(self.schedule)
+        self.injector = Injector(self.schedule, profile.first_sale.date())
 
     def sampler(self, stream: int) -> Sampler:
         return Sampler(self.profile, np.random.default_rng([self.config.seed, stream]), stream)

@@ -10,6 +10,7 @@ from bench.workload.anomalies import (
     DRIFT_FACTOR,
     DRIFT_LABEL_FROM,
     DRIFT_TEMPLATES,
+    DRIFT_USUAL_DAYS,
     SEQ_SCAN_HOURS,
     UNTIMED_WAIT,
     make_schedule,
@@ -64,17 +65,29 @@ def test_labels_are_the_same_on_every_pass(plan: Plan) -> None:
 
 
 def test_drift_labels_only_executions_widened_past_the_threshold(plan: Plan) -> None:
-    drifts = {a.label: a for a in plan.schedule if a.kind == "drift"}
+    """A drifting execution is labelled when the part of its range holding data is at least
+    DRIFT_LABEL_FROM times its template's usual width: not when only its own range tripled."""
+    drifts = [a for a in plan.schedule if a.kind == "drift"]
     assert drifts and all(BY_NAME[t].widen is not None for t in DRIFT_TEMPLATES)
-    labelled = 0
+    first = plan.profile.first_sale.date()
+    labelled = unlabelled = own_tripled_only = 0
     for sim, _, _, _, st in _statements(plan):
-        a = drifts.get(st.label)
-        if a is None:
+        a = next((a for a in drifts if a.covers(sim)), None)
+        if a is None or st.template not in DRIFT_TEMPLATES:
             continue
+        start, end = st.params[0], st.params[1]
+        width = (end - max(start, first)).days / DRIFT_USUAL_DAYS[st.template]
         factor = 1.0 + (DRIFT_FACTOR - 1.0) * (sim - a.start) / (a.end - a.start)
-        assert factor >= DRIFT_LABEL_FROM
-        labelled += 1
-    assert labelled > 0
+        if st.label == a.label:
+            assert width >= DRIFT_LABEL_FROM
+            labelled += 1
+        else:
+            assert st.label is None and width < DRIFT_LABEL_FROM
+            unlabelled += 1
+            own_tripled_only += factor >= DRIFT_LABEL_FROM
+    # both sides occur, and the old rule (its own range x3) would have labelled some that are
+    # not wider than three usual ranges
+    assert labelled > 0 and unlabelled > 0 and own_tripled_only > 0
 
 
 def test_seq_scan_windows_last_hours_and_switch_index_scans_off() -> None:
