@@ -66,7 +66,7 @@ import math
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -129,6 +129,7 @@ GRID_LOW = 0.95
 MAX_FINGERPRINTS = 20_000  # per-fingerprint baselines kept by a detector
 CONTEXT = 15  # recent executions (all templates of a class) whose median residual is the level
 WRITE_COMMANDS = frozenset(("INSERT", "UPDATE", "DELETE", "MERGE", "COPY"))
+_MODELLED = frozenset(MODELLED_COMMANDS)
 #: a fingerprint's last executions whose residuals tell a lasting slowdown from a hiccup: on two
 #: shared cores a lookup is three times slower in three of five executions in a row about once in
 #: a hundred; a plan regression or a drift slows every execution for hours
@@ -212,8 +213,8 @@ class _Fp:
         med = self.med = _small_median(self.lat)
         mad = _small_median([abs(x - med) for x in self.lat]) * 1.4826
         self.spread = max(mad, 0.15)
-        self.rows_med = _small_median(self.rows)
-        self.bytes_med = _small_median(self.bytes)
+        self.rows_med = _steady_median(self.rows)
+        self.bytes_med = _steady_median(self.bytes)
         self.stale = 0
 
     def add(self, log_ms: float, log_rows: float, log_bytes: float) -> None:
@@ -298,6 +299,19 @@ def _poisson_upper(mu: float, alpha: float) -> float:
             _POISSON.clear()
         hit = _POISSON[key] = float(poisson.ppf(1.0 - alpha, math.exp(step / _POISSON_STEPS)))
     return hit
+
+
+def _burst_upper(mu: float, alpha: float, factor: float) -> float:
+    """max(`_poisson_upper`(mu, alpha), factor * mu), the burst rule's bound, without the
+    quantile where it cannot be the larger: by the Chernoff bound P(X >= k) <= e^-m (e m / k)^k
+    (X Poisson of mean m, the rounded-up mean `_poisson_upper` uses; k > m), once that is at
+    most alpha for k = floor(factor * mu), the quantile is below k. Same result, and a busy
+    template's growing window no longer asks SciPy for a new quantile at every 0.1% step."""
+    k = math.floor(factor * mu)
+    m = math.exp(math.ceil(math.log(max(mu, 1e-6)) * _POISSON_STEPS) / _POISSON_STEPS)
+    if k > m and -m + k * (1.0 + math.log(m / k)) <= math.log(alpha):
+        return factor * mu
+    return max(_poisson_upper(mu, alpha), factor * mu)
 
 
 class _Count:
@@ -480,10 +494,11 @@ class Detector:
         model = self.model
         batch: list[tuple[int, Execution, list[float], float, float, bool]] = []
         min_calls = self.config.min_calls
+        modelled = _MODELLED
         for ex in executions:
             i = self.index
             self.index += 1
-            if not scored(ex):
+            if ex.is_catalog or not (ex.command in modelled or ex.error):  # `scored`, inline
                 continue
             st = self.fps.get(ex.fingerprint)
             expect = self._expect(ex, st)
@@ -500,7 +515,7 @@ class Detector:
                 # cold-start rule's x5): the rest skip the vector (most of the worker's time)
                 feats = self._complete(ex, st, expect)[0]
                 batch.append((i, ex, feats, residual, expected_ms, warm))
-            flags.extend(self._workload(i, ex, st))
+            self._workload(i, ex, st, flags)
             if st is None:
                 if len(self.fps) >= MAX_FINGERPRINTS:
                     self._forget_rare()
@@ -532,7 +547,7 @@ class Detector:
                 st.add(log_ms, math.log1p(max(ex.rows or 0, 0)), math.log1p(max(ex.bytes or 0, 0)))
             recent.append(residual)
             if warm:
-                cls = _class(ex.command)
+                cls = "write" if ex.command in WRITE_COMMANDS else "read"  # `_class`, inline
                 ratios = self._context.get(cls)
                 if ratios is None:
                     ratios = self._context[cls] = _Rolling(CONTEXT)
@@ -584,9 +599,9 @@ class Detector:
             self._flagged = set(self._recent_flagged)
         return Flag(i, ex.ts, kind, ex.fingerprint, score, excess, ex.error, ex.label)
 
-    def _workload(self, i: int, ex: Execution, st: _Fp | None) -> list[Flag]:
+    def _workload(self, i: int, ex: Execution, st: _Fp | None, out: list[Flag]) -> None:
+        """The workload-level rules on one arrival; their flags are appended to `out`."""
         c = self.config
-        out: list[Flag] = []
         now = ex.ts
         # ---- arrivals of this fingerprint against its interval (constant work per arrival)
         total = self._all.add(now, c.rate_window_s)
@@ -606,12 +621,10 @@ class Detector:
         warm = self.total_seen >= c.warmup
         cluster = self.cluster_of.get(ex.fingerprint)
         if cluster is not None and cluster in self.intervals and not ex.error:
-            out.extend(self._cluster_rate(i, ex, cluster))
+            self._cluster_rate(i, ex, cluster, out)
         elif warm and count >= c.rate_min_count and not ex.error:  # (failures: the error rule)
             mu = self._rate_mu(ex.fingerprint, now, total - count)
-            upper = (
-                None if mu is None else max(_poisson_upper(mu, c.rate_alpha), c.rate_factor * mu)
-            )
+            upper = None if mu is None else _burst_upper(mu, c.rate_alpha, c.rate_factor)
             if upper is not None:
                 run.pace = c.rate_window_s / max(upper, 1.0)
             # ... and this arrival came at burst pace (not an ordinary one after a burst)
@@ -655,23 +668,21 @@ class Detector:
             excess = ex.duration_ms - math.exp(self.global_log_ms)
             score = min(0.6 + 0.1 * math.log2(ex.duration_ms / self.expensive_ms), 1.0)
             out.append(self._flag(i, ex, "heavy_unseen", score, max(excess, 0.0)))
-        return out
 
-    def _cluster_rate(self, i: int, ex: Execution, cluster: str) -> list[Flag]:
+    def _cluster_rate(self, i: int, ex: Execution, cluster: str, out: list[Flag]) -> None:
         """The forecaster's path: the cluster's arrivals in the forecast window vs its upper."""
         ivs = self.intervals[cluster]
         k = bisect_right(self._iv_starts[cluster], ex.ts) - 1
         if k < 0 or not ivs[k].start <= ex.ts < ivs[k].end:
-            return []
+            return
         iv = ivs[k]
         q = self._by_cluster.setdefault(cluster, deque())
         q.append((ex.ts, i, ex.label, ex.fingerprint))
         while q and q[0][0] < iv.start:
             q.popleft()
         if len(q) <= max(iv.upper, self.config.rate_min_count - 1):
-            return []
+            return
         score = min(0.6 + 0.1 * math.log2(len(q) / max(iv.upper, 1.0)), 1.0)
-        out = []
         newer = _newer(q, self._cluster_done.get(cluster, -1))
         self._cluster_done[cluster] = i
         for ts, j, label, fp in newer:
@@ -679,7 +690,6 @@ class Detector:
                 self._flagged.add(j)
                 self._recent_flagged.append(j)
                 out.append(Flag(j, ts, "rate_burst", fp, score, 0.0, False, label))
-        return out
 
     def use_forecasts(self, intervals: dict[str, list[Interval]], cluster_of: dict[str, str]
                       ) -> None:  # fmt: skip
@@ -767,7 +777,7 @@ class AnomalyModel:
         rows = [executions[i] for i in keep]
         if not rows:
             raise ValueError("no scorable executions to fit on")
-        known = np.zeros(len(rows), bool)
+        known: np.ndarray = np.zeros(len(rows), bool)
         if anomalous is not None:
             known = np.asarray(anomalous, bool)[keep]
         ok_ms = np.array([e.duration_ms for e in rows if not e.error], float)
@@ -895,15 +905,15 @@ class AnomalyModel:
         det = self._replay()
         feats: list[list[float]] = []
         workload = det.process(executions, feats)
-        rule = np.zeros(len(executions), bool)
+        rule: np.ndarray = np.zeros(len(executions), bool)
         for f in workload:
             rule[f.seq] = f.kind != "latency"  # (the cold rule's flags are not the forest's)
         idx = np.array([i for i, e in enumerate(executions) if scored(e)], int)
-        slow = np.zeros(len(executions), bool)
+        slow: np.ndarray = np.zeros(len(executions), bool)
         slow[idx] = [_slow(f, self.late_) for f in feats]
         ok = np.array([not e.error for e in executions], bool)
         judged = _warm_mask(executions, self.config.min_calls) & ok
-        beyond = np.zeros(len(executions), bool)
+        beyond: np.ndarray = np.zeros(len(executions), bool)
         beyond[idx] = [f[_RES] > self.residual_max_ + math.log(2.0) for f in feats]
         surprise = np.full((len(self.views), len(executions)), -np.inf)
         if len(idx):
@@ -989,6 +999,14 @@ def _small_median(values: Iterable[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2.0
 
 
+def _steady_median(values: deque[float]) -> float:
+    """`_small_median`, at once when every value is the same (a template's rows and bytes
+    often are: counting them is a tenth of sorting them)."""
+    if values and values[0] == values[-1] and values.count(values[0]) == len(values):
+        return values[0]
+    return _small_median(values)
+
+
 def _hourly_rate(rows: Sequence[Execution]) -> list[float]:
     """Scored arrivals per second at each hour of the day over the (whole hours of the) history:
     the day's shape the rate rule falls back on when the trailing window has no other traffic."""
@@ -1025,7 +1043,7 @@ def _slow(feats: Sequence[float], late: float = math.inf) -> bool:
 def _warm_mask(executions: Sequence[Execution], min_calls: int) -> np.ndarray:
     """Executions whose fingerprint had run more than `min_calls` times before (in the stream)."""
     seen: dict[str, int] = {}
-    out = np.zeros(len(executions), bool)
+    out: np.ndarray = np.zeros(len(executions), bool)
     for i, e in enumerate(executions):
         if not scored(e):
             continue
@@ -1532,7 +1550,7 @@ async def train_anomaly(
             "contamination": final.contamination,
             "views": [list(view) for view in final.views],
             "threshold": list(final.threshold_),  # per view, in training ranks
-            "detector": vars(final.config),
+            "detector": asdict(final.config),
         }
         card["features"] = list(IF_FEATURES)
         card["interval_source"] = source

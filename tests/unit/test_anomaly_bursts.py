@@ -76,3 +76,33 @@ def test_a_burst_after_a_long_silence_beyond_the_deficit_is_flagged() -> None:
     rng = np.random.default_rng(8)
     burst, planted = _after_silence(rng, _arrivals(rng, 600, 45, "b"))
     assert len(burst & planted) >= 35 and len(burst - planted) <= 3, (len(burst), len(planted))
+
+
+def test_the_burst_bound_skips_the_quantile_only_where_it_cannot_win() -> None:
+    """`_burst_upper` equals max(Poisson quantile, factor x mean) everywhere; past the Chernoff
+    bound it does not ask SciPy."""
+    from models import anomaly
+
+    rng = np.random.default_rng(5)
+    for mu in np.exp(rng.uniform(-4.0, 13.0, 3000)):
+        for alpha, factor in ((1e-3, 3.0), (1e-2, 1.5), (1e-4, 2.0)):
+            exact = max(anomaly._poisson_upper(float(mu), alpha), factor * float(mu))
+            assert anomaly._burst_upper(float(mu), alpha, factor) == exact
+    anomaly._POISSON.clear()
+    anomaly._burst_upper(50_000.0, 1e-3, 3.0)  # far past the bound: no quantile computed
+    assert not anomaly._POISSON
+    anomaly._burst_upper(1.0, 1e-3, 3.0)  # a small mean needs the quantile
+    assert anomaly._POISSON
+
+
+def test_a_steady_window_s_median_is_its_value() -> None:
+    from collections import deque
+
+    from models.anomaly import _small_median, _steady_median
+
+    assert _steady_median(deque([2.0] * 64)) == 2.0
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        values = deque(float(v) for v in rng.integers(0, 3, int(rng.integers(1, 65))))
+        assert _steady_median(values) == _small_median(values)
+    assert _steady_median(deque()) == 0.0

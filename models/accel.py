@@ -1,0 +1,148 @@
+"""Compiled builds of the hottest pure-Python modules (mypyc), with the source as the fallback.
+
+The anomaly detector walks every logged execution through a per-fingerprint state machine in the
+query log worker: on `pgbench -S -c 8` it was the largest share of that process's CPU, spread over
+many short Python lines (issue "Proxy performance"). mypyc, mypy's own compiler (mypy ships
+compiled with it), turns the unchanged, type-annotated module into a C extension about twice as
+fast, with no second implementation to keep in step.
+
+- ``python -m models.accel`` (run by `make`) compiles each module of `ACCELERATED` next to its
+  source and records the source's SHA-256 beside it (``<module>.accel``). No compiler, no mypy,
+  or a failed build: a warning, and the source serves.
+- An extension built from another version of the source is never used: `install` (called by
+  ``models/__init__.py``) puts a finder first on ``sys.meta_path`` that imports the source
+  instead when the stamp does not match it (an edit after the last build), so a stale build
+  cannot shadow new code. `compiled` tells which one was imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+#: modules compiled by `build`: the query log worker's per-execution work
+ACCELERATED = ("models.anomaly",)
+#: mypyc reads only the module itself: everything it imports is taken as untyped (seconds, not
+#: the minutes of type-checking NumPy, pandas and scikit-learn's stubs)
+MYPYC_CONFIG = """\
+[mypy]
+python_version = 3.11
+follow_imports = skip
+ignore_missing_imports = True
+"""
+
+
+def source_of(module: str) -> Path:
+    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def stamp_of(module: str) -> Path:
+    return source_of(module).with_suffix(".accel")
+
+
+def extensions_of(module: str) -> list[Path]:
+    src = source_of(module)
+    return [
+        p
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        for p in [src.with_suffix(suffix)]
+        if p.exists()
+    ]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fresh(module: str) -> bool:
+    """An extension of `module` exists and was built from its current source."""
+    stamp = stamp_of(module)
+    if not extensions_of(module) or not stamp.exists():
+        return False
+    return stamp.read_text().strip() == digest(source_of(module))
+
+
+def compiled(module: ModuleType) -> bool:
+    """Whether an imported module is the compiled build (not the source)."""
+    return not str(getattr(module, "__file__", "")).endswith(".py")
+
+
+class _SourceWhenStale:  # a meta path finder (importlib.abc's base costs 7 ms to import)
+    """Imports an accelerated module from its source when its extension is missing a stamp or
+    was built from another version of the source."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in ACCELERATED or not extensions_of(fullname) or fresh(fullname):
+            return None  # (no build, or a current one: the ordinary import)
+        src = source_of(fullname)
+        loader = importlib.machinery.SourceFileLoader(fullname, str(src))
+        return importlib.util.spec_from_file_location(fullname, src, loader=loader)
+
+
+def install() -> None:
+    if not any(isinstance(f, _SourceWhenStale) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceWhenStale())
+
+
+def build(modules: Sequence[str] = ACCELERATED, quiet: bool = False) -> list[str]:
+    """Compile `modules` in place; the ones built (the rest keep serving from source)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    built = []
+    for module in modules:
+        if fresh(module):
+            built.append(module)
+            continue
+        src = source_of(module)
+        with tempfile.TemporaryDirectory(prefix="pgsage-mypyc-") as tmp:
+            config = Path(tmp, "mypyc.ini")
+            config.write_text(MYPYC_CONFIG)
+            before = digest(src)
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "mypyc", "--config-file", str(config),
+                     "--cache-dir", str(Path(tmp, "cache")), str(src.relative_to(ROOT))],
+                    cwd=ROOT, capture_output=True, text=True, timeout=600,
+                )  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                print(f"pgsage: {module} not compiled ({exc}); the source serves", file=sys.stderr)
+                continue
+            finally:
+                shutil.rmtree(ROOT / "build", ignore_errors=True)
+        if proc.returncode != 0 or not extensions_of(module):
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            print(f"pgsage: {module} not compiled; the source serves:\n{tail}", file=sys.stderr)
+            continue
+        stamp_of(module).write_text(before + "\n")
+        built.append(module)
+        if not quiet:
+            print(f"pgsage: compiled {module}", file=sys.stderr)
+    return built
+
+
+def clean(modules: Sequence[str] = ACCELERATED) -> None:
+    for module in modules:
+        for p in [*extensions_of(module), stamp_of(module)]:
+            p.unlink(missing_ok=True)
+        # mypyc's runtime library for the group: <module>__mypyc.<suffix> beside it
+        src = source_of(module)
+        for p in src.parent.glob(f"{src.stem}__mypyc.*"):
+            p.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["clean"]:
+        clean()
+    else:
+        build()

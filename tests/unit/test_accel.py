@@ -1,0 +1,131 @@
+"""The compiled anomaly detector (mypyc, models/accel.py) is the source's detector, only faster;
+a build from another version of the source is never imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from types import ModuleType
+
+import pytest
+
+import models.anomaly as imported
+from models import accel
+from tests.unit.test_anomaly import synthetic_log
+
+MODULE = "models.anomaly"
+
+
+@pytest.fixture(scope="module")
+def compiled() -> ModuleType:
+    """The compiled build, built here when `make accel` has not (or the source changed since)."""
+    if not accel.fresh(MODULE):
+        assert accel.build([MODULE], quiet=True) == [MODULE], "mypyc could not compile"
+    probe = "import models.anomaly as a, models.accel as x; print(x.compiled(a))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    if accel.compiled(imported):
+        return imported
+    # this process imported the source before the build: load the build under another name
+    ext = accel.extensions_of(MODULE)[0]
+    spec = importlib.util.spec_from_file_location(MODULE, ext)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def source() -> ModuleType:
+    """models/anomaly.py itself, as a module of its own (beside whatever was imported)."""
+    spec = importlib.util.spec_from_file_location("models._anomaly_source", accel.source_of(MODULE))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags(mod: ModuleType, fitted: bool) -> list[tuple[object, ...]]:
+    log, _ = synthetic_log(seed=4, days=4.0)
+    executions = [mod.Execution(*e) for e in log]
+    half = len(executions) // 2
+    if fitted:
+        model = mod.AnomalyModel(n_estimators=30, random_state=0).fit(executions[:half])
+        detector = model.detector()
+    else:
+        detector = mod.Detector(None)
+        detector.process(executions[:half])
+    flags = []
+    for i in range(half, len(executions), 500):
+        flags.extend(detector.process(executions[i : i + 500]))
+    return [tuple(f) for f in flags]
+
+
+@pytest.mark.parametrize("fitted", [True, False], ids=["model", "cold-rules"])
+def test_the_compiled_detector_flags_what_the_source_flags(compiled: ModuleType, fitted: bool):
+    assert accel.compiled(compiled)
+    pure = source()
+    assert not accel.compiled(pure)
+    want = _flags(pure, fitted)
+    assert want, "the planted anomalies are flagged"
+    assert _flags(compiled, fitted) == want
+
+
+def test_a_build_of_another_source_is_not_imported(compiled: ModuleType) -> None:
+    stamp = accel.stamp_of(MODULE)
+    saved = stamp.read_text()
+    probe = "import models.anomaly as a, models.accel as x; print(x.compiled(a), a.__file__)"
+    try:
+        stamp.write_text("0" * 64 + "\n")  # as after an edit of the source since the build
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             check=True).stdout.split()  # fmt: skip
+        assert out == ["False", str(accel.source_of(MODULE))]
+    finally:
+        stamp.write_text(saved)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out[0] == "True"
+
+
+_DUMP = """
+import pickle, sys
+import models.anomaly as a, models.accel as x
+from tests.unit.test_anomaly import synthetic_log
+log, _ = synthetic_log(seed=2, days=2.0)
+model = a.AnomalyModel(n_estimators=10, random_state=0).fit([a.Execution(*e) for e in log])
+pickle.dump(model, open(sys.argv[1], "wb"))
+print(x.compiled(a))
+"""
+_LOAD = """
+import pickle, sys
+import models.anomaly as a, models.accel as x
+from tests.unit.test_anomaly import synthetic_log
+model = pickle.load(open(sys.argv[1], "rb"))
+log, _ = synthetic_log(seed=2, days=3.0)
+flags = model.detector().process([a.Execution(*e) for e in log])
+print(x.compiled(a), type(model).__module__, len(model.baselines_), len(flags) > 0)
+"""
+
+
+def test_models_pickled_by_either_load_in_the_other(compiled: ModuleType, tmp_path) -> None:
+    """The registry's pickles name models.anomaly's classes: a model trained by the source
+    serves in a compiled worker, and the other way round."""
+    stamp = accel.stamp_of(MODULE)
+    saved = stamp.read_text()
+
+    def run(code: str, path: str, build: bool) -> list[str]:
+        stamp.write_text(saved if build else "0" * 64 + "\n")
+        try:
+            out = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                                 text=True, check=True)  # fmt: skip
+        finally:
+            stamp.write_text(saved)
+        return out.stdout.split()
+
+    for trained_compiled in (True, False):
+        path = str(tmp_path / f"model-{trained_compiled}.pkl")
+        assert run(_DUMP, path, trained_compiled) == [str(trained_compiled)]
+        loaded = run(_LOAD, path, not trained_compiled)
+        assert loaded[:2] == [str(not trained_compiled), "models.anomaly"]
+        assert int(loaded[2]) > 0 and loaded[3] == "True"
