@@ -6,9 +6,10 @@ many short Python lines (issue "Proxy performance"). mypyc, mypy's own compiler 
 compiled with it), turns the unchanged, type-annotated module into a C extension about twice as
 fast, with no second implementation to keep in step.
 
-- ``python -m models.accel`` (run by `make`) compiles each module of `ACCELERATED` next to its
-  source and records the source's SHA-256 beside it (``<module>.accel``). No compiler, no mypy,
-  or a failed build: a warning, and the source serves.
+- `build` (``make accel``, run by ``make run`` and ``make test``) compiles each module of
+  `ACCELERATED` next to its source and records the source's SHA-256 beside it
+  (``<module>.accel``). No compiler, no mypy, or a failed build: a warning, and the source
+  serves.
 - An extension built from another version of the source is never used: `install` (called by
   ``models/__init__.py``) puts a finder first on ``sys.meta_path`` that imports the source
   instead when the stamp does not match it (an edit after the last build), so a stale build
@@ -109,21 +110,29 @@ def build(modules: Sequence[str] = ACCELERATED, quiet: bool = False) -> list[str
             config = Path(tmp, "mypyc.ini")
             config.write_text(MYPYC_CONFIG)
             before = digest(src)
+            # mypyc works in the scratch directory: its build/ there, and the extensions copied
+            # to the module's package path under it
+            out = Path(tmp).joinpath(*module.split(".")[:-1])
+            out.mkdir(parents=True, exist_ok=True)
             try:
                 proc = subprocess.run(
                     [sys.executable, "-m", "mypyc", "--config-file", str(config),
-                     "--cache-dir", str(Path(tmp, "cache")), str(src.relative_to(ROOT))],
-                    cwd=ROOT, capture_output=True, text=True, timeout=600,
+                     "--cache-dir", str(Path(tmp, "cache")), str(src)],
+                    cwd=tmp, capture_output=True, text=True, timeout=600,
                 )  # fmt: skip
             except (OSError, subprocess.TimeoutExpired) as exc:
                 print(f"pgsage: {module} not compiled ({exc}); the source serves", file=sys.stderr)
                 continue
-            finally:
-                shutil.rmtree(ROOT / "build", ignore_errors=True)
-        if proc.returncode != 0 or not extensions_of(module):
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            print(f"pgsage: {module} not compiled; the source serves:\n{tail}", file=sys.stderr)
-            continue
+            # the module's extension and mypyc's runtime library for it
+            made = sorted(out.glob(f"{src.stem}*.so")) + sorted(out.glob(f"{src.stem}*.pyd"))
+            if proc.returncode != 0 or not made:
+                tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+                print(f"pgsage: {module} not compiled; the source serves:\n{tail}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            clean([module])
+            for so in made:
+                shutil.copy2(so, src.parent / so.name)
         stamp_of(module).write_text(before + "\n")
         built.append(module)
         if not quiet:
@@ -139,10 +148,3 @@ def clean(modules: Sequence[str] = ACCELERATED) -> None:
         src = source_of(module)
         for p in src.parent.glob(f"{src.stem}__mypyc.*"):
             p.unlink(missing_ok=True)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["clean"]:
-        clean()
-    else:
-        build()

@@ -4,7 +4,7 @@ the encoded response messages (without ReadyForQuery)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -260,22 +260,33 @@ def query_rows(ctx: AdminContext, limit: int) -> list[tuple[Any, ...]]:
     return rows
 
 
-def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_cache(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     stats = ctx.cache_stats()
     if stats is None:
         return notice("the result cache is off (cache_enabled = false)") + result_set(
             ("key", "value"), []
         )
+    if ctx.has_workers:  # each worker has a cache of its own: its rows under its number
+        return _everywhere(ctx, "cache", ("worker", "key", "value"))
     return result_set(("key", "value"), [(k, str(v)) for k, v in stats.items()])
 
 
-def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes:
+def show_lanes(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
     lanes = ctx.admission_lanes()
     if lanes is None:
         return notice("admission control is off (admission_enabled = false)") + result_set(
             ("key", "value"), []
         )
+    if ctx.has_workers:  # each worker admits its own sessions' statements
+        return _everywhere(ctx, "lanes", ("worker", "key", "value"))
     return result_set(("key", "value"), [(k, None if v is None else str(v)) for k, v in lanes])
+
+
+def _per_worker(ctx: AdminContext, pairs: Iterable[tuple[str, Any]]) -> list[tuple[Any, ...]]:
+    """(key, value) pairs as (worker, key, value) rows: SHOW CACHE and LANES in multi-worker
+    mode."""
+    worker = ctx.worker_row()[0]
+    return [(worker, k, None if v is None else str(v)) for k, v in pairs]
 
 
 def show_steering(ctx: AdminContext, args: dict[str, Any]) -> bytes | Awaitable[bytes]:
@@ -490,4 +501,6 @@ LOCAL_ROWS: dict[str, Callable[[AdminContext], list[tuple[Any, ...]]]] = {
     "steering": lambda ctx: text_rows(ctx.steering_rows() or []),
     "rewrites": lambda ctx: text_rows(ctx.rewrite_rows() or []),
     "stats": lambda ctx: [(ctx.database_stats(),)],
+    "cache": lambda ctx: _per_worker(ctx, (ctx.cache_stats() or {}).items()),
+    "lanes": lambda ctx: _per_worker(ctx, ctx.admission_lanes() or []),
 }

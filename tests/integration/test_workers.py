@@ -62,19 +62,15 @@ class Workers:
         )
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    warehouse = create_database("pgsage_workers")
-    tmp = tmp_path_factory.mktemp("workers")
+def _start(tmp: Path, warehouse: str, **env: str) -> Workers:
+    """`pgsage serve --workers 2` in `tmp`, with `env` on top of the tests' environment."""
     port, http = _free_port(), _free_port()
     log = tmp / "pgsage.log"
     (tmp / "config").mkdir()
     (tmp / "config" / "pgsage.toml").write_text("max_client_connections = 50\n")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PGSAGE_")}
     environ.update(PGSAGE_WAREHOUSE_DATABASE=warehouse, PGSAGE_EMBEDDED_FALLBACK="false",
-                   PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json",
-                   # steering watches every SELECT, and no template is slow enough to steer
-                   PGSAGE_STEERING_ENABLED="true", PGSAGE_STEERING_MIN_MS="100000")  # fmt: skip
+                   PGSAGE_HTTP=f"127.0.0.1:{http}", PGSAGE_LOG_FORMAT="json", **env)  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(PGSAGE), "serve", "--workers", "2", "--listen", f"127.0.0.1:{port}",
@@ -91,11 +87,24 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
         return False
 
     wait_until(ready, 60, "both workers to answer")
-    yield w
-    if proc.poll() is None:
+    return w
+
+
+def _stop(w: Workers) -> None:
+    if w.proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+            os.killpg(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    warehouse = create_database("pgsage_workers")
+    # steering watches every SELECT, and no template is slow enough to steer
+    w = _start(tmp_path_factory.mktemp("workers"), warehouse,
+               PGSAGE_STEERING_ENABLED="true", PGSAGE_STEERING_MIN_MS="100000")  # fmt: skip
+    yield w
+    _stop(w)
     drop_database(warehouse)
 
 
@@ -271,3 +280,21 @@ def test_workers_that_cannot_start_stop_the_supervisor(tmp_path: Path) -> None:
         done = _serve_workers(tmp_path, "--listen", f"127.0.0.1:{port}")
     out = done.stdout.decode() + done.stderr.decode()
     assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out, out
+
+
+def test_show_cache_and_lanes_have_a_row_set_per_worker(tmp_path: Path) -> None:
+    """The result cache and the admission lanes are each worker's own: in multi-worker mode
+    SHOW CACHE and SHOW LANES give every worker's keys under its number."""
+    warehouse = create_database("pgsage_workers_lanes")
+    w = _start(tmp_path, warehouse, PGSAGE_CACHE_ENABLED="true",
+               PGSAGE_ADMISSION_ENABLED="true")  # fmt: skip
+    try:
+        for what, key in (("SHOW CACHE", "entries"), ("SHOW LANES", "short_threshold_ms")):
+            rows = w.admin(what)
+            assert rows and all(len(r) == 3 for r in rows), rows
+            keys = {str(n): {r[1] for r in rows if str(r[0]) == str(n)} for n in (0, 1)}
+            assert {str(r[0]) for r in rows} == {"0", "1"}, rows
+            assert keys["0"] == keys["1"] and key in keys["0"], rows  # the same keys from each
+    finally:
+        _stop(w)
+        drop_database(warehouse)
