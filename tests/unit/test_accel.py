@@ -36,6 +36,16 @@ def compiled() -> ModuleType:
     return module
 
 
+@pytest.mark.parametrize("name", accel.ACCELERATED)
+def test_every_accelerated_module_builds_and_is_imported_compiled(name: str) -> None:
+    if not accel.fresh(name):
+        assert accel.build([name], quiet=True) == [name], f"mypyc could not compile {name}"
+    probe = f"import {name} as m, models.accel as x; print(x.compiled(m), m.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out[0] == "True" and not out[1].endswith(".py"), out
+
+
 def source() -> ModuleType:
     """models/anomaly.py itself, as a module of its own (beside whatever was imported)."""
     spec = importlib.util.spec_from_file_location("models._anomaly_source", accel.source_of(MODULE))
