@@ -4,7 +4,7 @@ The anomaly detector walks every logged execution through a per-fingerprint stat
 query log worker: on `pgbench -S -c 8` it was the largest share of that process's CPU, spread over
 many short Python lines (issue "Proxy performance"); the relay's statement tracker and frame
 scanner run for every message. mypyc, mypy's own compiler (mypy ships compiled with it), turns
-the unchanged, type-annotated modules into C extensions (the detector 2.8x faster per
+the unchanged, type-annotated modules into C extensions (the detector 2.5x faster per
 execution), with no second implementation to keep in step.
 
 - `build` (``make accel``, run by ``make run`` and ``make test``) compiles each module of

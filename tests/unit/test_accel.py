@@ -139,3 +139,12 @@ def test_models_pickled_by_either_load_in_the_other(compiled: ModuleType, tmp_pa
         loaded = run(_LOAD, path, not trained_compiled)
         assert loaded[:2] == [str(not trained_compiled), "models.anomaly"]
         assert int(loaded[2]) > 0 and loaded[3] == "True"
+
+
+def test_the_side_by_side_bench_runs_both_and_compares_their_flags(compiled: ModuleType) -> None:
+    from bench import accel as bench_accel
+
+    doc = bench_accel.main(["--executions", "20000", "--rounds", "1", "--no-save"])
+    assert doc["same_flags"] and doc["flags"] > 0
+    assert set(doc["us_per_execution"]) == {"source", "compiled"}
+    assert all(v > 0 for v in doc["us_per_execution"].values())
