@@ -12,10 +12,8 @@ whether both flagged exactly the same executions.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,29 +29,6 @@ from models import accel
 RESULTS = Path(__file__).parent / "results" / "accel.json"
 MODULE = "models.anomaly"
 BATCH = 2_000  # executions per Detector.process call (the online monitor's SCORE_SLICE)
-
-
-def source_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("models._anomaly_source", accel.source_of(MODULE))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def compiled_module() -> ModuleType:
-    if not accel.fresh(MODULE) and accel.build([MODULE], quiet=True) != [MODULE]:
-        raise SystemExit("mypyc could not compile models.anomaly (see the warning above)")
-    import models.anomaly as imported
-
-    if accel.compiled(imported):
-        return imported
-    spec = importlib.util.spec_from_file_location(MODULE, accel.extensions_of(MODULE)[0])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stream(n: int, seed: int) -> list[tuple[Any, ...]]:
@@ -90,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/accel.json")
     args = ap.parse_args(argv)
     load = warn_if_busy("bench.accel")
-    pure, fast = source_module(), compiled_module()
+    try:
+        pure, fast = accel.load_source(MODULE), accel.load_compiled(MODULE)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc} (see the warning above)") from None
     rows = stream(args.executions, args.seed)
     times: dict[str, list[float]] = {"source": [], "compiled": []}
     same = True

@@ -93,6 +93,33 @@ class _SourceWhenStale:  # a meta path finder (importlib.abc's base costs 7 ms t
         return importlib.util.spec_from_file_location(fullname, src, loader=loader)
 
 
+def load_source(module: str) -> ModuleType:
+    """`module` loaded from its source as a module of its own (`<package>._<name>_source`),
+    beside whatever was imported: to compare the two."""
+    package, _, name = module.rpartition(".")
+    spec = importlib.util.spec_from_file_location(f"{package}._{name}_source", source_of(module))
+    assert spec is not None and spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = loaded  # (dataclasses look their module up)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def load_compiled(module: str) -> ModuleType:
+    """`module`'s compiled build, built first when missing or stale (RuntimeError when mypyc
+    cannot): the imported module if that is the build, else the build loaded beside it."""
+    if not fresh(module) and build([module], quiet=True) != [module]:
+        raise RuntimeError(f"mypyc could not compile {module}")
+    imported = sys.modules.get(module)
+    if imported is not None and compiled(imported):
+        return imported
+    spec = importlib.util.spec_from_file_location(module, extensions_of(module)[0])
+    assert spec is not None and spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
 def install() -> None:
     if not any(isinstance(f, _SourceWhenStale) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceWhenStale())

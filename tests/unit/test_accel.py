@@ -3,14 +3,12 @@ a build from another version of the source is never imported."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from types import ModuleType
 
 import pytest
 
-import models.anomaly as imported
 from models import accel
 from tests.unit.test_anomaly import synthetic_log
 
@@ -20,19 +18,10 @@ MODULE = "models.anomaly"
 @pytest.fixture(scope="module")
 def compiled() -> ModuleType:
     """The compiled build, built here when `make accel` has not (or the source changed since)."""
-    if not accel.fresh(MODULE):
-        assert accel.build([MODULE], quiet=True) == [MODULE], "mypyc could not compile"
+    module = accel.load_compiled(MODULE)
     probe = "import models.anomaly as a, models.accel as x; print(x.compiled(a))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
-    if accel.compiled(imported):
-        return imported
-    # this process imported the source before the build: load the build under another name
-    ext = accel.extensions_of(MODULE)[0]
-    spec = importlib.util.spec_from_file_location(MODULE, ext)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module
 
 
@@ -48,12 +37,7 @@ def test_every_accelerated_module_builds_and_is_imported_compiled(name: str) -> 
 
 def source() -> ModuleType:
     """models/anomaly.py itself, as a module of its own (beside whatever was imported)."""
-    spec = importlib.util.spec_from_file_location("models._anomaly_source", accel.source_of(MODULE))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
+    return accel.load_source(MODULE)
 
 
 def _flags(mod: ModuleType, fitted: bool) -> list[tuple[object, ...]]:
