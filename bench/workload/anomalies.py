@@ -24,7 +24,7 @@ drawn by the seed. Each label marks executions whose logged run the anomaly real
 - ``drift``: the sales overview dashboard's date-range queries (index range scans of
   gold.sales_summary, so the work grows with the range) read a range growing steadily up to
   `DRIFT_FACTOR` times their own. An execution is labelled once the part of its range that
-  holds data is `DRIFT_LABEL_FROM` times the template's usual width (`DRIFT_USUAL_DAYS`): below
+  holds data is `DRIFT_LABEL_FROM` times the template's usual width (`Template.usual_days`): below
   that it is not clearly slower than the template's other executions. (Its own range tripled is
   not enough: a 7-day range tripled reads less than the template's median range, and a range
   stretched back past the first sale reads nothing more there.)
@@ -73,11 +73,8 @@ HEAVY_TEMPLATES = ("cross_customers_products", "cross_customer_pairs", "cross_sa
 ERROR_TEMPLATES = (("analyst", "bad_sql_undefined_column"), ("etl", "insert_sales_line_invalid"))
 DISABLE_INDEXES = ("enable_indexscan", "enable_bitmapscan", "enable_indexonlyscan")
 DRIFT_FACTOR = 20.0
-#: the drifting templates' usual range in days: the median of the lengths their parameters
-#: draw (`day_range(7, 60)` and `day_range(30, 90)` in templates.py)
-DRIFT_USUAL_DAYS = {"daily_revenue": 33.5, "revenue_by_region_channel": 60.0}
 #: a drifting execution is labelled from this width on, in multiples of its template's usual
-#: (`DRIFT_USUAL_DAYS`; only the days from the first sale count): three times the rows, about
+#: (`Template.usual_days`; only the days from the first sale count): three times the rows, about
 #: twice to three times the templates' usual time (`DRIFT_TEMPLATES`); before, the slowdown is
 #: within the machine's noise
 DRIFT_LABEL_FROM = 3.0
@@ -298,7 +295,9 @@ class Injector:
         start, end = params[0], params[1]
         if self.first_sale is not None:
             start = max(start, self.first_sale)
-        return max((end - start).days, 0) / DRIFT_USUAL_DAYS[template]
+        usual = BY_NAME[template].usual_days
+        assert usual is not None, f"{template} has no usual range to drift from"
+        return max((end - start).days, 0) / usual
 
     def _lock(self, a: Anomaly, arrival: Arrival) -> Arrival:
         """Label the statement of this arrival that waits for the lock, if one does: the user's

@@ -274,6 +274,8 @@ class Template:
     shapes: tuple[str, ...] = ()
     #: (params, factor) -> params over a range `factor` times as wide (the drift anomaly)
     widen: Callable[[tuple[Any, ...], float], tuple[Any, ...]] | None = None
+    #: the median length in days of the range its params draw (the drift anomaly's yardstick)
+    usual_days: float | None = None
     #: only the anomaly injector issues it (never part of a role's regular mix)
     anomaly_only: bool = False
     tags: tuple[str, ...] = field(default=())
@@ -287,6 +289,13 @@ def _widen_range(params: tuple[Any, ...], factor: float) -> tuple[Any, ...]:
     """Stretch a leading (start, end) pair backwards to `factor` times its length."""
     start, end, *rest = params
     return (end - (end - start) * factor, end, *rest)
+
+
+def _day_range(lo: int, hi: int) -> dict[str, Any]:
+    """Template fields for params of a [start, end) range of `lo`..`hi` whole days that the
+    drift anomaly widens: the params, the widening and the usual (median) length."""
+    return {"params": lambda s: s.day_range(lo, hi), "widen": _widen_range,
+            "usual_days": (lo + hi) / 2}  # fmt: skip
 
 
 def _none(_: Sampler) -> tuple[Any, ...]:
@@ -384,12 +393,12 @@ TEMPLATES: tuple[Template, ...] = (
        "SELECT sale_date, sum(net_revenue) AS revenue, sum(transactions) AS transactions"
        " FROM gold.sales_summary WHERE sale_date >= $1::date AND sale_date < $2::date"
        " GROUP BY sale_date ORDER BY sale_date",
-       lambda s: s.day_range(7, 60), widen=_widen_range),
+       **_day_range(7, 60)),
     _t("revenue_by_region_channel", S, "aggregate", (G_SUM,),
        "SELECT region, channel, sum(net_revenue) AS revenue FROM gold.sales_summary"
        " WHERE sale_date >= $1::date AND sale_date < $2::date GROUP BY region, channel"
        " ORDER BY revenue DESC",
-       lambda s: s.day_range(30, 90), widen=_widen_range),
+       **_day_range(30, 90)),
     _t("revenue_by_category_silver", C, "aggregate", (SALES, PROD),
        "SELECT p.category, sum(s.net_amount) AS revenue, count(DISTINCT s.transaction_id) AS txns"
        " FROM silver.sales_cleaned s JOIN silver.product_cleaned p ON p.product_id = s.product_id"

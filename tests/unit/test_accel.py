@@ -15,13 +15,28 @@ from tests.unit.test_anomaly import synthetic_log
 MODULE = "models.anomaly"
 
 
+def _python(code: str, *args: str, build: bool = True) -> list[str]:
+    """What a fresh interpreter prints for `code`; with `build=False`, as after an edit of
+    models/anomaly.py since its build (a stamp that matches no source), restored after."""
+    stamp = accel.stamp_of(MODULE)
+    saved = stamp.read_text() if stamp.exists() else None
+    try:
+        if not build:
+            stamp.write_text("0" * 64 + "\n")
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    finally:
+        if saved is not None:
+            stamp.write_text(saved)
+    return out.stdout.split()
+
+
 @pytest.fixture(scope="module")
 def compiled() -> ModuleType:
     """The compiled build, built here when `make accel` has not (or the source changed since)."""
     module = accel.load_compiled(MODULE)
     probe = "import models.anomaly as a, models.accel as x; print(x.compiled(a))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+    assert _python(probe) == ["True"]
     return module
 
 
@@ -30,8 +45,7 @@ def test_every_accelerated_module_builds_and_is_imported_compiled(name: str) -> 
     if not accel.fresh(name):
         assert accel.build([name], quiet=True) == [name], f"mypyc could not compile {name}"
     probe = f"import {name} as m, models.accel as x; print(x.compiled(m), m.__file__)"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout.split()  # fmt: skip
+    out = _python(probe)
     assert out[0] == "True" and not out[1].endswith(".py"), out
 
 
@@ -67,18 +81,10 @@ def test_the_compiled_detector_flags_what_the_source_flags(compiled: ModuleType,
 
 
 def test_a_build_of_another_source_is_not_imported(compiled: ModuleType) -> None:
-    stamp = accel.stamp_of(MODULE)
-    saved = stamp.read_text()
     probe = "import models.anomaly as a, models.accel as x; print(x.compiled(a), a.__file__)"
-    try:
-        stamp.write_text("0" * 64 + "\n")  # as after an edit of the source since the build
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                             check=True).stdout.split()  # fmt: skip
-        assert out == ["False", str(accel.source_of(MODULE))]
-    finally:
-        stamp.write_text(saved)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout.split()  # fmt: skip
+    out = _python(probe, build=False)
+    assert out == ["False", str(accel.source_of(MODULE))]
+    out = _python(probe)
     assert out[0] == "True"
 
 
@@ -105,22 +111,10 @@ print(x.compiled(a), type(model).__module__, len(model.baselines_), len(flags) >
 def test_models_pickled_by_either_load_in_the_other(compiled: ModuleType, tmp_path) -> None:
     """The registry's pickles name models.anomaly's classes: a model trained by the source
     serves in a compiled worker, and the other way round."""
-    stamp = accel.stamp_of(MODULE)
-    saved = stamp.read_text()
-
-    def run(code: str, path: str, build: bool) -> list[str]:
-        stamp.write_text(saved if build else "0" * 64 + "\n")
-        try:
-            out = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
-                                 text=True, check=True)  # fmt: skip
-        finally:
-            stamp.write_text(saved)
-        return out.stdout.split()
-
     for trained_compiled in (True, False):
         path = str(tmp_path / f"model-{trained_compiled}.pkl")
-        assert run(_DUMP, path, trained_compiled) == [str(trained_compiled)]
-        loaded = run(_LOAD, path, not trained_compiled)
+        assert _python(_DUMP, path, build=trained_compiled) == [str(trained_compiled)]
+        loaded = _python(_LOAD, path, build=not trained_compiled)
         assert loaded[:2] == [str(not trained_compiled), "models.anomaly"]
         assert int(loaded[2]) > 0 and loaded[3] == "True"
 

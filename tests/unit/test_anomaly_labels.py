@@ -10,7 +10,6 @@ from bench.workload.anomalies import (
     DRIFT_FACTOR,
     DRIFT_LABEL_FROM,
     DRIFT_TEMPLATES,
-    DRIFT_USUAL_DAYS,
     SEQ_SCAN_HOURS,
     UNTIMED_WAIT,
     make_schedule,
@@ -76,7 +75,7 @@ def test_drift_labels_only_executions_widened_past_the_threshold(plan: Plan) -> 
         if a is None or st.template not in DRIFT_TEMPLATES:
             continue
         start, end = st.params[0], st.params[1]
-        width = (end - max(start, first)).days / DRIFT_USUAL_DAYS[st.template]
+        width = (end - max(start, first)).days / BY_NAME[st.template].usual_days
         factor = 1.0 + (DRIFT_FACTOR - 1.0) * (sim - a.start) / (a.end - a.start)
         if st.label == a.label:
             assert width >= DRIFT_LABEL_FROM
