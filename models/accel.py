@@ -29,11 +29,17 @@ from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-#: modules compiled by `build`: the query log worker's per-execution work, and the relay's
+#: modules compiled by `build`: the query log worker's per-execution work (the anomaly detector;
+#: building query_logs rows and their binary COPY), and the relay's
 #: statement tracker and frame scanner (stdlib only, `mypy --strict`). Not proxy/session.py:
 #: its relay is mostly uvloop and the kernel, and compiled it measured no faster; nor a class
 #: an interpreted one inherits from (a compiled base refuses interpreted subclasses)
-ACCELERATED = ("models.anomaly", "proxy.protocol.tracker", "proxy.protocol.framing")
+ACCELERATED = (
+    "models.anomaly",
+    "proxy.protocol.tracker",
+    "proxy.protocol.framing",
+    "proxy.telemetry.logrows",
+)
 #: mypyc reads only the module itself: everything it imports is taken as untyped (seconds, not
 #: the minutes of type-checking NumPy, pandas and scikit-learn's stubs)
 MYPYC_CONFIG = """\

@@ -53,6 +53,11 @@ class SimClock:
     def simulated(self) -> bool:
         return self.speed != 1.0 or abs(self._anchor_epoch - time.time()) > 5 * 60 * self.speed
 
+    @property
+    def anchor(self) -> Segment:
+        """The current segment: `epoch(m)` is `e + (m - mono) * speed` for every m >= mono."""
+        return self.segments[-1]
+
     def epoch(self, monotonic: float) -> float:
         """Epoch seconds (possibly simulated) of a `time.monotonic()` reading."""
         if monotonic >= self._anchor_mono:

@@ -25,7 +25,7 @@ from typing import Any
 from ..clock import CLOCK
 from ..log import get_logger
 from ..settings import Settings
-from .querylog import COLUMNS
+from .logrows import COLUMNS
 
 SCORE_PERIOD = 0.25  # real seconds between scoring rounds
 SCORE_SLICE = 2_000  # executions scored between yields to the event loop
@@ -208,7 +208,7 @@ class AnomalyMonitor:
         the scoring."""
         new, cls = tuple.__new__, self._mod.Execution
         out = [
-            new(cls, (r[_TS].timestamp(), r[_FP], r[_CMD], r[_MS], r[_ROWS], r[_STATUS] != "ok",
+            new(cls, (r[_TS], r[_FP], r[_CMD], r[_MS], r[_ROWS], r[_STATUS] != "ok",
                       r[_BYTES], r[_PRED], r[_CAT], r[_LABEL], r[_APP], False))
             for r in rows
         ]  # fmt: skip

@@ -28,7 +28,8 @@ from ..log import get_logger
 from ..records import SessionInfo
 from ..settings import Settings
 from .collectors import LOG_RATIO_BUCKETS, QUERY_BUCKETS, BatchedHistogram
-from .querylog import COLUMNS, QueryLogRecorder
+from .logrows import COLUMNS
+from .querylog import QueryLogRecorder
 
 _LEN = struct.Struct("!I")
 _FP, _TEXT, _NORMALIZED, _COMMAND, _STATUS = (
@@ -157,7 +158,7 @@ class Worker:
         for r in rows:
             if r[_STATUS] == "ok":
                 observe(r[_FP], r[_COMMAND], r[_TEXT], r[_NORMALIZED],
-                        r[0].timestamp(), r[1].timestamp(), r[2])  # fmt: skip
+                        r[0], r[1], r[2])  # fmt: skip
 
     async def _serve_cost(self, settings: Settings) -> None:
         """Keep the active model loaded and fill the prediction cache, in the background."""

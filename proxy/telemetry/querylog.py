@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -27,44 +26,10 @@ from optimizer.fingerprint import Fingerprinter
 from ..clock import CLOCK
 from ..records import SessionInfo, StatementRecord
 from ..settings import Settings
+from .logrows import COLUMNS, CopyEncoder, build
 from .metrics import ProxyMetrics
 from .sink import BatchingSink
 from .stats import StatsTable
-
-COLUMNS = (
-    "started_at",
-    "finished_at",
-    "duration_ms",
-    "fingerprint",
-    "query_text",
-    "normalized_text",
-    "command",
-    "is_catalog",
-    "parsed",
-    "tables_used",
-    "database_name",
-    "user_name",
-    "application_name",
-    "app_class",
-    "client_addr",
-    "protocol",
-    "statement_name",
-    "rows_returned",
-    "status",
-    "sqlstate",
-    "error_message",
-    "bytes_sent",
-    "session_id",
-    "transaction_status",
-    "portal_suspensions",
-    "proxy_instance",
-    "label",
-    "predicted_cost_ms",
-    "model_version",
-    "cache_hit",
-    "hint_set",
-    "rewrite_rule",
-)
 
 SLICE = 1000  # records processed between yields to the event loop
 
@@ -93,29 +58,7 @@ def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[
     return sessions, rows
 
 
-_QUOTED = re.compile(r'"[^"]*"')
-
 Connector = Callable[[], Awaitable[Any]]
-
-
-_LABEL = re.compile(r"/\*\s*pgsage:label=([\w.:-]{1,64})\s*\*/")
-
-
-def _label(sql: str) -> str | None:
-    """The workload simulator marks injected executions with /* pgsage:label=KIND:ID */."""
-    m = _LABEL.search(sql)
-    return m.group(1) if m else None
-
-
-def _copy_direction(sql: str | None) -> str | None:
-    if not sql:
-        return None
-    upper = sql.upper()
-    if "FROM STDIN" in upper:
-        return "in"
-    if "TO STDOUT" in upper:
-        return "out"
-    return "file"
 
 
 class QueryLogRecorder(BatchingSink):
@@ -131,6 +74,7 @@ class QueryLogRecorder(BatchingSink):
         self.metrics = metrics
         self.connect = connect if settings.querylog_enabled else None
         self.fingerprinter = fingerprinter or Fingerprinter()
+        self.encoder = CopyEncoder(COLUMNS)
         self.stats = stats or StatsTable(settings.max_fingerprints)
         self.written = 0
         self.dropped: Counter[str] = Counter()
@@ -228,114 +172,22 @@ class QueryLogRecorder(BatchingSink):
         The per-record loop only looks up the fingerprint and builds the row; durations are
         grouped and handed to the histogram and the per-fingerprint sketches in bulk.
         """
-        fp_of = self.fingerprinter.fingerprint
-        instance = self.settings.instance_name
-        groups: dict[tuple[str, str, str, str, str], list[float]] = {}
-        by_fp: dict[str, tuple[Any, list[float], list[Any]]] = {}
-        rows_by: Counter[tuple[str, str]] = Counter()
-        errors: Counter[str] = Counter()
-        copies: Counter[str] = Counter()
-        suspensions = 0
-        out = []
-        fromtimestamp = datetime.fromtimestamp
-        epoch = CLOCK.epoch
-        predictor = self.predictor
-        version = self.model_version
-        log_ratios: list[float] = []
-        last_start = 0.0
-        for (
-            sid,
-            protocol,
-            sql,
-            statement,
-            start,
-            end,
-            nrows,
-            status,
-            sqlstate,
-            msg,
-            susp,
-            nbytes,
-            hit,
-            hint,
-            rule,
-            keep_text,
-        ) in rows:
-            info = sessions[sid]
-            fp = fp_of(sql if sql is not None else "")
-            seconds = end - start
-            last_start = start
-            command = fp.command
-            key = (info.database or "", command, protocol, status, info.app)
-            durations = groups.get(key)
-            if durations is None:
-                durations = groups[key] = []
-            durations.append(seconds)
-            group = by_fp.get(fp.id)
-            if group is None:
-                group = by_fp[fp.id] = (fp, [], [])
-            group[1].append(seconds)
-            if nrows:
-                rows_by[(key[0], command)] += nrows
-                group[2].append(nrows)
-            if status != "ok":
-                group[2].append(None)
-                if sqlstate:
-                    errors[sqlstate[:2]] += 1
-            if susp:
-                suspensions += susp
-            if command == "COPY":
-                copies[_copy_direction(sql) or "file"] += 1
-            predicted = None
-            if predictor is not None:
-                predicted = predictor(fp.id, command, sql, fp.normalized)
-                if predicted is not None and status == "ok":
-                    log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))
-            message = msg
-            if message and not keep_text:
-                message = _QUOTED.sub('"?"', message)
-            out.append(
-                (
-                    fromtimestamp(epoch(start), UTC),
-                    fromtimestamp(epoch(end), UTC),
-                    seconds * 1000.0,
-                    fp.id,
-                    sql if keep_text else None,
-                    fp.normalized,
-                    command,
-                    fp.is_catalog,
-                    fp.parsed,
-                    fp.tables,
-                    info.database,
-                    info.user,
-                    info.application_name,
-                    info.app,
-                    info.client_addr,
-                    protocol,
-                    statement,
-                    nrows,
-                    status,
-                    sqlstate,
-                    message,
-                    nbytes,
-                    sid,
-                    None,
-                    susp,
-                    instance,
-                    _label(sql) if sql is not None and "pgsage:label=" in sql else None,
-                    predicted,
-                    version if predicted is not None else None,
-                    hit,
-                    hint,
-                    rule,
-                )
-            )
+        built = build(
+            sessions,
+            rows,
+            self.fingerprinter.fingerprint,
+            CLOCK.epoch,
+            CLOCK.anchor,
+            self.settings.instance_name,
+            self.predictor,
+            self.model_version,
+        )
         self.executed += len(rows)
-        self._aggregate(by_fp, CLOCK.epoch(last_start) if rows else time.time())
+        self._aggregate(built.by_fp, CLOCK.epoch(built.last_start) if rows else time.time())
         m = self.metrics
         db_stats = self.db_stats
         by_label: dict[tuple[str, str], list[float]] = {}
-        for qlabels, durations in groups.items():
+        for qlabels, durations in built.groups.items():
             m.queries.labels(*qlabels).inc(len(durations))
             by_label.setdefault((qlabels[0], qlabels[1]), []).extend(durations)
             d = db_stats.get(qlabels[0])
@@ -347,19 +199,20 @@ class QueryLogRecorder(BatchingSink):
                 d["errors"] += len(durations)
         for labels, durations in by_label.items():
             m.query_duration.observe_many(labels, durations)
-        for labels, n in rows_by.items():
+        for labels, n in built.rows_by.items():
             m.rows_returned.labels(*labels).inc(n)
-        for cls, n in errors.items():
+        for cls, n in built.errors.items():
             m.query_errors.labels(cls).inc(n)
-        if suspensions:
-            m.portal_suspensions.inc(suspensions)
+        if built.suspensions:
+            m.portal_suspensions.inc(built.suspensions)
+        log_ratios = built.log_ratios
         if log_ratios:
             m.cost_prediction_log_ratio.observe_many((), log_ratios)
             self.recent_log_errors.extend(abs(r) for r in log_ratios)
             m.cost_prediction_qerror.set(math.exp(float(np.median(self.recent_log_errors))))
-        for direction, n in copies.items():
+        for direction, n in built.copies.items():
             m.copy_operations.labels(direction).inc(n)
-        return out
+        return built.rows
 
     def _aggregate(self, by_fp: dict[str, tuple[Any, list[float], list[Any]]], at: float) -> None:
         stats_get = self.stats.get
@@ -406,9 +259,12 @@ class QueryLogRecorder(BatchingSink):
             self._drop(len(rows), "db_unavailable")
             return
         try:
-            await conn.copy_records_to_table(
-                "query_logs", schema_name="metadata", columns=COLUMNS, records=rows, timeout=30
-            )
+            # (a memoryview: asyncpg would take bytes for a file name)
+            payload = memoryview(self.encoder.encode(rows))
+            await conn.copy_to_table(
+                "query_logs", schema_name="metadata", columns=COLUMNS, source=payload,
+                format="binary", timeout=30,
+            )  # fmt: skip
         except Exception as exc:
             self._drop(len(rows), "db_error")
             self._failed("copy", exc)

@@ -11,8 +11,8 @@ from typing import Any
 import asyncpg
 
 from proxy.settings import Settings
+from proxy.telemetry.logrows import COLUMNS
 from proxy.telemetry.logworker import Worker
-from proxy.telemetry.querylog import COLUMNS
 from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, create_database, drop_database
 from warehouse_sql import apply_migrations
 
@@ -22,8 +22,8 @@ NORMALIZED = "SELECT * FROM t WHERE id = $1"
 def _row(i: int, at: datetime, ms: float, status: str = "ok") -> tuple[Any, ...]:
     values: dict[str, Any] = dict.fromkeys(COLUMNS)
     values.update(
-        started_at=at,
-        finished_at=at + timedelta(milliseconds=ms),
+        started_at=at.timestamp(),  # rows carry epoch seconds (proxy/telemetry/logrows.py)
+        finished_at=(at + timedelta(milliseconds=ms)).timestamp(),
         duration_ms=ms,
         fingerprint="fp-t",
         query_text=f"SELECT * FROM t WHERE id = {i}",

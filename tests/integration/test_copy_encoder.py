@@ -1,0 +1,173 @@
+"""The query log's own binary COPY encoder (proxy/telemetry/logrows.py) against asyncpg's.
+
+The same rows are written to metadata.query_logs once by `CopyEncoder` + `copy_to_table` and
+once by asyncpg's `copy_records_to_table` (its generic codecs, what the log used before); the
+two tables must read back identical, value for value, including NULLs, unicode, empty and
+multi-element arrays, extreme integers and sub-microsecond times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.telemetry.logrows import COLUMNS, KINDS, TIMESTAMPTZ, CopyEncoder, EncodeError
+from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, create_database, drop_database
+from warehouse_sql import apply_migrations
+
+EPOCH = datetime(2026, 11, 27, 12, 0, tzinfo=UTC).timestamp()
+
+
+def _row(**values: Any) -> tuple[Any, ...]:
+    base: dict[str, Any] = dict.fromkeys(COLUMNS)
+    base.update(
+        started_at=EPOCH,
+        finished_at=EPOCH + 0.0005,
+        duration_ms=0.5,
+        fingerprint="00ab12cd34ef5678",
+        normalized_text="SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        command="SELECT",
+        is_catalog=False,
+        parsed=True,
+        tables_used=("pgbench_accounts",),
+        protocol="simple",
+        status="ok",
+        portal_suspensions=0,
+        cache_hit=False,
+    )
+    base.update(values)
+    return tuple(base[c] for c in COLUMNS)
+
+
+ROWS = [
+    _row(),
+    _row(
+        query_text="SELECT 'héllo wörld ✓', E'\\t\\n'",
+        tables_used=(),
+        database_name="bench",
+        user_name="postgres",
+        application_name="pgbench",
+        app_class="other",
+        client_addr="127.0.0.1",
+        statement_name="P0_1",
+        rows_returned=2**62,
+        bytes_sent=0,
+        session_id=-(2**63),
+        transaction_status="I",
+        portal_suspensions=2**31 - 1,
+        proxy_instance="pgsage-1",
+        label="drift:3",
+        predicted_cost_ms=1e-300,
+        model_version="cost:v3",
+        cache_hit=True,
+        hint_set="no_hashjoin",
+        rewrite_rule="holdout:or_to_union",
+    ),
+    _row(
+        status="error",
+        sqlstate="42P01",
+        error_message='relation "x" does not exist',
+        tables_used=("public.a", "s.b", "ünï.c"),
+        is_catalog=True,
+        parsed=False,
+        rows_returned=None,
+        duration_ms=math.inf,
+        started_at=EPOCH + 0.0000004,  # rounds to the microsecond below
+        finished_at=EPOCH + 0.0000006,  # and above
+        portal_suspensions=-7,
+    ),
+    _row(started_at=0.0, finished_at=-1.5, duration_ms=-0.0, bytes_sent=123456789012),
+]
+
+
+async def _both(db: str, rows: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=db)
+    try:
+        await apply_migrations(conn)
+        await conn.execute("TRUNCATE metadata.query_logs")
+        payload = CopyEncoder(COLUMNS).encode(rows)
+        await conn.copy_to_table(
+            "query_logs", schema_name="metadata", columns=COLUMNS, source=memoryview(payload),
+            format="binary",
+        )  # fmt: skip
+        ours = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM metadata.query_logs"
+                                " ORDER BY query_id")  # fmt: skip
+        await conn.execute("TRUNCATE metadata.query_logs")
+        as_asyncpg = [
+            tuple(
+                datetime.fromtimestamp(v, UTC) if v is not None and KINDS[c] == TIMESTAMPTZ else v
+                for c, v in zip(COLUMNS, r, strict=True)
+            )
+            for r in rows
+        ]
+        await conn.copy_records_to_table(
+            "query_logs", schema_name="metadata", columns=COLUMNS, records=as_asyncpg
+        )
+        theirs = await conn.fetch(f"SELECT {', '.join(COLUMNS)} FROM metadata.query_logs"
+                                  " ORDER BY query_id")  # fmt: skip
+        return [tuple(r) for r in ours], [tuple(r) for r in theirs]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def db():
+    name = create_database("pgsage_copy_encoder")
+    yield name
+    drop_database(name)
+
+
+def test_rows_read_back_as_asyncpg_wrote_them(db: str) -> None:
+    ours, theirs = asyncio.run(_both(db, ROWS))
+    assert len(ours) == len(ROWS)
+    assert ours == theirs
+    assert ours[1][COLUMNS.index("query_text")] == "SELECT 'héllo wörld ✓', E'\\t\\n'"
+    assert ours[2][COLUMNS.index("tables_used")] == ["public.a", "s.b", "ünï.c"]
+    assert ours[1][COLUMNS.index("tables_used")] == []
+
+
+_texts = st.one_of(st.none(), st.text(st.characters(blacklist_characters="\x00"), max_size=40))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "started_at": st.floats(-2e9, 4e9),
+                "duration_ms": st.floats(allow_nan=False),
+                "query_text": _texts,
+                "normalized_text": _texts,
+                "tables_used": st.lists(
+                    st.text(st.characters(blacklist_characters="\x00"), max_size=10), max_size=3
+                ).map(tuple),
+                "rows_returned": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+                "portal_suspensions": st.integers(-(2**31), 2**31 - 1),
+                "cache_hit": st.booleans(),
+            }
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_random_rows_read_back_as_asyncpg_wrote_them(db: str, values: list[dict[str, Any]]) -> None:
+    rows = [_row(finished_at=v["started_at"] + 1.0, **v) for v in values]
+    ours, theirs = asyncio.run(_both(db, rows))
+    assert ours == theirs
+
+
+def test_a_value_of_the_wrong_type_names_its_column() -> None:
+    enc = CopyEncoder(COLUMNS)
+    with pytest.raises(EncodeError, match="rows_returned: expected an integer"):
+        enc.encode([_row(rows_returned="12")])
+    with pytest.raises(EncodeError, match=r"portal_suspensions: .* out of range for integer"):
+        enc.encode([_row(portal_suspensions=2**31)])
+    with pytest.raises(EncodeError, match="a row has 3 values for 32 columns"):
+        enc.encode([(1, 2, 3)])
