@@ -111,6 +111,9 @@ class AnomalyMonitor:
         # scikit-learn takes a second to import: off the event loop, so logging goes on
         try:
             self._mod = await asyncio.to_thread(importlib.import_module, "models.anomaly")
+            # the burst rule's Poisson bound imports SciPy's statistics on first use: a second
+            # and more of CPU that would otherwise stall this loop under the first traffic
+            await asyncio.to_thread(importlib.import_module, "scipy.stats")
         except Exception as exc:
             self.log.error("anomaly detection unavailable", error=repr(exc))
             self.pending.clear()
