@@ -171,3 +171,14 @@ def test_a_value_of_the_wrong_type_names_its_column() -> None:
         enc.encode([_row(portal_suspensions=2**31)])
     with pytest.raises(EncodeError, match="a row has 3 values for 32 columns"):
         enc.encode([(1, 2, 3)])
+
+
+def test_the_side_by_side_bench_writes_the_same_tables_every_way() -> None:
+    from bench import logrows as bench_logrows
+
+    doc = bench_logrows.main(["--statements", "3000", "--rounds", "1", "--no-save"])
+    assert doc["same_rows"]
+    assert set(doc["us_cpu_per_statement"]) == {
+        "build source", "build compiled", "write asyncpg", "write source", "write compiled",
+    }  # fmt: skip
+    assert all(v > 0 for v in doc["us_cpu_per_statement"].values())
