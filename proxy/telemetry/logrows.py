@@ -194,7 +194,9 @@ class CopyEncoder:
     def _text_of(self, i: int, v: object) -> bytes:
         if not isinstance(v, str):
             raise EncodeError(f"{self.columns[i]}: expected text, got {type(v).__name__}")
-        data = v.encode("utf-8")
+        # (a lone surrogate is a byte the relay could not decode as UTF-8: "?" in its place,
+        # not a failed COPY that would lose the batch)
+        data = v.encode("utf-8", "replace")
         return _LEN.pack(len(data)) + data
 
     def _int8_of(self, i: int, v: object) -> bytes:

@@ -133,7 +133,9 @@ def test_rows_read_back_as_asyncpg_wrote_them(db: str) -> None:
     assert ours[1][COLUMNS.index("tables_used")] == []
 
 
-_texts = st.one_of(st.none(), st.text(st.characters(blacklist_characters="\x00"), max_size=40))
+#: text PostgreSQL stores (no NUL) and asyncpg encodes (no lone surrogates)
+_chars = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))
+_texts = st.one_of(st.none(), st.text(_chars, max_size=40))
 
 
 @settings(max_examples=25, deadline=None)
@@ -161,6 +163,27 @@ def test_random_rows_read_back_as_asyncpg_wrote_them(db: str, values: list[dict[
     rows = [_row(finished_at=v["started_at"] + 1.0, **v) for v in values]
     ours, theirs = asyncio.run(_both(db, rows))
     assert ours == theirs
+
+
+def test_undecodable_bytes_are_stored_replaced_not_lost(db: str) -> None:
+    """The relay decodes statement text with surrogateescape (a LATIN1 client's bytes): such a
+    row is written with "?" in their place; asyncpg's encoder failed the whole batch."""
+    text = b"SELECT 'caf\xe9'".decode("utf-8", "surrogateescape")
+    rows = [_row(query_text=text, normalized_text="SELECT $1"), _row()]
+
+    async def write() -> list[Any]:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=db)
+        try:
+            await apply_migrations(conn)
+            await conn.execute("TRUNCATE metadata.query_logs")
+            payload = memoryview(CopyEncoder(COLUMNS).encode(rows))
+            await conn.copy_to_table("query_logs", schema_name="metadata", columns=COLUMNS,
+                                     source=payload, format="binary")  # fmt: skip
+            return await conn.fetch("SELECT query_text FROM metadata.query_logs ORDER BY query_id")
+        finally:
+            await conn.close()
+
+    assert [r[0] for r in asyncio.run(write())] == ["SELECT 'caf?'", None]
 
 
 def test_a_value_of_the_wrong_type_names_its_column() -> None:
