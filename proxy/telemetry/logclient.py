@@ -85,7 +85,7 @@ class WorkerRecorder(BatchingSink):
         try:
             async with self._lock:
                 await self._worker()
-        except OSError as exc:  # the first batch tries again
+        except Exception as exc:  # the first batch tries again; the flush loop must run
             self.log.warning("query log worker did not start", error=repr(exc))
         await super().run()
 

@@ -117,8 +117,10 @@ TRUE: Final = b"\x00\x00\x00\x01\x01"
 FALSE: Final = b"\x00\x00\x00\x01\x00"
 #: memoised encodings kept at most (the memo starts afresh beyond)
 MEMO_MAX: Final = 50_000
-#: integers memoised: counts and sizes that repeat (rows, bytes, session ids)
-SMALL_INT: Final = 1 << 20
+#: integers memoised: the small counts and sizes that repeat (rows, bytes, suspensions)
+SMALL_INT: Final = 4096
+#: texts longer than this are encoded afresh each time, never kept
+MEMO_TEXT_MAX: Final = 512
 
 _LEN = struct.Struct("!i")
 _INT8 = struct.Struct("!iq")
@@ -170,9 +172,10 @@ class CopyEncoder:
                     b = memo.get(v)
                     if b is None:
                         b = self._text_of(i, v)
-                        if len(memo) >= MEMO_MAX:
-                            memo.clear()
-                        memo[v] = b
+                        if len(b) <= MEMO_TEXT_MAX:
+                            if len(memo) >= MEMO_MAX:
+                                memo.clear()
+                            memo[v] = b
                     parts.append(b)
                 elif kind == TIMESTAMPTZ:
                     parts.append(_INT8.pack(8, _micros(float(v))))
@@ -212,6 +215,8 @@ class CopyEncoder:
         except struct.error as exc:
             raise EncodeError(f"{self.columns[i]}: {v} is out of range for bigint") from exc
         if small:
+            if len(self._int8) >= MEMO_MAX:
+                self._int8.clear()
             self._int8[v] = b
         return b
 
@@ -225,6 +230,8 @@ class CopyEncoder:
             except struct.error as exc:
                 raise EncodeError(f"{self.columns[i]}: {v} is out of range for integer") from exc
             if -SMALL_INT < v < SMALL_INT:
+                if len(self._int4) >= MEMO_MAX:
+                    self._int4.clear()
                 self._int4[v] = b
         return b
 
@@ -355,7 +362,8 @@ def build(
             out.copies[direction] = out.copies.get(direction, 0) + 1
         predicted: float | None = None
         if predictor is not None:
-            predicted = predictor(fid, command, sql, fp.normalized)
+            p: Any = predictor(fid, command, sql, fp.normalized)  # (a NumPy scalar, say)
+            predicted = None if p is None else float(p)
             if predicted is not None and status == "ok":
                 out.log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))
         if msg and not keep_text:

@@ -189,7 +189,7 @@ class ProxyMetrics:
         # known label values start at 0, so the first occurrence is a visible increase
         for reason in ERROR_REASONS:
             self.client_connection_errors.labels(reason)
-        for reason in ("queue_full", "db_error", "db_unavailable"):
+        for reason in ("queue_full", "db_error", "db_unavailable", "encode_error"):
             self.querylog_dropped.labels(reason)
         for kind in (
             "ssl",

@@ -26,7 +26,7 @@ from optimizer.fingerprint import Fingerprinter
 from ..clock import CLOCK
 from ..records import SessionInfo, StatementRecord
 from ..settings import Settings
-from .logrows import COLUMNS, CopyEncoder, build
+from .logrows import COLUMNS, CopyEncoder, EncodeError, build
 from .metrics import ProxyMetrics
 from .sink import BatchingSink
 from .stats import StatsTable
@@ -259,8 +259,13 @@ class QueryLogRecorder(BatchingSink):
             self._drop(len(rows), "db_unavailable")
             return
         try:
-            # (a memoryview: asyncpg would take bytes for a file name)
             payload = memoryview(self.encoder.encode(rows))
+        except (EncodeError, TypeError) as exc:  # a bug upstream, not the database's trouble
+            self.log.error("query log rows not encodable; batch dropped", error=str(exc))
+            self._drop(len(rows), "encode_error")
+            return
+        try:
+            # (a memoryview: asyncpg would take bytes for a file name)
             await conn.copy_to_table(
                 "query_logs", schema_name="metadata", columns=COLUMNS, source=payload,
                 format="binary", timeout=30,

@@ -18,7 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.telemetry.logrows import COLUMNS, KINDS, TIMESTAMPTZ, CopyEncoder, EncodeError
+from proxy.telemetry.logrows import (
+    COLUMNS,
+    KINDS,
+    MEMO_MAX,
+    SMALL_INT,
+    TIMESTAMPTZ,
+    CopyEncoder,
+    EncodeError,
+)  # fmt: skip
 from tests.fix_proxy import PG_HOST, PG_PORT, PG_USER, create_database, drop_database
 from warehouse_sql import apply_migrations
 
@@ -205,3 +213,43 @@ def test_the_side_by_side_bench_writes_the_same_tables_every_way() -> None:
         "build source", "build compiled", "write asyncpg", "write source", "write compiled",
     }  # fmt: skip
     assert all(v > 0 for v in doc["us_cpu_per_statement"].values())
+
+
+def test_the_memos_stay_bounded() -> None:
+    enc = CopyEncoder(COLUMNS)
+    rows = [_row(session_id=i, bytes_sent=i % 5000, portal_suspensions=i % 5000)
+            for i in range(MEMO_MAX + 10)]  # fmt: skip
+    enc.encode(rows)
+    assert len(enc._int8) <= MEMO_MAX and len(enc._int4) <= MEMO_MAX
+    assert all(abs(k) < SMALL_INT for k in enc._int8)  # session ids past it are not kept
+    long = "SELECT " + "x, " * 400 + "1"
+    enc.encode([_row(normalized_text=long)])
+    assert long not in enc._text and "SELECT" in enc._text  # (the command is kept)
+
+
+def test_a_batch_that_cannot_be_encoded_is_dropped_and_the_connection_kept(db: str) -> None:
+    from proxy.settings import Settings
+    from proxy.telemetry.logworker import DeltaMetrics
+    from proxy.telemetry.querylog import QueryLogRecorder
+
+    async def run() -> tuple[int, int, bool, int]:
+        async def connect() -> Any:
+            return await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=db)
+
+        rec = QueryLogRecorder(Settings(), DeltaMetrics(), connect)  # type: ignore[arg-type]
+        try:
+            conn = await connect()
+            await apply_migrations(conn)
+            await conn.execute("TRUNCATE metadata.query_logs")
+            await rec.write([_row(), _row(rows_returned="three")])
+            first = rec._conn
+            await rec.write([_row(), _row()])
+            kept = rec._conn is first and first is not None and not first.is_closed()
+            n = await conn.fetchval("SELECT count(*) FROM metadata.query_logs")
+            await conn.close()
+            return rec.dropped["encode_error"], rec.written, kept, n
+        finally:
+            await rec.stop()
+
+    dropped, written, kept, n = asyncio.run(run())
+    assert (dropped, written, kept, n) == (2, 2, True, 2)
