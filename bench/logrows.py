@@ -9,7 +9,9 @@ and measures this process's CPU per statement (best round; the sides alternate w
 - write: those rows into `metadata.query_logs` of a scratch database, with asyncpg's
   `copy_records_to_table` (its generic codecs; timestamps as datetimes, as it needs them: what
   the log did before) and with `CopyEncoder`'s binary payload + `copy_to_table`, source and
-  compiled. The tables must read back the same.
+  compiled (columns NULL in a whole batch left out, as the log does), with the CPU of the
+  server backend that ingests them beside it when the server runs on this host. The tables must
+  read back the same.
 
 Prints a table and the JSON, writes `bench/results/logrows.json`.
 """
@@ -27,6 +29,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import asyncpg
+import psutil
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -84,8 +87,20 @@ def build_side(mod: ModuleType, sessions: dict[int, Any], records: list[Any]) ->
     return (cpu() - start) / len(records) * 1e6, out
 
 
-async def write_side(conn: Any, how: str, mod: ModuleType, rows: list[Any]) -> float:
-    """µs of this process's CPU per row to COPY `rows` into an empty query_logs."""
+def server_cpu(conn: Any) -> float | None:
+    """CPU seconds of the connection's server process (None when it is not on this host)."""
+    try:
+        t = psutil.Process(conn.get_server_pid()).cpu_times()
+    except psutil.Error:
+        return None
+    return float(t.user + t.system)
+
+
+async def write_side(
+    conn: Any, how: str, mod: ModuleType, rows: list[Any]
+) -> tuple[float, float | None]:
+    """µs of CPU per row to COPY `rows` into an empty query_logs: this process's, and the
+    server backend's (None when it cannot be read)."""
     await conn.execute("TRUNCATE metadata.query_logs")
     if how == "asyncpg":
         ts = [mod.COLUMNS.index("started_at"), mod.COLUMNS.index("finished_at")]
@@ -93,20 +108,23 @@ async def write_side(conn: Any, how: str, mod: ModuleType, rows: list[Any]) -> f
             tuple(datetime.fromtimestamp(v, UTC) if i in ts else v for i, v in enumerate(r))
             for r in rows
         ]
-        start = cpu()
+        start, server = cpu(), server_cpu(conn)
         for i in range(0, len(records), 5 * BATCH):
             chunk = records[i : i + 5 * BATCH]
             await conn.copy_records_to_table(
                 "query_logs", schema_name="metadata", columns=mod.COLUMNS, records=chunk
             )
-        return (cpu() - start) / len(rows) * 1e6
-    encoder = mod.CopyEncoder(mod.COLUMNS)
-    start = cpu()
-    for i in range(0, len(rows), 5 * BATCH):
-        payload = memoryview(encoder.encode(rows[i : i + 5 * BATCH]))
-        await conn.copy_to_table("query_logs", schema_name="metadata", columns=mod.COLUMNS,
-                                 source=payload, format="binary")  # fmt: skip
-    return (cpu() - start) / len(rows) * 1e6
+    else:
+        encoder = mod.CopyEncoder(mod.COLUMNS)
+        start, server = cpu(), server_cpu(conn)
+        for i in range(0, len(rows), 5 * BATCH):
+            columns, encoded = encoder.encode_present(rows[i : i + 5 * BATCH])
+            await conn.copy_to_table("query_logs", schema_name="metadata", columns=columns,
+                                     source=memoryview(encoded), format="binary")  # fmt: skip
+    ours = (cpu() - start) / len(rows) * 1e6
+    after = server_cpu(conn)
+    theirs = None if server is None or after is None else (after - server) / len(rows) * 1e6
+    return ours, theirs
 
 
 async def snapshot(conn: Any, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
@@ -130,7 +148,8 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                                  database=DATABASE)  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in
                                      ("build source", "build compiled", "write asyncpg",
-                                      "write source", "write compiled")}  # fmt: skip
+                                      "write source", "write compiled", "server asyncpg",
+                                      "server source", "server compiled")}  # fmt: skip
     same = True
     try:
         await apply_migrations(conn)
@@ -144,7 +163,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 tables = []
                 for name, mod in (("asyncpg", fast), ("source", pure), ("compiled", fast)):
                     how = "asyncpg" if name == "asyncpg" else "ours"
-                    times[f"write {name}"].append(await write_side(conn, how, mod, rows))
+                    ours, server = await write_side(conn, how, mod, rows)
+                    times[f"write {name}"].append(ours)
+                    if server is not None:
+                        times[f"server {name}"].append(server)
                     tables.append(await snapshot(conn, fast.COLUMNS))
                 same = same and tables[0] == tables[1] == tables[2]
                 progress.advance(task)
@@ -156,7 +178,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
         finally:
             await admin.close()
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items() if v}
     return {
         "statements": args.statements,
         "rounds": args.rounds,
@@ -164,6 +186,9 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "rounds_us": times,
         "build_speedup": best["build source"] / best["build compiled"],
         "write_vs_asyncpg": best["write asyncpg"] / best["write compiled"],
+        "server_vs_asyncpg": (
+            best["server asyncpg"] / best["server compiled"] if "server compiled" in best else None
+        ),
         "same_rows": same,
     }
 
@@ -197,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table.add_row("write (COPY)", f"{best['write asyncpg']:.2f}", f"{best['write source']:.2f}",
                   f"{best['write compiled']:.2f}",
                   f"{result['write_vs_asyncpg']:.2f}x asyncpg/compiled")  # fmt: skip
+    if result["server_vs_asyncpg"] is not None:
+        table.add_row("server backend (COPY)", f"{best['server asyncpg']:.2f}",
+                      f"{best['server source']:.2f}", f"{best['server compiled']:.2f}",
+                      f"{result['server_vs_asyncpg']:.2f}x asyncpg/compiled")  # fmt: skip
     console.print(table)
     console.print(f"tables read back the same: {result['same_rows']}")
     if not args.no_save:

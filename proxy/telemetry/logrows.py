@@ -107,6 +107,34 @@ KINDS: dict[str, int] = {
     "rewrite_rule": TEXT_MEMO,
 }
 
+#: the columns without a NOT NULL or a default (0020_metadata.sql): leaving one out of a COPY
+#: stores the NULL that writing it would
+NULL_DEFAULT: Final = frozenset(
+    (
+        "query_text",
+        "normalized_text",
+        "tables_used",
+        "database_name",
+        "user_name",
+        "application_name",
+        "app_class",
+        "client_addr",
+        "statement_name",
+        "rows_returned",
+        "sqlstate",
+        "error_message",
+        "bytes_sent",
+        "session_id",
+        "transaction_status",
+        "proxy_instance",
+        "predicted_cost_ms",
+        "model_version",
+        "hint_set",
+        "rewrite_rule",
+        "label",
+    )
+)
+
 #: PostgreSQL's timestamps count microseconds from 2000-01-01 00:00 UTC
 PG_EPOCH_SECONDS: Final = 946_684_800
 TEXT_OID: Final = 25
@@ -146,23 +174,42 @@ class CopyEncoder:
     def __init__(self, columns: tuple[str, ...] = COLUMNS) -> None:
         self.columns = columns
         self.kinds = [KINDS[c] for c in columns]
-        self._count = struct.pack("!h", len(columns))
         self._text: dict[str, bytes] = {}
         self._arrays: dict[tuple[str, ...], bytes] = {}
         self._int8: dict[int, bytes] = {}
         self._int4: dict[int, bytes] = {}
 
     def encode(self, rows: list[tuple[Any, ...]]) -> bytes:
+        """Every column of every row."""
+        return self._encode(rows, list(range(len(self.kinds))))
+
+    def encode_present(self, rows: list[tuple[Any, ...]]) -> tuple[tuple[str, ...], bytes]:
+        """The columns to COPY and their payload: a column whose default is NULL and that is
+        NULL in every row is left out (PostgreSQL fills in the same NULL; a field fewer per
+        row to encode, send and parse: 11 of the 32 on a pgbench -S batch)."""
+        keep: list[int] = []
+        columns = self.columns
+        for i in range(len(columns)):
+            if columns[i] in NULL_DEFAULT:
+                for row in rows:
+                    if row[i] is not None:
+                        keep.append(i)
+                        break
+            else:
+                keep.append(i)
+        return tuple([columns[i] for i in keep]), self._encode(rows, keep)
+
+    def _encode(self, rows: list[tuple[Any, ...]], keep: list[int]) -> bytes:
         parts: list[bytes] = [COPY_HEADER]
         kinds = self.kinds
         width = len(kinds)
-        count = self._count
+        count = struct.pack("!h", len(keep))
         memo = self._text
         for row in rows:
             if len(row) != width:
                 raise EncodeError(f"a row has {len(row)} values for {width} columns")
             parts.append(count)
-            for i in range(width):
+            for i in keep:
                 v = row[i]
                 if v is None:
                     parts.append(NULL)

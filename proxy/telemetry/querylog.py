@@ -259,7 +259,8 @@ class QueryLogRecorder(BatchingSink):
             self._drop(len(rows), "db_unavailable")
             return
         try:
-            payload = memoryview(self.encoder.encode(rows))
+            columns, encoded = self.encoder.encode_present(rows)
+            payload = memoryview(encoded)
         except (EncodeError, TypeError) as exc:  # a bug upstream, not the database's trouble
             self.log.error("query log rows not encodable; batch dropped", error=str(exc))
             self._drop(len(rows), "encode_error")
@@ -267,7 +268,7 @@ class QueryLogRecorder(BatchingSink):
         try:
             # (a memoryview: asyncpg would take bytes for a file name)
             await conn.copy_to_table(
-                "query_logs", schema_name="metadata", columns=COLUMNS, source=payload,
+                "query_logs", schema_name="metadata", columns=columns, source=payload,
                 format="binary", timeout=30,
             )  # fmt: skip
         except Exception as exc:
