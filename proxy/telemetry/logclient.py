@@ -79,16 +79,6 @@ class WorkerRecorder(BatchingSink):
 
     # ------------------------------------------------------------------ background
 
-    async def run(self) -> None:
-        # start the worker with the proxy, not with the first batch: its imports (SciPy,
-        # scikit-learn, LightGBM) take seconds of CPU, better spent before traffic than during
-        try:
-            async with self._lock:
-                await self._worker()
-        except Exception as exc:  # the first batch tries again; the flush loop must run
-            self.log.warning("query log worker did not start", error=repr(exc))
-        await super().run()
-
     async def flush_once(self, force_stats: bool = False) -> None:
         async with self._lock:
             if self.dropped_full:

@@ -164,6 +164,14 @@ def _micros(t: float) -> int:
     return (whole - PG_EPOCH_SECONDS) * 1_000_000 + round((t - whole) * 1e6)
 
 
+def to_micro(t: float) -> float:
+    """`t` rounded to the microsecond, as the float `datetime.timestamp()` gives for it: every
+    reader then agrees on the microsecond (the COPY here, `to_timestamp()` in SQL, which rounds
+    a finer float its own way: an anomaly's window must hold its execution's started_at)."""
+    whole = math.floor(t)
+    return ((whole * 1_000_000) + round((t - whole) * 1e6)) / 1e6
+
+
 class EncodeError(ValueError):
     """A value the binary COPY format (or the column) cannot take; names the column."""
 
@@ -415,8 +423,8 @@ def build(
                 out.log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))
         if msg and not keep_text:
             msg = _QUOTED.sub('"?"', msg)
-        started = a_epoch + (start - a_mono) * speed if start >= a_mono else epoch(start)
-        finished = a_epoch + (end - a_mono) * speed if end >= a_mono else epoch(end)
+        started = to_micro(a_epoch + (start - a_mono) * speed if start >= a_mono else epoch(start))
+        finished = to_micro(a_epoch + (end - a_mono) * speed if end >= a_mono else epoch(end))
         rows.append(
             (
                 started,

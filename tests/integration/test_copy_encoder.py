@@ -287,3 +287,57 @@ def test_columns_null_in_every_row_are_left_out_and_read_back_null(db: str) -> N
     # NULL in both rows: left out; set in either: written
     written_anyway = {"normalized_text", "tables_used", "sqlstate", "error_message"}
     assert set(COLUMNS) - set(columns) == NULL_DEFAULT - written_anyway
+
+
+def test_row_times_are_whole_microseconds_every_reader_agrees_on(db: str) -> None:
+    """An anomaly's window is written with to_timestamp(ts) and must hold the execution's
+    started_at from the COPY: the rows' times are rounded to the microsecond once, in `build`,
+    so PostgreSQL's rounding and datetime's cannot disagree by one."""
+    import random
+
+    from proxy.telemetry.logrows import to_micro
+
+    rng = random.Random(5)
+    raw = [1.7642e9 + rng.random() * 1e6 for _ in range(3000)]
+    times = [to_micro(t) for t in raw]
+    assert all(abs(t - r) <= 5e-7 for t, r in zip(times, raw, strict=True))
+    assert all(datetime.fromtimestamp(t, UTC).timestamp() == t for t in times)
+    # and `build` gives the rows such times
+    from types import SimpleNamespace
+
+    from optimizer.fingerprint import Fingerprinter
+    from proxy.telemetry.logrows import build
+
+    info = SimpleNamespace(database="d", user="u", application_name="a", app="other",
+                           client_addr="127.0.0.1")  # fmt: skip
+    starts = [10.0 + rng.random() for _ in range(200)]
+    records = [(1, "simple", "SELECT 1", None, m, m + 0.0001234567, 1, "ok", None, None, 0, 9,
+                False, None, None, False) for m in starts]  # fmt: skip
+    built = build({1: info}, records, Fingerprinter().fingerprint, lambda m: m,
+                  (0.0, 1.7642e9 + 0.123456789, 1.0), None, None, None).rows  # fmt: skip
+    for row in built:
+        for t in row[:2]:
+            assert datetime.fromtimestamp(t, UTC).timestamp() == t
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=db)
+        try:
+            await apply_migrations(conn)
+            await conn.execute("TRUNCATE metadata.query_logs")
+            rows = [_row(started_at=t, finished_at=t) for t in times]
+            columns, payload = CopyEncoder(COLUMNS).encode_present(rows)
+            await conn.copy_to_table("query_logs", schema_name="metadata", columns=columns,
+                                     source=memoryview(payload), format="binary")  # fmt: skip
+            return await conn.fetch(
+                "SELECT count(*) FILTER (WHERE q.started_at = to_timestamp(t.ts)),"
+                " count(*) FILTER (WHERE q.started_at <> to_timestamp(t.ts))"
+                " FROM metadata.query_logs q JOIN unnest($1::float8[]) WITH ORDINALITY"
+                " AS t(ts, n) ON q.query_id = (SELECT min(query_id) FROM metadata.query_logs)"
+                " + t.n - 1",
+                times,
+            )
+        finally:
+            await conn.close()
+
+    same, different = asyncio.run(run())[0]
+    assert (same, different) == (len(times), 0)
