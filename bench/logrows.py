@@ -97,12 +97,12 @@ def server_cpu(conn: Any) -> float | None:
 
 
 async def write_side(
-    conn: Any, how: str, mod: ModuleType, rows: list[Any]
+    conn: Any, side: str, mod: ModuleType, rows: list[Any]
 ) -> tuple[float, float | None]:
-    """µs of CPU per row to COPY `rows` into an empty query_logs: this process's, and the
-    server backend's (None when it cannot be read)."""
+    """µs of CPU per row to COPY `rows` into an empty query_logs with asyncpg's encoder (`side`
+    "asyncpg") or `mod`'s: this process's, and the server backend's (None when unreadable)."""
     await conn.execute("TRUNCATE metadata.query_logs")
-    if how == "asyncpg":
+    if side == "asyncpg":
         ts = [mod.COLUMNS.index("started_at"), mod.COLUMNS.index("finished_at")]
         records = [
             tuple(datetime.fromtimestamp(v, UTC) if i in ts else v for i, v in enumerate(r))
@@ -134,16 +134,21 @@ async def snapshot(conn: Any, columns: tuple[str, ...]) -> list[tuple[Any, ...]]
     return [tuple(r) for r in got]
 
 
+async def admin(args: argparse.Namespace, *statements: str) -> None:
+    """Run `statements` in the postgres database (to create and drop the scratch one)."""
+    conn = await asyncpg.connect(host=args.host, port=args.port, user=args.user,
+                                 database="postgres")  # fmt: skip
+    try:
+        for sql in statements:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     pure, fast = accel.load_source(MODULE), accel.load_compiled(MODULE)
     sessions, records = stream(args.statements, args.seed)
-    admin = await asyncpg.connect(host=args.host, port=args.port, user=args.user,
-                                  database="postgres")  # fmt: skip
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
-        await admin.execute(f'CREATE DATABASE "{DATABASE}"')
-    finally:
-        await admin.close()
+    await admin(args, f'DROP DATABASE IF EXISTS "{DATABASE}"', f'CREATE DATABASE "{DATABASE}"')
     conn = await asyncpg.connect(host=args.host, port=args.port, user=args.user,
                                  database=DATABASE)  # fmt: skip
     times: dict[str, list[float]] = {k: [] for k in
@@ -162,8 +167,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 times["build compiled"].append(us)
                 tables = []
                 for name, mod in (("asyncpg", fast), ("source", pure), ("compiled", fast)):
-                    how = "asyncpg" if name == "asyncpg" else "ours"
-                    ours, server = await write_side(conn, how, mod, rows)
+                    ours, server = await write_side(conn, name, mod, rows)
                     times[f"write {name}"].append(ours)
                     if server is not None:
                         times[f"server {name}"].append(server)
@@ -172,12 +176,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 progress.advance(task)
     finally:
         await conn.close()
-        admin = await asyncpg.connect(host=args.host, port=args.port, user=args.user,
-                                      database="postgres")  # fmt: skip
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
-        finally:
-            await admin.close()
+        await admin(args, f'DROP DATABASE IF EXISTS "{DATABASE}"')
     best = {k: min(v) for k, v in times.items() if v}
     return {
         "statements": args.statements,

@@ -23,41 +23,6 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
-COLUMNS = (
-    "started_at",
-    "finished_at",
-    "duration_ms",
-    "fingerprint",
-    "query_text",
-    "normalized_text",
-    "command",
-    "is_catalog",
-    "parsed",
-    "tables_used",
-    "database_name",
-    "user_name",
-    "application_name",
-    "app_class",
-    "client_addr",
-    "protocol",
-    "statement_name",
-    "rows_returned",
-    "status",
-    "sqlstate",
-    "error_message",
-    "bytes_sent",
-    "session_id",
-    "transaction_status",
-    "portal_suspensions",
-    "proxy_instance",
-    "label",
-    "predicted_cost_ms",
-    "model_version",
-    "cache_hit",
-    "hint_set",
-    "rewrite_rule",
-)
-
 # ---------------------------------------------------------------------------------- encoding
 
 #: value kinds of the binary COPY encoder (Final: mypyc compiles them in as constants)
@@ -70,7 +35,8 @@ FLOAT8: Final = 5
 TIMESTAMPTZ: Final = 6
 TEXT_ARRAY: Final = 7
 
-#: the type of each column of COLUMNS (warehouse_sql/migrations/0020_metadata.sql); TEXT_MEMO
+#: the type of each query_logs column (warehouse_sql/migrations/0020_metadata.sql), in the
+#: order of the rows `build` makes; TEXT_MEMO
 #: for text that repeats from row to row, TEXT for text that rarely does (it is not memoised)
 KINDS: dict[str, int] = {
     "started_at": TIMESTAMPTZ,
@@ -106,6 +72,8 @@ KINDS: dict[str, int] = {
     "hint_set": TEXT_MEMO,
     "rewrite_rule": TEXT_MEMO,
 }
+#: the query_logs columns in the order of the rows `build` makes
+COLUMNS: Final = tuple(KINDS)
 
 #: the columns without a NOT NULL or a default (0020_metadata.sql): leaving one out of a COPY
 #: stores the NULL that writing it would
@@ -157,19 +125,23 @@ _FLOAT8 = struct.Struct("!id")
 _ARRAY_HEAD = struct.Struct("!iiiii")  # ndim, has nulls, element oid, size, lower bound
 
 
-def _micros(t: float) -> int:
-    """Microseconds from PostgreSQL's epoch to epoch second `t`, rounded as
-    `datetime.fromtimestamp` rounds (half to even, on the exact fraction)."""
+def _unix_micros(t: float) -> int:
+    """Epoch second `t` in whole microseconds, rounded as `datetime.fromtimestamp` rounds (half
+    to even, on the exact fraction)."""
     whole = math.floor(t)
-    return (whole - PG_EPOCH_SECONDS) * 1_000_000 + round((t - whole) * 1e6)
+    return whole * 1_000_000 + round((t - whole) * 1e6)
+
+
+def _micros(t: float) -> int:
+    """Microseconds from PostgreSQL's epoch to epoch second `t` (a timestamptz's binary value)."""
+    return _unix_micros(t) - PG_EPOCH_SECONDS * 1_000_000
 
 
 def to_micro(t: float) -> float:
     """`t` rounded to the microsecond, as the float `datetime.timestamp()` gives for it: every
     reader then agrees on the microsecond (the COPY here, `to_timestamp()` in SQL, which rounds
     a finer float its own way: an anomaly's window must hold its execution's started_at)."""
-    whole = math.floor(t)
-    return ((whole * 1_000_000) + round((t - whole) * 1e6)) / 1e6
+    return _unix_micros(t) / 1e6
 
 
 class EncodeError(ValueError):

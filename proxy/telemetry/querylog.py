@@ -26,7 +26,7 @@ from optimizer.fingerprint import Fingerprinter
 from ..clock import CLOCK
 from ..records import SessionInfo, StatementRecord
 from ..settings import Settings
-from .logrows import COLUMNS, CopyEncoder, EncodeError, build
+from .logrows import CopyEncoder, EncodeError, build
 from .metrics import ProxyMetrics
 from .sink import BatchingSink
 from .stats import StatsTable
@@ -74,7 +74,7 @@ class QueryLogRecorder(BatchingSink):
         self.metrics = metrics
         self.connect = connect if settings.querylog_enabled else None
         self.fingerprinter = fingerprinter or Fingerprinter()
-        self.encoder = CopyEncoder(COLUMNS)
+        self.encoder = CopyEncoder()
         self.stats = stats or StatsTable(settings.max_fingerprints)
         self.written = 0
         self.dropped: Counter[str] = Counter()
