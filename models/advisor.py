@@ -17,7 +17,8 @@ a client's):
 ``apply_recommendation(conn, id, *, warehouse=None, validate=True, config=None) -> dict``
     Build the index with CREATE INDEX CONCURRENTLY (or DROP INDEX CONCURRENTLY for a drop
     proposal). With `validate`, replay the affected fingerprints before and after; keep the index
-    only if the speedup is significant (one-sided Mann-Whitney U, p < `alpha`), at least
+    only if the speedup is significant (one-sided Mann-Whitney U per fingerprint, combined by
+    Stouffer's Z weighted by each one's share of the time, p < `alpha`), at least
     `min_speedup`, and no affected fingerprint got slower by more than `max_regression`; else
     drop it again. Returns the updated recommendation dict.
 ``reject_recommendation(conn, id, reason='') -> dict``
@@ -803,16 +804,23 @@ def compare(
 ) -> dict[str, Any]:
     """Mann-Whitney U verdict: speedup over the candidate's own fingerprints, regressions.
 
+    Significance: each own fingerprint's one-sided Mann-Whitney U (before slower than after)
+    as a mid-p, turned into a z-score, combined by Stouffer's weighted Z with weights of calls
+    x the median of all its runs (before and after together, so under no effect the weights
+    do not depend on which runs were which). Users pay the total, and so does the test: a
+    fingerprint that holds most of the time carries most of the evidence, and the cheap ones an
+    index barely touches no longer dilute it, as they did when the runs were pooled into one
+    rank test (a 9.5x speedup read p=0.085 on a loaded machine that way).
+
     A regression is a fingerprint significantly slower after the build, by over
     `max_regression` — among `affected` (those whose plans use the new index) when given: a
     query planned without the index cannot be slowed by it, and counting it would read a
     change in the machine's load between the two measurements as the index's fault."""
-    from scipy.stats import mannwhitneyu
+    from scipy.stats import mannwhitneyu, norm
 
     per: dict[str, Any] = {}
     regressions = []
-    pooled_b: list[float] = []
-    pooled_a: list[float] = []
+    zs: list[tuple[float, float]] = []  # (weight, z) of each own fingerprint
     tb = ta = 0.0
     for fp in before:
         b, a = before[fp], after.get(fp, [])
@@ -831,13 +839,16 @@ def compare(
         ):
             regressions.append(fp)
         if fp in own:
-            pooled_b += [x / mb for x in b]
-            pooled_a += [x / mb for x in a]
             tb += calls.get(fp, 1.0) * mb
             ta += calls.get(fp, 1.0) * ma
+            # mid-p: P(U > u) + P(U = u) / 2, symmetric in the two tails, never 0 or 1
+            mid = min(max((better + 1.0 - worse) / 2.0, 1e-12), 1.0 - 1e-12)
+            weight = calls.get(fp, 1.0) * statistics.median([*b, *a])
+            zs.append((weight, float(norm.isf(mid))))
     p = math.nan
-    if len(pooled_b) >= 2 and len(pooled_a) >= 2:
-        p = float(mannwhitneyu(pooled_b, pooled_a, alternative="greater").pvalue)
+    norm2 = math.sqrt(sum(w * w for w, _ in zs))
+    if norm2 > 0:
+        p = float(norm.sf(sum(w * z for w, z in zs) / norm2))
     speedup = tb / ta if ta > 0 else math.nan
     n_calls = sum(calls.get(fp, 1.0) for fp in own if fp in per) or 1.0
     keep = (
