@@ -39,6 +39,7 @@ ACCELERATED = (
     "proxy.protocol.tracker",
     "proxy.protocol.framing",
     "proxy.telemetry.logrows",
+    "optimizer.literals",
 )
 #: mypyc reads only the module itself: everything it imports is taken as untyped (seconds, not
 #: the minutes of type-checking NumPy, pandas and scikit-learn's stubs)

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -127,23 +128,41 @@ class CostServer:
         rate over the past hour, and the latency per unit of plan cost scaled to the class
         predicted); without, it reads the live aggregates passed to it.
         """
-        if command not in MODELLED_COMMANDS:
+        self.observe_many(
+            fingerprint, command, [started], [(started, finished, duration_ms, text, normalized)]
+        )
+
+    def observe_many(
+        self,
+        fingerprint: str,
+        command: str,
+        starts: Sequence[float],
+        latest: Sequence[tuple[float, float, float, str | None, str]],
+    ) -> None:
+        """A batch of one fingerprint's finished, successful executions, in the order they were
+        logged: the start time of each, and (started, finished, ms, text, normalized) of at least
+        the last `HISTORY_WINDOW` of them (the rolling window keeps no more; the log worker
+        hands over a batch of a template's executions in one call, not one call each)."""
+        if command not in MODELLED_COMMANDS or not starts:
             return
         # the literal class is computed when the history is read (`_observed`): that happens
         # for the executions a prediction is computed for, not for every logged one
-        texts = (text, normalized)
         recent = self._recent.get(fingerprint)
         if recent is None:
             if len(self._recent) >= self.max_entries:  # the longest-known fingerprint goes
                 self.forget(next(iter(self._recent)))
             recent = self._recent[fingerprint] = deque(maxlen=HISTORY_WINDOW)
             self._starts[fingerprint] = deque(maxlen=MAX_STARTS)
-        recent.append((started, finished, duration_ms, texts))
-        starts = self._starts[fingerprint]
-        starts.append(started)
-        while starts[0] < started - _HOUR:
-            starts.popleft()
-        self._count[fingerprint] = self._count.get(fingerprint, 0) + 1
+        recent.extend(
+            (started, finished, ms, (text, normalized))
+            for started, finished, ms, text, normalized in latest[-HISTORY_WINDOW:]
+        )
+        kept = self._starts[fingerprint]
+        kept.extend(starts[-MAX_STARTS:])
+        horizon = starts[-1] - _HOUR
+        while kept[0] < horizon:
+            kept.popleft()
+        self._count[fingerprint] = self._count.get(fingerprint, 0) + len(starts)
 
     def _observed(self, key: Key, at: float, cost: float) -> dict[str, float] | None:
         """History features of `key`'s template at `at` from observed executions (None when

@@ -2,9 +2,10 @@
 
 `Fingerprinter.fingerprint(sql)` is memoised in a bounded LRU. Clients that inline literals
 (psycopg2, pgbench -M simple, most BI tools) send a new text every time, so the cache is keyed by
-the text with its literals masked by a quick lexer (`literal_key`): texts that differ only in
-numeric or string literals, or in the length of an IN list, share one parse. Masking is only used
-where it cannot merge texts with different fingerprints (no dollar quotes, no backslashes).
+the text with its literals masked (`optimizer.literals.literal_key`, a compiled scan of the
+characters): texts that differ only in numeric or string literals, comments, or the length of an
+IN list share one parse. Masking is only used where it cannot merge texts with different
+fingerprints.
 
 Text PostgreSQL would reject still gets a stable id: a hash of its whitespace-normalised text,
 flagged `parsed=False`.
@@ -20,6 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pglast import parser as pg
+
+from .literals import literal_key
+
+__all__ = ["COMMANDS", "Fingerprint", "Fingerprinter", "compute_fingerprint", "literal_key"]
 
 COMMANDS = (
     "SELECT",
@@ -103,31 +108,7 @@ _FIRST_WORD = {
     "COMMENT": "DDL",
 }
 
-# (each pattern opens with a lookahead on the characters a match can start with: the scan
-# then rejects every other position at once, a quarter of the time on a typical statement)
-_LITERAL = re.compile(
-    r"""(?=["'\d.])(?:"""
-    r"""("(?:[^"]|"")*")"""  # quoted identifier: kept as is
-    r"""|('(?:[^']|'')*')"""  # string literal
-    r"""|(?<![\w$.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?)"""  # number
-    r""")"""
-)
-# the common case (no quoted identifiers) needs no callback, which is several times faster
-_LITERAL_FAST = re.compile(r"(?=[\d'])(?:'(?:[^']|'')*'|\b\d+\b)")
-_IN_LIST = re.compile(r"(?i)\bin\s*\(\s*\?(?:\s*,\s*\?)*\s*\)")
 _SPACE = re.compile(r"\s+")
-
-
-def _mask(match: re.Match[str]) -> str:
-    return match.group(1) or "?"
-
-
-def literal_key(sql: str) -> str:
-    """The text with literals masked, or the text itself where masking could be unsafe."""
-    if "$" in sql or "\\" in sql:
-        return sql
-    masked = _LITERAL.sub(_mask, sql) if '"' in sql else _LITERAL_FAST.sub("?", sql)
-    return _IN_LIST.sub("in (?)", masked) if "(" in masked else masked
 
 
 @dataclass(frozen=True, slots=True)

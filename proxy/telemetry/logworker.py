@@ -128,9 +128,11 @@ class Worker:
         self.connect_args = connect_args
         self.cost: Any = None
         self._cost_task: asyncio.Task[None] | None = None
+        self._window = 0
         if settings.cost_serving:
-            from models.serve import CostServer
+            from models.serve import HISTORY_WINDOW, CostServer
 
+            self._window = HISTORY_WINDOW
             self.cost = CostServer(ttl=settings.cost_cache_ttl)
             self.engine.predictor = self.cost.predicted
             self._cost_task = asyncio.ensure_future(self._serve_cost(settings))
@@ -153,12 +155,21 @@ class Worker:
 
     def _observe_cost(self, rows: list[tuple[Any, ...]]) -> None:
         """Successful executions feed the cost server's history features (the rolling median,
-        p90, last and hourly rate of their template, computed as training computes them)."""
-        observe = self.cost.observe
+        p90, last and hourly rate of their template, computed as training computes them), one
+        call per fingerprint of the batch."""
+        groups: dict[str, list[tuple[Any, ...]]] = {}
         for r in rows:
             if r[_STATUS] == "ok":
-                observe(r[_FP], r[_COMMAND], r[_TEXT], r[_NORMALIZED],
-                        r[0], r[1], r[2])  # fmt: skip
+                group = groups.get(r[_FP])
+                if group is None:
+                    group = groups[r[_FP]] = []
+                group.append(r)
+        window = self._window
+        for fid, group in groups.items():
+            self.cost.observe_many(
+                fid, group[0][_COMMAND], [r[0] for r in group],
+                [(r[0], r[1], r[2], r[_TEXT], r[_NORMALIZED]) for r in group[-window:]],
+            )  # fmt: skip
 
     async def _serve_cost(self, settings: Settings) -> None:
         """Keep the active model loaded and fill the prediction cache, in the background."""

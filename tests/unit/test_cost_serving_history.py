@@ -52,3 +52,30 @@ def test_observed_history_matches_the_training_rows_features() -> None:
     assert server._observed(("other", "x"), at, 1.0) is None
     server.forget("fp")
     assert server._observed(("fp", "x"), at, 1.0) is None
+
+
+def test_a_batch_observed_at_once_is_the_executions_observed_one_by_one() -> None:
+    """The log worker hands each batch's executions of a template over in one call
+    (`observe_many`); the history it leaves is the one a call per execution leaves."""
+    rng = np.random.default_rng(5)
+    t0 = datetime(2024, 3, 1, 9, tzinfo=UTC).timestamp()
+    one, many = CostServer(), CostServer()
+    for server in (one, many):
+        server._static = StaticFeatures(None, None)
+    started = t0
+    for batch in range(12):  # batches of 0..400 executions, 4,000 s of them in all
+        executions = []
+        for _ in range(int(rng.integers(0, 400))):
+            started += float(rng.exponential(1.0))
+            ms = float(rng.lognormal(0, 0.5))
+            text = f"SELECT count(*) FROM t WHERE id BETWEEN 1 AND {batch}"
+            executions.append((started, started + ms / 1e3, ms, text, NORMALIZED))
+        for e in executions:
+            one.observe("fp", "SELECT", e[3], e[4], e[0], e[1], e[2])
+        many.observe_many("fp", "SELECT", [e[0] for e in executions], executions[-60:])
+    assert list(one._recent["fp"]) == list(many._recent["fp"])
+    assert list(one._starts["fp"]) == list(many._starts["fp"])
+    assert one._count == many._count and one._count["fp"] > 1_000
+    key = one.key("fp", "SELECT count(*) FROM t WHERE id BETWEEN 1 AND 3", NORMALIZED)
+    at = started + 1.0
+    assert many._observed(key, at, 10.0) == pytest.approx(one._observed(key, at, 10.0), nan_ok=True)

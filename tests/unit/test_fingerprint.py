@@ -94,3 +94,93 @@ def test_masking_is_skipped_where_unsafe() -> None:
     assert literal_key("select $$a 1$$") == "select $$a 1$$"
     assert literal_key("select E'\\n1'") == "select E'\\n1'"
     assert literal_key('select "x 1" from t where a = 1') == 'select "x 1" from t where a = ?'
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # PostgreSQL's lexer takes every non-ASCII character for an identifier character: the
+        # digits of these are part of the table's name (the regular expression before took the
+        # boundary for \b and gave each pair one key)
+        ("select * from t€1", "select * from t€2"),
+        ("select * from tá1 where a = 1", "select * from tá2 where a = 1"),
+        ('select "t€1" from t€1', 'select "t€1" from t€2'),
+        # Arabic-Indic digits: identifiers to PostgreSQL, not numbers
+        ("select \u0661 from t", "select \u0662 from t"),
+        # a quote in a comment opens no string literal that would swallow the SQL after it
+        (
+            "select a -- it's\nfrom t1 where b = 'x' -- y'all",
+            "select a -- it's\nfrom t2 where b = 'x' -- y'all",
+        ),
+        (
+            "select a /* it's */ from t1 where b = 'x' /* y'all */",
+            "select a /* it's */ from t2 where b = 'x' /* y'all */",
+        ),
+    ],
+)
+def test_keys_never_merge_different_fingerprints(a: str, b: str) -> None:
+    assert compute_fingerprint(a).id != compute_fingerprint(b).id
+    assert literal_key(a) != literal_key(b)
+    f = Fingerprinter()
+    assert f.fingerprint(a).id != f.fingerprint(b).id
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "/* traceparent='00-4bf92f3577b34da6-01' */ select 1",
+            "/* traceparent='00-0af7651916cd43dd-01' */ select 2",
+        ),
+        ("select a from t -- run 17\n where b = 2", "select a from t -- run 18\n where b = 3"),
+        ("select a /* /* nested 1 */ */ from t", "select a /* /* nested 2 */ */ from t"),
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 57232;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 3;",
+        ),
+    ],
+)
+def test_comments_and_literals_share_a_key(a: str, b: str) -> None:
+    assert literal_key(a) == literal_key(b)
+    assert compute_fingerprint(a).id == compute_fingerprint(b).id
+
+
+def test_unterminated_quotes_and_comments_are_their_own_key() -> None:
+    for sql in ("select 'a", "select 1 /* a", "select 1 /* /* a */"):
+        assert literal_key(sql) == sql
+
+
+_TOKENS = [
+    "select", "from", "where", "and", "or", "in", "not", "t1", "t2", "t€1", "t€2", "tá1", "a", "b1",
+    "b2", "=", "<", ",", "(", ")", "*", "+", "-", "/", ".", "1", "23", "4.5", ".5", "1e5", "7x",
+    "'x'", "'y'", "'it''s'", "E'z'", "-- it's\n", "-- 1\n", "/* c 1 */", "/* ' */", "/* /* n */ */",
+    "\u0661", "\n", "in (1, 2)", "in(3)", "'", "--", "/*", "*/",
+]  # fmt: skip
+
+
+@given(st.lists(st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=14), min_size=2,
+                max_size=30), st.sampled_from([" ", ""]))  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_one_key_one_fingerprint(texts: list[list[str]], sep: str) -> None:
+    """Random token soups (most do not parse, some do): texts that share a key and parse have
+    one fingerprint, so the cache can never hand out another text's."""
+    by_key: dict[str, set[str]] = {}
+    for tokens in texts:
+        for sql in (sep.join(tokens), "select * from t where " + " ".join(tokens)):
+            fp = compute_fingerprint(sql)
+            if fp.parsed:
+                by_key.setdefault(literal_key(sql), set()).add(fp.id)
+    assert all(len(ids) == 1 for ids in by_key.values()), by_key
+
+
+def test_the_compiled_scan_is_the_source() -> None:
+    """`make accel`'s build of optimizer.literals answers as its source does."""
+    from models import accel
+
+    source = accel.load_source("optimizer.literals")
+    compiled = accel.load_compiled("optimizer.literals")
+    assert accel.compiled(compiled)
+    texts = [" ".join(t) for t in zip(_TOKENS, reversed(_TOKENS), _TOKENS[3:], strict=False)]
+    texts += ["SELECT abalance FROM pgbench_accounts WHERE aid = 57232;", "select 'a", "x -- '\ny"]
+    for sql in texts:
+        assert compiled.literal_key(sql) == source.literal_key(sql), sql
