@@ -19,13 +19,12 @@ import json
 import time
 import urllib.request
 from collections import deque
-from operator import itemgetter
 from typing import Any
 
 from ..clock import CLOCK
 from ..log import get_logger
 from ..settings import Settings
-from .logrows import COLUMNS
+from . import logrows
 
 SCORE_PERIOD = 0.25  # real seconds between scoring rounds
 SCORE_SLICE = 2_000  # executions scored between yields to the event loop
@@ -33,10 +32,6 @@ MAX_PENDING = 200_000  # rows waiting to be scored; beyond, the oldest are dropp
 WEBHOOK_QUEUE = 1_000
 SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2}
 
-_I = {name: COLUMNS.index(name) for name in COLUMNS}
-_TS, _MS, _FP, _CMD = _I["started_at"], _I["duration_ms"], _I["fingerprint"], _I["command"]
-_CAT, _ROWS, _STATUS, _BYTES = _I["is_catalog"], _I["rows_returned"], _I["status"], _I["bytes_sent"]
-_PRED, _LABEL, _APP = _I["predicted_cost_ms"], _I["label"], _I["application_name"]
 
 _INSERT = """
 INSERT INTO metadata.anomalies (kind, severity, window_start, window_end, fingerprints,
@@ -183,7 +178,7 @@ class AnomalyMonitor:
             return []
         rows = list(self.pending)
         self.pending.clear()
-        executions = self._executions(rows)
+        executions = logrows.executions(rows, self._mod.Execution)
         flags = []
         for i in range(0, len(executions), SCORE_SLICE):
             flags.extend(self.detector.process(executions[i : i + SCORE_SLICE]))
@@ -204,19 +199,6 @@ class AnomalyMonitor:
         for inc in self.tracker.close_stale(CLOCK.epoch(time.monotonic())):
             self._dirty[id(inc)] = inc
         self.metrics.anomaly_incidents_open.set(float(self.tracker.open_count))
-
-    def _executions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
-        """The rows as the detector's `Execution`s, in time order. Built with tuple.__new__:
-        the named tuple's own constructor (a Python function with defaults) was a tenth of
-        the scoring."""
-        new, cls = tuple.__new__, self._mod.Execution
-        out = [
-            new(cls, (r[_TS], r[_FP], r[_CMD], r[_MS], r[_ROWS], r[_STATUS] != "ok",
-                      r[_BYTES], r[_PRED], r[_CAT], r[_LABEL], r[_APP], False))
-            for r in rows
-        ]  # fmt: skip
-        out.sort(key=itemgetter(0))
-        return out
 
     # ------------------------------------------------------------------ alerts
 

@@ -341,3 +341,35 @@ def test_row_times_are_whole_microseconds_every_reader_agrees_on(db: str) -> Non
 
     same, different = asyncio.run(run())[0]
     assert (same, different) == (len(times), 0)
+
+
+def test_the_detectors_executions_are_made_of_the_right_columns() -> None:
+    """logrows.executions reads query_logs rows by fixed positions: each must be its column's,
+    and the Execution's fields come out in order, sorted by start."""
+    from models.anomaly import Execution
+    from proxy.telemetry import logrows
+
+    names = {"EX_TS": "started_at", "EX_MS": "duration_ms", "EX_FP": "fingerprint",
+             "EX_CMD": "command",
+             "EX_CAT": "is_catalog", "EX_APP": "application_name", "EX_ROWS": "rows_returned",
+             "EX_STATUS": "status", "EX_BYTES": "bytes_sent", "EX_LABEL": "label",
+             "EX_PRED": "predicted_cost_ms"}  # fmt: skip
+    for const, column in names.items():
+        assert getattr(logrows, const) == logrows.COLUMNS.index(column), const
+    rows = []
+    for i, status in enumerate(("ok", "error", "ok")):
+        row: list[Any] = [None] * len(logrows.COLUMNS)
+        values = {"started_at": 100.0 - i, "duration_ms": 1.5 * i, "fingerprint": f"fp{i}",
+                  "command": "SELECT", "is_catalog": i == 2, "application_name": "app",
+                  "rows_returned": i, "status": status, "bytes_sent": 10 * i,
+                  "label": f"l{i}", "predicted_cost_ms": 2.0}  # fmt: skip
+        for column, value in values.items():
+            row[logrows.COLUMNS.index(column)] = value
+        rows.append(tuple(row))
+    got = logrows.executions(rows, Execution)
+    assert all(type(e) is Execution for e in got)
+    assert got == [
+        Execution(100.0 - i, f"fp{i}", "SELECT", 1.5 * i, i, i == 1, 10 * i, 2.0, i == 2,
+                  f"l{i}", "app", False)
+        for i in (2, 1, 0)
+    ]  # fmt: skip
