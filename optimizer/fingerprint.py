@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pglast import parser as pg
 
-from .literals import literal_key
+from .literals import LiteralCache, literal_key
 
 __all__ = ["COMMANDS", "Fingerprint", "Fingerprinter", "compute_fingerprint", "literal_key"]
 
@@ -124,37 +124,30 @@ class Fingerprint:
 
 
 class Fingerprinter:
-    """Bounded LRU of fingerprints by (literal-masked) text."""
+    """Bounded LRU of fingerprints by text and by literal-masked text (`LiteralCache`)."""
 
     def __init__(self, maxsize: int = 10_000) -> None:
         self.maxsize = maxsize
-        self._cache: OrderedDict[str, Fingerprint] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self._lru = LiteralCache(_computed, maxsize)
+        #: the fingerprint of a text (the compiled cache's own method: no call in between)
+        self.fingerprint: Callable[[str], Fingerprint] = self._lru.lookup
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._lru.cache)
 
-    def fingerprint(self, sql: str) -> Fingerprint:
-        cache = self._cache
-        fp = cache.get(sql)
-        if fp is not None:
-            self.hits += 1
-            cache.move_to_end(sql)
-            return fp
-        key = literal_key(sql)
-        fp = cache.get(key)
-        if fp is None:
-            self.misses += 1
-            fp = compute_fingerprint(sql)
-            # unparsed text is identified by its whole text: never merge it by masked literals
-            cache[key if fp.parsed else sql] = fp
-            if len(cache) > self.maxsize:
-                cache.popitem(last=False)
-        else:
-            self.hits += 1
-            cache.move_to_end(key)
-        return fp
+    @property
+    def hits(self) -> int:
+        return self._lru.hits
+
+    @property
+    def misses(self) -> int:
+        return self._lru.misses
+
+
+def _computed(sql: str) -> tuple[Fingerprint, bool]:
+    # unparsed text is identified by its whole text: never merge it by masked literals
+    fp = compute_fingerprint(sql)
+    return fp, fp.parsed
 
 
 def compute_fingerprint(sql: str) -> Fingerprint:

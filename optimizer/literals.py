@@ -23,7 +23,9 @@ gave both one key.)
 from __future__ import annotations
 
 import re
-from typing import Final
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
 
 #: quoted identifiers (kept as they are), string literals, numbers with a fraction or exponent
 _QUOTED_TEXT = re.compile(
@@ -140,3 +142,39 @@ def literal_key(sql: str) -> str:
     if "?" in masked and "(" in masked:
         return _IN_LIST.sub("in (?)", masked)
     return masked
+
+
+class LiteralCache:
+    """A bounded LRU of what `compute` makes of a text, by the text and by its `literal_key`:
+    texts that differ only in literals share one computation (Fingerprinter's cache; compiled
+    here with the key, because the log worker looks up every statement of the simple protocol).
+
+    `compute(sql)` returns (value, mergeable): a value that is not mergeable (a fingerprint of
+    text that did not parse) is kept under the text itself, never under the key."""
+
+    def __init__(self, compute: Callable[[str], tuple[Any, bool]], maxsize: int) -> None:
+        self.compute = compute
+        self.maxsize = maxsize
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, sql: str) -> Any:
+        cache = self.cache
+        value = cache.get(sql)
+        if value is not None:
+            self.hits += 1
+            cache.move_to_end(sql)
+            return value
+        key = literal_key(sql)
+        value = cache.get(key)
+        if value is not None:
+            self.hits += 1
+            cache.move_to_end(key)
+            return value
+        self.misses += 1
+        value, mergeable = self.compute(sql)
+        cache[key if mergeable else sql] = value
+        if len(cache) > self.maxsize:
+            cache.popitem(last=False)
+        return value
