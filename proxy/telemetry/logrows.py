@@ -117,6 +117,10 @@ MEMO_MAX: Final = 50_000
 SMALL_INT: Final = 4096
 #: texts longer than this are encoded afresh each time, never kept
 MEMO_TEXT_MAX: Final = 512
+#: encoded runs of columns kept at most, per run (the memo starts afresh beyond), and the
+#: longest kept
+SEGMENT_MEMO_MAX: Final = 4096
+SEGMENT_BYTES_MAX: Final = 1024
 
 _LEN = struct.Struct("!i")
 _INT8 = struct.Struct("!iq")
@@ -158,6 +162,8 @@ class CopyEncoder:
         self._arrays: dict[tuple[str, ...], bytes] = {}
         self._int8: dict[int, bytes] = {}
         self._int4: dict[int, bytes] = {}
+        #: encodings of runs of columns (`_steps`) by their values, per run
+        self._segments: dict[tuple[int, ...], dict[tuple[Any, ...], bytes]] = {}
 
     def encode(self, rows: list[tuple[Any, ...]]) -> bytes:
         """Every column of every row."""
@@ -184,42 +190,84 @@ class CopyEncoder:
         kinds = self.kinds
         width = len(kinds)
         count = struct.pack("!h", len(keep))
-        memo = self._text
+        steps = self._steps(keep)
+        none: dict[tuple[Any, ...], bytes] = {}
+        memos = [self._segments.setdefault(tuple(step), {}) if len(step) > 1 else none
+                 for step in steps]  # fmt: skip
         for row in rows:
             if len(row) != width:
                 raise EncodeError(f"a row has {len(row)} values for {width} columns")
             parts.append(count)
-            for i in keep:
-                v = row[i]
-                if v is None:
-                    parts.append(NULL)
+            for k in range(len(steps)):
+                step = steps[k]
+                if len(step) == 1:
+                    parts.append(self._field(step[0], row[step[0]]))
                     continue
-                kind = kinds[i]
-                if kind == TEXT_MEMO:
-                    b = memo.get(v)
-                    if b is None:
-                        b = self._text_of(i, v)
-                        if len(b) <= MEMO_TEXT_MAX:
-                            if len(memo) >= MEMO_MAX:
-                                memo.clear()
-                            memo[v] = b
-                    parts.append(b)
-                elif kind == TIMESTAMPTZ:
-                    parts.append(_INT8.pack(8, _micros(float(v))))
-                elif kind == FLOAT8:
-                    parts.append(_FLOAT8.pack(8, float(v)))
-                elif kind == BOOL:
-                    parts.append(TRUE if v else FALSE)
-                elif kind == INT8:
-                    parts.append(self._int8_of(i, v))
-                elif kind == INT4:
-                    parts.append(self._int4_of(i, v))
-                elif kind == TEXT_ARRAY:
-                    parts.append(self._array_of(i, v))
-                else:
-                    parts.append(self._text_of(i, v))
+                # a run of columns that repeat together (a session's and a template's): one
+                # lookup for all of them
+                key = row[step[0] : step[-1] + 1]
+                memo = memos[k]
+                try:
+                    b = memo.get(key)
+                except TypeError:  # an unhashable value (a list for an array): not memoised
+                    parts.extend([self._field(i, row[i]) for i in step])
+                    continue
+                if b is None:
+                    b = b"".join([self._field(i, row[i]) for i in step])
+                    if len(b) <= SEGMENT_BYTES_MAX:
+                        if len(memo) >= SEGMENT_MEMO_MAX:
+                            memo.clear()
+                        memo[key] = b
+                parts.append(b)
         parts.append(COPY_TRAILER)
         return b"".join(parts)
+
+    def _steps(self, keep: list[int]) -> list[list[int]]:
+        """`keep` in steps: single columns, and runs of two or more adjacent columns whose values
+        repeat from row to row together (memoised texts, booleans, arrays), encoded as one."""
+        steps: list[list[int]] = []
+        run: list[int] = []
+        for i in keep:
+            if self.kinds[i] in (TEXT_MEMO, BOOL, TEXT_ARRAY):
+                if run and run[-1] != i - 1:  # a run is contiguous: its key is a slice
+                    steps.extend([run] if len(run) > 1 else [[j] for j in run])
+                    run = []
+                run.append(i)
+                continue
+            steps.extend([run] if len(run) > 1 else [[j] for j in run])
+            run = []
+            steps.append([i])
+        steps.extend([run] if len(run) > 1 else [[j] for j in run])
+        return steps
+
+    def _field(self, i: int, v: Any) -> bytes:
+        """One value of column `i` as a binary COPY field (length and bytes)."""
+        if v is None:
+            return NULL
+        kind = self.kinds[i]
+        if kind == TEXT_MEMO:
+            memo = self._text
+            b = memo.get(v)
+            if b is None:
+                b = self._text_of(i, v)
+                if len(b) <= MEMO_TEXT_MAX:
+                    if len(memo) >= MEMO_MAX:
+                        memo.clear()
+                    memo[v] = b
+            return b
+        if kind == TIMESTAMPTZ:
+            return _INT8.pack(8, _micros(float(v)))
+        if kind == FLOAT8:
+            return _FLOAT8.pack(8, float(v))
+        if kind == BOOL:
+            return TRUE if v else FALSE
+        if kind == INT8:
+            return self._int8_of(i, v)
+        if kind == INT4:
+            return self._int4_of(i, v)
+        if kind == TEXT_ARRAY:
+            return self._array_of(i, v)
+        return self._text_of(i, v)
 
     def _text_of(self, i: int, v: object) -> bytes:
         if not isinstance(v, str):

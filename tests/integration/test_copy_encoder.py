@@ -23,6 +23,7 @@ from proxy.telemetry.logrows import (
     KINDS,
     MEMO_MAX,
     NULL_DEFAULT,
+    SEGMENT_MEMO_MAX,
     SMALL_INT,
     TIMESTAMPTZ,
     CopyEncoder,
@@ -220,11 +221,17 @@ def test_the_memos_stay_bounded() -> None:
     rows = [_row(session_id=i, bytes_sent=i % 5000, portal_suspensions=i % 5000)
             for i in range(MEMO_MAX + 10)]  # fmt: skip
     enc.encode(rows)
+    # runs of columns that repeat together are memoised as one: here, once each
+    assert enc._segments and all(len(memo) == 1 for memo in enc._segments.values())
     assert len(enc._int8) <= MEMO_MAX and len(enc._int4) <= MEMO_MAX
     assert all(abs(k) < SMALL_INT for k in enc._int8)  # session ids past it are not kept
     long = "SELECT " + "x, " * 400 + "1"
     enc.encode([_row(normalized_text=long)])
     assert long not in enc._text and "SELECT" in enc._text  # (the command is kept)
+    # ... boundedly, and not when long
+    enc.encode([_row(user_name=f"u{i}") for i in range(SEGMENT_MEMO_MAX + 10)])
+    assert all(len(memo) <= SEGMENT_MEMO_MAX for memo in enc._segments.values())
+    assert not any(long in key for memo in enc._segments.values() for key in memo)
 
 
 def test_a_batch_that_cannot_be_encoded_is_dropped_and_the_connection_kept(db: str) -> None:
