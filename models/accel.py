@@ -11,15 +11,15 @@ execution), with no second implementation to keep in step.
   `ACCELERATED` next to its source and records the source's SHA-256 beside it
   (``<module>.accel``). No compiler, no mypy, or a failed build: a warning, and the source
   serves.
-- An extension built from another version of the source is never used: `install` (called by
-  ``models/__init__.py``) puts a finder first on ``sys.meta_path`` that imports the source
-  instead when the stamp does not match it (an edit after the last build), so a stale build
-  cannot shadow new code. `compiled` tells which one was imported.
+- An extension built from another version of the source is never used: `install`
+  (optimizer/compiled.py, called by the ``__init__`` of ``optimizer``, ``models`` and
+  ``proxy``) puts a finder first on ``sys.meta_path`` that imports the source instead when the
+  stamp does not match it (an edit after the last build), so a stale build cannot shadow new
+  code. `compiled` tells which one was imported. The list of modules, `ACCELERATED`, is there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import sys
@@ -27,20 +27,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-#: modules compiled by `build`: the query log worker's per-execution work (the anomaly detector;
-#: building query_logs rows and their binary COPY), and the relay's
-#: statement tracker and frame scanner (stdlib only, `mypy --strict`). Not proxy/session.py:
-#: its relay is mostly uvloop and the kernel, and compiled it measured no faster; nor a class
-#: an interpreted one inherits from (a compiled base refuses interpreted subclasses)
-ACCELERATED = (
-    "models.anomaly",
-    "proxy.protocol.tracker",
-    "proxy.protocol.framing",
-    "proxy.telemetry.logrows",
-    "optimizer.literals",
+from optimizer.compiled import (
+    ACCELERATED,
+    compiled,
+    digest,
+    extensions_of,
+    fresh,
+    install,
+    source_of,
+    stamp_of,
 )
+
+__all__ = ["ACCELERATED", "build", "clean", "compiled", "fresh", "install", "load_compiled",
+           "load_source"]  # fmt: skip
+
 #: mypyc reads only the module itself: everything it imports is taken as untyped (seconds, not
 #: the minutes of type-checking NumPy, pandas and scikit-learn's stubs)
 MYPYC_CONFIG = """\
@@ -49,55 +49,6 @@ python_version = 3.11
 follow_imports = skip
 ignore_missing_imports = True
 """
-
-
-def source_of(module: str) -> Path:
-    return ROOT.joinpath(*module.split(".")).with_suffix(".py")
-
-
-def stamp_of(module: str) -> Path:
-    return source_of(module).with_suffix(".accel")
-
-
-def extensions_of(module: str) -> list[Path]:
-    src = source_of(module)
-    return [
-        p
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-        for p in [src.with_suffix(suffix)]
-        if p.exists()
-    ]
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fresh(module: str) -> bool:
-    """An extension of `module` exists and was built from its current source."""
-    stamp = stamp_of(module)
-    if not extensions_of(module) or not stamp.exists():
-        return False
-    return stamp.read_text().strip() == digest(source_of(module))
-
-
-def compiled(module: ModuleType) -> bool:
-    """Whether an imported module is the compiled build (not the source)."""
-    return not str(getattr(module, "__file__", "")).endswith(".py")
-
-
-class _SourceWhenStale:  # a meta path finder (importlib.abc's base costs 7 ms to import)
-    """Imports an accelerated module from its source when its extension is missing a stamp or
-    was built from another version of the source."""
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in ACCELERATED or not extensions_of(fullname) or fresh(fullname):
-            return None  # (no build, or a current one: the ordinary import)
-        src = source_of(fullname)
-        loader = importlib.machinery.SourceFileLoader(fullname, str(src))
-        return importlib.util.spec_from_file_location(fullname, src, loader=loader)
 
 
 def load_source(module: str) -> ModuleType:
@@ -125,11 +76,6 @@ def load_compiled(module: str) -> ModuleType:
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
     return loaded
-
-
-def install() -> None:
-    if not any(isinstance(f, _SourceWhenStale) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceWhenStale())
 
 
 def build(modules: Sequence[str] = ACCELERATED, quiet: bool = False) -> list[str]:

@@ -24,6 +24,7 @@ Splits: `time_split` (70/15/15 in start order) and `template_split` (fingerprint
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -173,6 +174,7 @@ async def fetch_catalog(conn: Any, tables: Iterable[str]) -> dict[str, TableStat
 # ------------------------------------------------------------------------ static feature keys
 
 
+@functools.lru_cache(maxsize=8192)  # a template's text: serving asks for every execution
 def text_variant(normalized: str) -> str:
     """A short id of a template's normalised text.
 

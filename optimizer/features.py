@@ -28,6 +28,8 @@ from typing import Any
 
 from sqlglot import exp
 
+from .literals import literal_tokens
+
 NAN = float("nan")
 
 SQL_FEATURES: tuple[str, ...] = (
@@ -140,6 +142,8 @@ _SCANS = frozenset(
 )
 
 #: numbers and string literals of a SQL text (for the literal class)
+#: a text's literals (string content, number): what `literal_class` reads, found by the compiled
+#: scan optimizer.literals.literal_tokens (tests/unit/test_literal_tokens.py holds them together)
 _LITERALS = re.compile(r"'((?:[^']|'')*)'|(?<![\w$.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)")
 _PARAM = re.compile(r"\$(\d+)")
 
@@ -442,12 +446,12 @@ def literal_class(sql: str) -> str:
     >>> narrow == literal_class("select * from t where id between 100 and 90000")
     False
     """
-    if _PARAM.search(sql) and not _LITERALS.search(sql):
+    tokens = literal_tokens(sql)  # (`_LITERALS`' matches, by a compiled scan)
+    if not tokens and _PARAM.search(sql):
         return "generic"
     parts: list[str] = []
     numbers: list[float] = []
-    for match in _LITERALS.finditer(sql):
-        string, number = match.group(1), match.group(2)
+    for string, number in tokens:
         if number is not None:
             value = float(number)
             numbers.append(value)
