@@ -183,13 +183,23 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "rounds": args.rounds,
         "us_cpu_per_statement": best,
         "rounds_us": times,
-        "build_speedup": best["build source"] / best["build compiled"],
-        "write_vs_asyncpg": best["write asyncpg"] / best["write compiled"],
-        "server_vs_asyncpg": (
-            best["server asyncpg"] / best["server compiled"] if "server compiled" in best else None
-        ),
+        "build_speedup": _ratio(best, "build source", "build compiled"),
+        "write_vs_asyncpg": _ratio(best, "write asyncpg", "write compiled"),
+        "server_vs_asyncpg": _ratio(best, "server asyncpg", "server compiled"),
         "same_rows": same,
     }
+
+
+def _ratio(best: dict[str, float], num: str, den: str) -> float | None:
+    """best[num] / best[den], or None when either is missing or the denominator read zero (the
+    server backend's CPU comes in clock ticks of 10 ms: a short run can read none)."""
+    if num not in best or den not in best or best[den] <= 0:
+        return None
+    return best[num] / best[den]
+
+
+def _times(ratio: float | None, what: str) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x {what}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,14 +227,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for col in ("step", "asyncpg", "source", "compiled", "ratio"):
         table.add_column(col, justify="right")
     table.add_row("build rows", "", f"{best['build source']:.2f}", f"{best['build compiled']:.2f}",
-                  f"{result['build_speedup']:.2f}x source/compiled")  # fmt: skip
+                  _times(result["build_speedup"], "source/compiled"))  # fmt: skip
     table.add_row("write (COPY)", f"{best['write asyncpg']:.2f}", f"{best['write source']:.2f}",
                   f"{best['write compiled']:.2f}",
-                  f"{result['write_vs_asyncpg']:.2f}x asyncpg/compiled")  # fmt: skip
-    if result["server_vs_asyncpg"] is not None:
+                  _times(result["write_vs_asyncpg"], "asyncpg/compiled"))  # fmt: skip
+    if "server compiled" in best:
         table.add_row("server backend (COPY)", f"{best['server asyncpg']:.2f}",
                       f"{best['server source']:.2f}", f"{best['server compiled']:.2f}",
-                      f"{result['server_vs_asyncpg']:.2f}x asyncpg/compiled")  # fmt: skip
+                      _times(result["server_vs_asyncpg"], "asyncpg/compiled"))  # fmt: skip
     console.print(table)
     console.print(f"tables read back the same: {result['same_rows']}")
     if not args.no_save:

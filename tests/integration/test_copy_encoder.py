@@ -213,7 +213,10 @@ def test_the_side_by_side_bench_writes_the_same_tables_every_way() -> None:
         "build source", "build compiled", "write asyncpg", "write source", "write compiled",
         "server asyncpg", "server source", "server compiled",
     }  # fmt: skip
-    assert all(v > 0 for v in doc["us_cpu_per_statement"].values())
+    cpu = doc["us_cpu_per_statement"]
+    assert all(cpu[k] > 0 for k in cpu if not k.startswith("server"))
+    # the server backend's CPU comes in 10 ms ticks: 3,000 rows may read none
+    assert all(cpu[k] >= 0 for k in cpu if k.startswith("server"))
 
 
 def test_the_memos_stay_bounded() -> None:
