@@ -812,6 +812,10 @@ def compare(
     index barely touches no longer dilute it, as they did when the runs were pooled into one
     rank test (a 9.5x speedup read p=0.085 on a loaded machine that way).
 
+    Only own fingerprints whose plans scan the new index (`affected`, when given) count toward
+    the speedup and its significance: one planned without it cannot have been sped up by it (a
+    useless index validated once in CI when the load fell between the two measurements).
+
     A regression is a fingerprint significantly slower after the build, by over
     `max_regression` — among `affected` (those whose plans use the new index) when given: a
     query planned without the index cannot be slowed by it, and counting it would read a
@@ -822,6 +826,7 @@ def compare(
     regressions = []
     zs: list[tuple[float, float]] = []  # (weight, z) of each own fingerprint
     tb = ta = 0.0
+    used = 0  # own fingerprints measured (and, with `affected`, planned with the index)
     for fp in before:
         b, a = before[fp], after.get(fp, [])
         if len(b) < 2 or len(a) < 2:
@@ -838,7 +843,10 @@ def compare(
             and (affected is None or fp in affected)
         ):
             regressions.append(fp)
-        if fp in own:
+        if fp in own and (affected is None or fp in affected):
+            # (an own fingerprint whose plans do not scan the index cannot have been sped up by
+            # it: what it reads is the machine's load moving between the two measurements)
+            used += 1
             tb += calls.get(fp, 1.0) * mb
             ta += calls.get(fp, 1.0) * ma
             # mid-p: P(U > u) + P(U = u) / 2, symmetric in the two tails, never 0 or 1
@@ -850,12 +858,16 @@ def compare(
     if norm2 > 0:
         p = float(norm.sf(sum(w * z for w, z in zs) / norm2))
     speedup = tb / ta if ta > 0 else math.nan
-    n_calls = sum(calls.get(fp, 1.0) for fp in own if fp in per) or 1.0
+    n_calls = (
+        sum(calls.get(fp, 1.0) for fp in own if fp in per and (affected is None or fp in affected))
+        or 1.0
+    )
     keep = (
         math.isfinite(p) and p < config.alpha and speedup >= config.min_speedup and not regressions
     )
     return {
         "keep": keep,
+        "own_using_index": used,
         "p_value": p,
         "speedup": speedup,
         "before_ms": tb / n_calls,
@@ -1111,6 +1123,8 @@ def _why_not(verdict: Mapping[str, Any], cfg: AdvisorConfig) -> str:
             f" {round((cfg.max_regression - 1) * 100)}%"
             + (" and no hint set restores them" if _pinnable(verdict, cfg) else "")
         )
+    if verdict.get("own_using_index") == 0:
+        return "no replayed plan of its fingerprints uses the index"
     if not (verdict["p_value"] < cfg.alpha):
         return f"speedup not significant (Mann-Whitney p={verdict['p_value']:.3g})"
     return f"speedup {verdict['speedup']:.2f}x below {cfg.min_speedup}x"

@@ -324,7 +324,9 @@ def test_validate_keeps_a_significant_index_and_reverts_a_useless_one(shop):
     assert kept["index_name"] in indexes
     assert reverted["status"] == "reverted", reverted["detail"]
     assert reverted["index_name"] not in indexes
-    assert any(w in reverted["reason"] for w in ("not significant", "below", "slower")), reverted
+    # (its fingerprint's plans read all rows without it: no plan uses it, whatever the timings)
+    reasons = ("no replayed plan", "not significant", "below", "slower")
+    assert any(w in reverted["reason"] for w in reasons), reverted
     events = [(h["action"], h["status"]) for h in history if h["rec"] == str(kept["id"])]
     assert events == [("apply", "applied"), ("validate", "validated")]
     events = [(h["action"], h["status"]) for h in history if h["rec"] == str(reverted["id"])]

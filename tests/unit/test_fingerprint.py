@@ -112,6 +112,7 @@ def test_masking_is_skipped_where_unsafe() -> None:
             "select a -- it's\nfrom t1 where b = 'x' -- y'all",
             "select a -- it's\nfrom t2 where b = 'x' -- y'all",
         ),
+        ("select a --x\rfrom t1", "select a --x\rfrom t2"),  # \r ends a -- comment too
         (
             "select a /* it's */ from t1 where b = 'x' /* y'all */",
             "select a /* it's */ from t2 where b = 'x' /* y'all */",
@@ -154,7 +155,7 @@ _TOKENS = [
     "select", "from", "where", "and", "or", "in", "not", "t1", "t2", "t€1", "t€2", "tá1", "a", "b1",
     "b2", "=", "<", ",", "(", ")", "*", "+", "-", "/", ".", "1", "23", "4.5", ".5", "1e5", "7x",
     "'x'", "'y'", "'it''s'", "E'z'", "-- it's\n", "-- 1\n", "/* c 1 */", "/* ' */", "/* /* n */ */",
-    "\u0661", "\n", "in (1, 2)", "in(3)", "'", "--", "/*", "*/",
+    "\u0661", "\n", "-- 2\r", "\r", "in (1, 2)", "in(3)", "'", "--", "/*", "*/",
 ]  # fmt: skip
 
 
