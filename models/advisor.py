@@ -827,6 +827,7 @@ def compare(
     zs: list[tuple[float, float]] = []  # (weight, z) of each own fingerprint
     tb = ta = 0.0
     used = 0  # own fingerprints measured (and, with `affected`, planned with the index)
+    n_calls = 0.0  # their calls
     for fp in before:
         b, a = before[fp], after.get(fp, [])
         if len(b) < 2 or len(a) < 2:
@@ -847,6 +848,7 @@ def compare(
             # (an own fingerprint whose plans do not scan the index cannot have been sped up by
             # it: what it reads is the machine's load moving between the two measurements)
             used += 1
+            n_calls += calls.get(fp, 1.0)
             tb += calls.get(fp, 1.0) * mb
             ta += calls.get(fp, 1.0) * ma
             # mid-p: P(U > u) + P(U = u) / 2, symmetric in the two tails, never 0 or 1
@@ -858,10 +860,7 @@ def compare(
     if norm2 > 0:
         p = float(norm.sf(sum(w * z for w, z in zs) / norm2))
     speedup = tb / ta if ta > 0 else math.nan
-    n_calls = (
-        sum(calls.get(fp, 1.0) for fp in own if fp in per and (affected is None or fp in affected))
-        or 1.0
-    )
+    n_calls = n_calls or 1.0
     keep = (
         math.isfinite(p) and p < config.alpha and speedup >= config.min_speedup and not regressions
     )

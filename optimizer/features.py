@@ -141,7 +141,6 @@ _SCANS = frozenset(
     ("Seq Scan", "Index Scan", "Index Only Scan", "Bitmap Heap Scan", "Tid Scan", "Tid Range Scan")
 )
 
-#: numbers and string literals of a SQL text (for the literal class)
 #: a text's literals (string content, number): what `literal_class` reads, found by the compiled
 #: scan optimizer.literals.literal_tokens (tests/unit/test_literal_tokens.py holds them together)
 _LITERALS = re.compile(r"'((?:[^']|'')*)'|(?<![\w$.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)")
