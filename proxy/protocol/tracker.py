@@ -73,59 +73,105 @@ class Phase(Enum):
     CLOSED = "closed"
 
 
-@dataclass(slots=True)
-class Execution:
-    """One statement execution as seen on the wire."""
+_EXECUTION_FIELDS = (
+    "protocol", "sql", "start", "end", "statement", "portal", "tag", "rows", "status",
+    "sqlstate", "error_message", "suspensions", "max_rows", "bytes_sent",
+    "transaction_status", "cache_hit", "hint_set", "rewrite_rule",
+)  # fmt: skip
 
-    protocol: Protocol
-    sql: str | None
-    start: float
-    end: float = 0.0
-    statement: str | None = None
-    portal: str | None = None
-    tag: str | None = None
-    rows: int | None = None
-    status: Status = Status.OK
-    sqlstate: str | None = None
-    error_message: str | None = None
-    suspensions: int = 0
-    max_rows: int = 0
-    #: bytes the server sent for this statement (filled by the relay)
-    bytes_sent: int | None = None
-    #: transaction status after the statement's batch ('I', 'T', 'E'), when known
-    transaction_status: str | None = None
-    #: answered by the proxy's result cache (the server never saw it)
-    cache_hit: bool = False
-    #: the planner hint set it ran with (plan steering), "holdout", or "dry_run:<arm>"
-    hint_set: str | None = None
-    #: the rewrite rule it was sent with, "holdout:<rule>" or "dry_run:<rule>"
-    rewrite_rule: str | None = None
+
+class Execution:
+    """One statement execution as seen on the wire.
+
+    A plain class, not a dataclass: compiled by mypyc, a dataclass keeps the `__init__` the
+    dataclasses module writes at run time, interpreted (1.3 µs a record against 0.2 native)."""
+
+    __slots__ = _EXECUTION_FIELDS
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        sql: str | None,
+        start: float,
+        end: float = 0.0,
+        statement: str | None = None,
+        portal: str | None = None,
+        tag: str | None = None,
+        rows: int | None = None,
+        status: Status = Status.OK,
+        sqlstate: str | None = None,
+        error_message: str | None = None,
+        suspensions: int = 0,
+        max_rows: int = 0,
+        bytes_sent: int | None = None,
+        transaction_status: str | None = None,
+        cache_hit: bool = False,
+        hint_set: str | None = None,
+        rewrite_rule: str | None = None,
+    ) -> None:
+        self.protocol = protocol
+        self.sql = sql
+        self.start = start
+        self.end = end
+        self.statement = statement
+        self.portal = portal
+        self.tag = tag
+        self.rows = rows
+        self.status = status
+        self.sqlstate = sqlstate
+        self.error_message = error_message
+        self.suspensions = suspensions
+        self.max_rows = max_rows
+        #: bytes the server sent for this statement (filled by the relay)
+        self.bytes_sent = bytes_sent
+        #: transaction status after the statement's batch ('I', 'T', 'E'), when known
+        self.transaction_status = transaction_status
+        #: answered by the proxy's result cache (the server never saw it)
+        self.cache_hit = cache_hit
+        #: the planner hint set it ran with (plan steering), "holdout", or "dry_run:<arm>"
+        self.hint_set = hint_set
+        #: the rewrite rule it was sent with, "holdout:<rule>" or "dry_run:<rule>"
+        self.rewrite_rule = rewrite_rule
 
     @property
     def duration(self) -> float:
         return self.end - self.start
 
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in _EXECUTION_FIELDS)
+        return f"Execution({fields})"
 
-@dataclass(slots=True)
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Execution):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in _EXECUTION_FIELDS)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value (as a dataclass)
+
+
 class _Query:
-    sql: str | None
-    start: float
-    statements: list[str] | None = None
-    index: int = 0
+    __slots__ = ("index", "sql", "start", "statements")
+
+    def __init__(self, sql: str | None, start: float) -> None:
+        self.sql = sql
+        self.start = start
+        self.statements: list[str] | None = None
+        self.index = 0
 
 
-@dataclass(slots=True)
 class _Sync:
-    pass
+    __slots__ = ()
 
 
-@dataclass(slots=True)
 class _Parse:
     """A Parse awaiting its ParseComplete: if it fails instead, that failure is a record."""
 
-    name: str
-    sql: str | None
-    start: float
+    __slots__ = ("name", "sql", "start")
+
+    def __init__(self, name: str, sql: str | None, start: float) -> None:
+        self.name = name
+        self.sql = sql
+        self.start = start
 
 
 _SYNC = _Sync()
@@ -139,6 +185,26 @@ def rows_from_tag(tag: str) -> int | None:
     last = tail.rpartition(" ")[2]
     # isdigit() alone accepts digits such as "²" that int() rejects
     return int(last) if last.isascii() and last.isdigit() else None
+
+
+#: CommandComplete payloads seen -> (tag, rows): a session sends the same few tags over and over
+_TAGS: dict[bytes, tuple[str, int | None]] = {}
+_TAGS_MAX = 4096
+_TAG_KEY_MAX = 64
+
+
+def _command_tag(payload: bytes) -> tuple[str, int | None]:
+    """A CommandComplete payload's tag and row count, from a bounded cache of payloads seen."""
+    hit = _TAGS.get(payload)
+    if hit is not None:
+        return hit
+    tag = _cstr(payload)[0]
+    hit = (tag, rows_from_tag(tag))
+    if len(payload) <= _TAG_KEY_MAX:
+        if len(_TAGS) >= _TAGS_MAX:
+            _TAGS.clear()
+        _TAGS[payload] = hit
+    return hit
 
 
 def _cstr(payload: bytes, start: int = 0) -> tuple[str, int]:
@@ -209,9 +275,21 @@ class SessionTracker:
 
     def client_frames(self, frames: list[tuple[int, bytes | None]], now: float) -> None:
         for t, payload in frames:
-            handler = _CLIENT_HANDLERS.get(t)
-            if handler is not None:
-                handler(self, payload, now)
+            # the common types called directly (a native call, compiled), the rest by table
+            if t == 0x51:  # Q
+                self._on_query(payload, now)
+            elif t == 0x42:  # B
+                self._on_bind(payload, now)
+            elif t == 0x45:  # E
+                self._on_execute(payload, now)
+            elif t == 0x53:  # S
+                self._on_sync(payload, now)
+            elif t == 0x50:  # P
+                self._on_parse(payload, now)
+            else:
+                handler = _CLIENT_HANDLERS.get(t)
+                if handler is not None:
+                    handler(self, payload, now)
 
     def _on_query(self, payload: bytes | None, now: float) -> None:
         sql = _cstr(payload)[0] if payload is not None else None
@@ -316,9 +394,16 @@ class SessionTracker:
     def server_frames(self, frames: list[tuple[int, bytes | None]], now: float) -> list[Execution]:
         """Advance on the server's frames; return the executions they finished."""
         for t, payload in frames:
-            handler = _SERVER_HANDLERS.get(t)
-            if handler is not None:
-                handler(self, payload, now)
+            if t == 0x43:  # C
+                self._on_complete(payload, now)
+            elif t == 0x5A:  # Z
+                self._on_ready(payload, now)
+            elif t == 0x31:  # 1
+                self._on_parse_complete(payload, now)
+            else:
+                handler = _SERVER_HANDLERS.get(t)
+                if handler is not None:
+                    handler(self, payload, now)
         if not self.finished:
             return _NO_EXECUTIONS
         out, self.finished = self.finished, []
@@ -332,14 +417,21 @@ class SessionTracker:
         return out
 
     def _on_complete(self, payload: bytes | None, now: float) -> None:
-        tag = _cstr(payload)[0] if payload is not None else None
-        self._end_statement(now, tag, None)
+        if payload is None:
+            self._end_statement(now, None, None, None)
+        else:
+            tag, rows = _command_tag(payload)
+            self._end_statement(now, tag, rows, None)
 
     def _on_empty(self, payload: bytes | None, now: float) -> None:
-        self._end_statement(now, None, None)
+        self._end_statement(now, None, None, None)
 
     def _end_statement(
-        self, now: float, tag: str | None, error: tuple[str | None, str | None] | None
+        self,
+        now: float,
+        tag: str | None,
+        rows: int | None,
+        error: tuple[str | None, str | None] | None,
     ) -> None:
         if self.phase in (Phase.COPY_IN, Phase.COPY_OUT):
             self.phase = Phase.BUSY
@@ -349,31 +441,32 @@ class SessionTracker:
             return
         head = self.pending[0]
         if isinstance(head, _Query):
-            self.finished.append(self._simple_statement(head, now, tag, error))
+            self.finished.append(self._simple_statement(head, now, tag, rows, error))
             return
         if isinstance(head, Execution):
             self.pending.popleft()
             ex = head
             ex.end = now
             ex.tag = tag
-            if tag is not None:
-                rows = rows_from_tag(tag)
-                if rows is not None:
-                    ex.rows = (ex.rows or 0) + rows
+            if rows is not None:
+                ex.rows = (ex.rows or 0) + rows
             if error is not None:
                 self._fail(ex, error)
             self.finished.append(ex)
             self.group_last = ex
 
     def _simple_statement(
-        self, q: _Query, now: float, tag: str | None, error: tuple[str | None, str | None] | None
+        self,
+        q: _Query,
+        now: float,
+        tag: str | None,
+        rows: int | None,
+        error: tuple[str | None, str | None] | None,
     ) -> Execution:
         if q.statements is None:
             q.statements = self._split(q.sql)
         sql = q.statements[q.index] if q.index < len(q.statements) else q.sql
-        ex = Execution(Protocol.SIMPLE, sql, q.start, now, tag=tag)
-        if tag is not None:
-            ex.rows = rows_from_tag(tag)
+        ex = Execution(Protocol.SIMPLE, sql, q.start, now, tag=tag, rows=rows)
         if error is not None:
             self._fail(ex, error)
         q.index += 1
@@ -410,7 +503,7 @@ class SessionTracker:
             return
         head = self.pending[0]
         if isinstance(head, _Query):
-            self.finished.append(self._simple_statement(head, now, None, (code, message)))
+            self.finished.append(self._simple_statement(head, now, None, None, (code, message)))
             head.index = len(head.statements or ())
             return
         # extended: a failed Parse is its own record, and the server skips the rest until Sync
@@ -477,7 +570,9 @@ class SessionTracker:
         self.suspended[ex.portal or ""] = ex
 
     def _on_ready(self, payload: bytes | None, now: float) -> None:
-        status = payload.decode("ascii", "replace") if payload else "I"
+        status = _STATUS.get(payload) if payload is not None else None
+        if status is None:
+            status = payload.decode("ascii", "replace") if payload else "I"
         self.transaction_status = status
         self.group_last = None
         # pop through the first Sync / Query / FunctionCall; Executes before it were skipped
@@ -548,7 +643,7 @@ class SessionTracker:
             elif isinstance(item, _Query) and (
                 item.statements is None or item.index < len(item.statements)
             ):
-                done.append(self._simple_statement(item, now, None, (sqlstate, message)))
+                done.append(self._simple_statement(item, now, None, None, (sqlstate, message)))
         self.pending.clear()
         return done
 
@@ -565,6 +660,7 @@ class SessionTracker:
 
 
 _NO_EXECUTIONS: list[Execution] = []
+_STATUS = {b"I": "I", b"T": "T", b"E": "E"}
 
 _Handler = Callable[[SessionTracker, bytes | None, float], None]
 

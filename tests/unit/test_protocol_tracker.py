@@ -653,3 +653,53 @@ def test_named_portals_end_with_the_transaction() -> None:
 )
 def test_rows_from_tag(tag: str, expected: int | None) -> None:
     assert rows_from_tag(tag) == expected
+
+
+# ------------------------------------------------------------------ command tags, cached
+
+
+def test_command_tags_read_the_same_from_the_cache_and_fresh() -> None:
+    """CommandComplete payloads are cached by their bytes: a repeated tag reads as the first."""
+    from proxy.protocol import tracker as tracker_module
+
+    tracker_module._TAGS.clear()
+    tracker = ready()
+    got = []
+    for _ in range(3):  # fresh, then twice from the cache
+        for tag in ("SELECT 5", "INSERT 0 3", "UPDATE 0", "CREATE TABLE", "FETCH 2", "SELECT ²"):
+            client(tracker, 1.0, fe.Query(tag.split()[0]))
+            got.append(
+                [(ex.tag, ex.rows) for ex in server(tracker, 2.0, be.CommandComplete(tag), IDLE)]
+            )
+    first = got[:6]
+    assert got == first * 3
+    assert first == [
+        [("SELECT 5", 5)], [("INSERT 0 3", 3)], [("UPDATE 0", 0)], [("CREATE TABLE", None)],
+        [("FETCH 2", 2)], [("SELECT ²", None)],
+    ]  # fmt: skip
+    assert b"SELECT 5\x00" in tracker_module._TAGS
+
+
+def test_the_command_tag_cache_is_bounded_and_skips_long_payloads() -> None:
+    from proxy.protocol import tracker as tracker_module
+
+    tracker_module._TAGS.clear()
+    tracker = ready()
+    for n in range(tracker_module._TAGS_MAX + 10):
+        client(tracker, 1.0, fe.Query("SELECT"))
+        (ex,) = server(tracker, 2.0, be.CommandComplete(f"SELECT {n}"), IDLE)
+        assert ex.rows == n
+        assert len(tracker_module._TAGS) <= tracker_module._TAGS_MAX
+    long_tag = "SELECT " + "9" * 80
+    client(tracker, 1.0, fe.Query("SELECT"))
+    (ex,) = server(tracker, 2.0, be.CommandComplete(long_tag), IDLE)
+    assert ex.rows == int("9" * 80) and ex.tag == long_tag
+    assert not any(len(key) > tracker_module._TAG_KEY_MAX for key in tracker_module._TAGS)
+
+
+def test_executions_compare_by_value_and_show_their_fields() -> None:
+    a = Execution(Protocol.SIMPLE, "SELECT 1", 1.0, 2.0, tag="SELECT 1", rows=1)
+    b = Execution(Protocol.SIMPLE, "SELECT 1", 1.0, 2.0, tag="SELECT 1", rows=1)
+    assert a == b and a != Execution(Protocol.SIMPLE, "SELECT 1", 1.0, 2.0)
+    assert "tag='SELECT 1'" in repr(a) and repr(a).startswith("Execution(protocol=")
+    assert a.duration == 1.0
