@@ -33,6 +33,8 @@ class FrameScanner:
         "_body_type",
         "_hdr",
         "_skip",
+        "_valid_table",
+        "_want_table",
         "direction",
         "interesting",
         "max_message_size",
@@ -50,6 +52,10 @@ class FrameScanner:
     ) -> None:
         self.interesting = interesting
         self.valid_types = valid_types
+        # the same sets as 256-byte tables: indexing bytes is a native operation once compiled,
+        # a frozenset lookup is a call into the interpreter
+        self._want_table = bytes(1 if t in interesting else 0 for t in range(256))
+        self._valid_table = bytes(1 if t in valid_types else 0 for t in range(256))
         self.max_message_size = max_message_size
         self.direction = direction
         self.max_read_size = max_read_size
@@ -82,20 +88,23 @@ class FrameScanner:
         if self._skip or self._body is not None or self._hdr:
             pos = self._carry_over(data, out)
         # the common case: whole messages, walked with locals only
-        interesting = self.interesting
-        valid = self.valid_types
+        want = self._want_table
+        valid = self._valid_table
         limit = self.max_message_size
         readable = self.max_read_size
         while n - pos >= 5:
             t = data[pos]
-            (length,) = unpack_u32(data, pos + 1)
-            if t not in valid or length < 4 or length > limit:
+            # big-endian int32, by hand: native integer operations once compiled
+            length = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
+            if not valid[t] or length < 4 or length > limit:
                 self._check(t, length)
             end = pos + 1 + length
             if end > n:
                 self._start(t, length, out)
                 return self._continue(data, pos + 5, out)
-            if t in interesting:
+            if want[t]:
                 out.append((t, data[pos + 5 : end] if length <= readable else None))
             pos = end
         if pos < n:
