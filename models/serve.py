@@ -7,11 +7,11 @@ execution: a dict lookup keyed by the fingerprint and the *static class* of the 
 (`models.dataset.static_class`: the literal class, so that a 1-day and a 90-day range of one
 template are predicted apart, and the normalised-text variant). The class of a text is
 memoised, so a repeated text costs two dict lookups. A miss is remembered and computed later by
-`fill()` in the background (static features with EXPLAIN of the text as sent, history from the
-live aggregates, calendar of now), never delaying anything; until then the latest prediction of
-another class of the same fingerprint stands in. The cache is dropped when another model
-version becomes active and entries expire after `ttl` seconds, so history features follow the
-workload.
+`fill()` in the background (static features with EXPLAIN of the text as sent, in the database it
+ran in, history from the live aggregates, calendar of now), never delaying anything; until then
+the latest prediction of another class of the same fingerprint stands in. The cache is dropped
+when another model version becomes active and entries expire after `ttl` seconds, so history
+features follow the workload.
 
 Serving fills exactly the features the model trains on (`models.dataset.FEATURES`): static,
 temporal and history features. Load at the time of each execution is deliberately not a model
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -50,6 +50,8 @@ from .registry import Registry, model_dir
 Key = tuple[str, str]
 #: texts whose static class is memoised (the memo is cleared when it grows past this)
 MAX_CLASS_MEMO = 50_000
+#: databases whose static features (and EXPLAIN connections) are kept at once
+MAX_DATABASES = 8
 #: start times kept per fingerprint for the rate over the past hour
 MAX_STARTS = 5_000
 _HOUR = 3_600.0
@@ -78,9 +80,12 @@ class CostServer:
         self._cache: OrderedDict[Key, tuple[float, float]] = OrderedDict()  # key -> (ms, at)
         #: the latest prediction of any class per fingerprint: a stand-in for a new class
         self._latest: dict[str, float] = {}
-        self._pending: OrderedDict[Key, tuple[str, str | None, str]] = OrderedDict()
+        #: key -> (command, text, normalized, database it ran in)
+        self._pending: OrderedDict[Key, tuple[str, str | None, str, str | None]] = OrderedDict()
         self._classes: dict[tuple[str, str], str] = {}
-        self._static: StaticFeatures | None = None
+        #: static features per database the statements ran in, each with the connection its
+        #: EXPLAINs and catalog reads use (None: the warehouse connection given to `fill`)
+        self._statics: OrderedDict[str | None, tuple[Any, StaticFeatures]] = OrderedDict()
         #: observed executions per fingerprint: (started, finished, ms, (text, normalized)),
         #: the latest HISTORY_WINDOW; start times of the past hour; how many in all
         self._recent: dict[str, deque[tuple[float, float, float, tuple[str | None, str]]]] = {}
@@ -102,9 +107,10 @@ class CostServer:
             lclass = self._classes[memo] = static_class(text, normalized)
         return (fingerprint, lclass)
 
-    def predicted(self, fingerprint: str, command: str, text: str | None, normalized: str
-                  ) -> float | None:  # fmt: skip
-        """The cached prediction in ms, or None (the miss is queued for `fill`)."""
+    def predicted(self, fingerprint: str, command: str, text: str | None, normalized: str,
+                  database: str | None = None) -> float | None:  # fmt: skip
+        """The cached prediction in ms, or None (the miss is queued for `fill`, which plans the
+        text in `database`, the one it ran in; None: the warehouse database)."""
         if self.model is None or command not in MODELLED_COMMANDS:
             return None
         key = self.key(fingerprint, text, normalized)
@@ -114,7 +120,7 @@ class CostServer:
             return hit[0]
         self.misses += 1
         if key not in self._pending and len(self._pending) < self.max_pending:
-            self._pending[key] = (command, text, normalized)
+            self._pending[key] = (command, text, normalized, database)
         if hit is not None:  # a stale value beats none until refreshed
             return hit[0]
         return self._latest.get(fingerprint)
@@ -164,13 +170,20 @@ class CostServer:
             kept.popleft()
         self._count[fingerprint] = self._count.get(fingerprint, 0) + len(starts)
 
-    def _observed(self, key: Key, at: float, cost: float) -> dict[str, float] | None:
+    def _observed(
+        self,
+        key: Key,
+        at: float,
+        cost: float,
+        computed: dict[tuple[str, str], dict[str, float]] | None = None,
+    ) -> dict[str, float] | None:
         """History features of `key`'s template at `at` from observed executions (None when
-        none were observed)."""
+        none were observed); `computed` holds the static features of its database."""
         recent = self._recent.get(key[0])
         if not recent:
             return None
-        computed = self._static.computed if self._static is not None else {}
+        if computed is None:
+            computed = {}
         ns = 1e9
         _, finished_, ms_, texts = zip(*recent, strict=True)
         finished, ms = np.asarray(finished_), np.asarray(ms_)
@@ -211,25 +224,59 @@ class CostServer:
         for table in (self._recent, self._starts, self._count):
             table.pop(fingerprint, None)
 
-    async def fill(self, warehouse_conn: Any, history: dict[str, History], now: datetime,
-                   limit: int = 50, statement_timeout_ms: int = 2_000) -> int:  # fmt: skip
-        """Compute up to `limit` queued predictions; returns how many were computed."""
+    def _static_for(
+        self, database: str | None, conn: Any, statement_timeout_ms: int
+    ) -> StaticFeatures:
+        """The static features of `database`, planned on `conn` (started again when the
+        connection changed: a reconnect must not leave EXPLAIN on a closed one)."""
+        held = self._statics.get(database)
+        if held is not None and held[0] is conn:
+            self._statics.move_to_end(database)
+            return held[1]
+        static = StaticFeatures(Explainer(conn, statement_timeout_ms), conn)
+        self._statics[database] = (conn, static)
+        self._statics.move_to_end(database)
+        while len(self._statics) > MAX_DATABASES:
+            self._statics.popitem(last=False)
+        return static
+
+    async def fill(
+        self,
+        warehouse_conn: Any,
+        history: dict[str, History],
+        now: datetime,
+        limit: int = 50,
+        statement_timeout_ms: int = 2_000,
+        conn_for: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> int:
+        """Compute up to `limit` queued predictions; returns how many were computed.
+
+        A statement is planned in the database it ran in: `conn_for(database)` gives a
+        connection to it (without `conn_for`, or for no database: `warehouse_conn`)."""
         if self.model is None or not self._pending:
             return 0
-        if self._static is None:
-            self._static = StaticFeatures(Explainer(warehouse_conn, statement_timeout_ms),
-                                          warehouse_conn)  # fmt: skip
-        todo: list[tuple[Key, tuple[str, str | None, str]]] = []
+        todo: list[tuple[Key, tuple[str, str | None, str, str | None]]] = []
         while self._pending and len(todo) < limit:
             todo.append(self._pending.popitem(last=False))
         rows = []
-        for key, (_command, text, normalized) in todo:
+        for key, (_command, text, normalized, database) in todo:
+            conn = warehouse_conn
+            if database is not None and conn_for is not None:
+                try:
+                    conn = await conn_for(database)
+                except Exception:  # that database cannot be reached: no prediction
+                    continue
+            statics = self._static_for(
+                None if conn is warehouse_conn else database, conn, statement_timeout_ms
+            )
             try:
-                static = await self._static.features(key[0], text, normalized)
+                static = await statics.features(key[0], text, normalized)
             except Exception:  # EXPLAIN of a statement that no longer plans: no prediction
                 continue
             feats = serving_features(static, history.get(key[0]), now)
-            observed = self._observed(key, now.timestamp(), static.get("plan_total_cost", math.nan))
+            observed = self._observed(
+                key, now.timestamp(), static.get("plan_total_cost", math.nan), statics.computed
+            )
             if observed is not None:
                 feats.update(observed)
             rows.append((key, feats))

@@ -380,7 +380,7 @@ def build(
     epoch: Callable[[float], float],
     anchor: tuple[float, float, float],
     instance: str | None,
-    predictor: Callable[[str, str, str | None, str], float | None] | None,
+    predictor: Callable[[str, str, str | None, str, str | None], float | None] | None,
     version: str | None,
 ) -> Built:
     """query_logs rows for flat records (querylog.Row), times as epoch seconds.
@@ -437,7 +437,7 @@ def build(
             out.copies[direction] = out.copies.get(direction, 0) + 1
         predicted: float | None = None
         if predictor is not None:
-            p: Any = predictor(fid, command, sql, fp.normalized)  # (a NumPy scalar, say)
+            p: Any = predictor(fid, command, sql, fp.normalized, info.database)  # (NumPy, say)
             predicted = None if p is None else float(p)
             if predicted is not None and status == "ok":
                 out.log_ratios.append(math.log(max(predicted, 1e-3) / max(seconds * 1e3, 1e-3)))

@@ -20,7 +20,8 @@ import os
 import pickle
 import struct
 import sys
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from typing import Any
 
 from ..clock import CLOCK
@@ -116,6 +117,59 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
+class ExplainConnections:
+    """Connections the cost server plans statements on, one per database they ran in (a client
+    of the proxy may use any database of the server, not only the warehouse): at most
+    MAX_DATABASES, the least recently used closed first; a database that refused a connection
+    is not tried again for RETRY_S seconds."""
+
+    RETRY_S = 60.0
+
+    def __init__(self, connect_args: dict[str, Any], setup_sql: str, log: Any) -> None:
+        from models.serve import MAX_DATABASES
+
+        self.connect_args = connect_args
+        self.setup_sql = setup_sql
+        self.log = log
+        self.max = MAX_DATABASES
+        self._home: tuple[str, Any] | None = None
+        self._conns: OrderedDict[str, Any] = OrderedDict()
+        self._failed: dict[str, float] = {}
+
+    def home(self, database: str, conn: Any) -> None:
+        """The metadata connection, used for statements of its own database."""
+        self._home = (database, conn)
+
+    async def get(self, database: str) -> Any:
+        from .. import metadata
+
+        if self._home is not None and self._home[0] == database:
+            return self._home[1]
+        conn = self._conns.get(database)
+        if conn is not None and not conn.is_closed():
+            self._conns.move_to_end(database)
+            return conn
+        failed = self._failed.get(database)
+        if failed is not None and time.monotonic() - failed < self.RETRY_S:
+            raise ConnectionError(f"database {database!r} refused the cost server recently")
+        try:
+            conn = await metadata.connect(
+                {**self.connect_args, "database": database}, "pgsage-cost"
+            )
+            await conn.execute(self.setup_sql)
+        except Exception as exc:
+            self._failed[database] = time.monotonic()
+            self.log.warning("cost model cannot plan in database", database=database,
+                             error=repr(exc))  # fmt: skip
+            raise
+        self._failed.pop(database, None)
+        self._conns[database] = conn
+        while len(self._conns) > self.max:
+            _, old = self._conns.popitem(last=False)
+            old.terminate()
+        return conn
+
+
 class Worker:
     def __init__(self, settings: Settings, connect_args: dict[str, Any]) -> None:
         from .. import metadata
@@ -179,15 +233,16 @@ class Worker:
 
         conn: Any = None
         log = get_logger("pgsage.cost")
+        timeout_sql = f"SET statement_timeout = {int(settings.cost_explain_timeout_ms)}"
+        explain = ExplainConnections(self.connect_args, timeout_sql, log)
         # the models' imports take seconds: on a thread, so batches keep being written meanwhile
         await asyncio.to_thread(importlib.import_module, "models.train")
         while True:
             try:
                 if conn is None or conn.is_closed():
                     conn = await metadata.connect(self.connect_args, "pgsage-cost")
-                    await conn.execute(
-                        f"SET statement_timeout = {int(settings.cost_explain_timeout_ms)}"
-                    )
+                    await conn.execute(timeout_sql)
+                    explain.home(await conn.fetchval("SELECT current_database()"), conn)
                 if await self.cost.refresh_model(conn):
                     log.info("cost model loaded", version=self.cost.version)
                 self.engine.model_version = self.cost.version
@@ -201,7 +256,7 @@ class Worker:
                     )
                     for fp, s in stats.items()
                 }
-                await self.cost.fill(conn, history, CLOCK.now())
+                await self.cost.fill(conn, history, CLOCK.now(), conn_for=explain.get)
             except Exception as exc:  # the log must go on without predictions
                 log.warning("cost model serving failed", error=repr(exc))
                 if conn is not None:

@@ -87,8 +87,10 @@ class QueryLogRecorder(BatchingSink):
         self._stats_flushed_at = time.monotonic()
         self._partitions_at = 0.0
         self._lock = asyncio.Lock()
-        #: (fingerprint, command, text, normalized) -> predicted ms or None (cost model serving)
-        self.predictor: Callable[[str, str, str | None, str], float | None] | None = None
+        #: (fingerprint, command, text, normalized, database) -> predicted ms or None (cost
+        #: model serving)
+        self.predictor: Callable[[str, str, str | None, str, str | None], float | None] | None
+        self.predictor = None
         self.model_version: str | None = None
         #: |log(predicted / actual)| of recent executions, for the online q-error gauge
         self.recent_log_errors: deque[float] = deque(maxlen=2000)

@@ -18,13 +18,13 @@ NORMALIZED = "SELECT count(*) FROM t WHERE id BETWEEN $1 AND $2"
 def test_observed_history_matches_the_training_rows_features() -> None:
     rng = np.random.default_rng(3)
     server = CostServer()
-    server._static = StaticFeatures(None, None)
+    static = StaticFeatures(None, None)
     t0 = datetime(2024, 3, 1, 9, tzinfo=UTC).timestamp()
     texts = [f"SELECT count(*) FROM t WHERE id BETWEEN 1 AND {w}" for w in (10, 100_000)]
     classes = [server.key("fp", t, NORMALIZED)[1] for t in texts]
     costs = dict(zip(classes, (8.0, 900.0), strict=True))
     for lclass, cost in costs.items():
-        server._static.computed[("fp", lclass)] = {"plan_total_cost": cost}
+        static.computed[("fp", lclass)] = {"plan_total_cost": cost}
     rows = []
     # more than the rolling window, some over an hour before the last (the frame below has
     # microsecond timestamps, as from asyncpg: the hour must still be an hour)
@@ -44,7 +44,9 @@ def test_observed_history_matches_the_training_rows_features() -> None:
     for col in ("started_at", "finished_at"):
         frame[col] = pd.to_datetime(frame[col], unit="s", utc=True)
     training = add_history(frame).iloc[-1]
-    served = server._observed(("fp", server.key("fp", texts[1], NORMALIZED)[1]), at, 900.0)
+    served = server._observed(
+        ("fp", server.key("fp", texts[1], NORMALIZED)[1]), at, 900.0, static.computed
+    )
     assert served is not None
     for name in HISTORY_FEATURES:
         assert served[name] == pytest.approx(training[name], rel=1e-9), name
@@ -60,8 +62,6 @@ def test_a_batch_observed_at_once_is_the_executions_observed_one_by_one() -> Non
     rng = np.random.default_rng(5)
     t0 = datetime(2024, 3, 1, 9, tzinfo=UTC).timestamp()
     one, many = CostServer(), CostServer()
-    for server in (one, many):
-        server._static = StaticFeatures(None, None)
     started = t0
     for batch in range(12):  # batches of 0..400 executions, 4,000 s of them in all
         executions = []
