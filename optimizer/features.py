@@ -17,8 +17,6 @@ plan is estimated, the statement is not run, so client DML is never executed by 
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +26,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from .literals import literal_tokens
+from .literals import class_of_tokens, literal_tokens
 
 NAN = float("nan")
 
@@ -448,23 +446,7 @@ def literal_class(sql: str) -> str:
     tokens = literal_tokens(sql)  # (`_LITERALS`' matches, by a compiled scan)
     if not tokens and _PARAM.search(sql):
         return "generic"
-    parts: list[str] = []
-    numbers: list[float] = []
-    for string, number in tokens:
-        if number is not None:
-            value = float(number)
-            numbers.append(value)
-            parts.append(f"n{_magnitude(value)}")
-        else:
-            parts.append(f"s{_magnitude(len(string or ''))}")
-    parts += [f"d{_magnitude(b - a)}" for a, b in itertools.pairwise(numbers)]
-    return hashlib.blake2b(",".join(parts).encode(), digest_size=6).hexdigest()
-
-
-def _magnitude(value: float) -> int:
-    """Bucket of |value| in steps of ~1.4x (half powers of two), signed."""
-    size = round(2 * math.log2(abs(value) + 1))
-    return -size if value < 0 else size
+    return class_of_tokens(tokens)  # (compiled too: optimizer/literals.py)
 
 
 def temporal_features(ts: datetime) -> dict[str, float]:

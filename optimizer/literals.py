@@ -26,6 +26,8 @@ gave both one key.)
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -263,3 +265,40 @@ def literal_tokens(sql: str) -> list[tuple[str | None, str | None]]:
         else:
             i += 1
     return out
+
+
+#: digests of literal-class descriptions seen (the descriptions of one template repeat)
+_CLASS_MEMO: dict[str, str] = {}
+_CLASS_MEMO_MAX: Final = 65_536
+
+
+def magnitude(value: float) -> int:
+    """Bucket of |value| in steps of ~1.4x (half powers of two), signed."""
+    size = round(2 * math.log2(abs(value) + 1))
+    return -size if value < 0 else size
+
+
+def class_of_tokens(tokens: list[tuple[str | None, str | None]]) -> str:
+    """The literal class (optimizer.features.literal_class) of a text's `literal_tokens`: each
+    literal's order of magnitude (a string's by its length) and the widths between consecutive
+    numbers, as a short digest. Compiled beside the scan: the cost server asks it of every
+    logged execution whose text it has not seen (a text with inlined literals, every time)."""
+    parts: list[str] = []
+    numbers: list[float] = []
+    for string, number in tokens:
+        if number is not None:
+            value = float(number)
+            numbers.append(value)
+            parts.append(f"n{magnitude(value)}")
+        else:
+            parts.append(f"s{magnitude(float(len(string or '')))}")
+    for k in range(1, len(numbers)):
+        parts.append(f"d{magnitude(numbers[k] - numbers[k - 1])}")
+    described = ",".join(parts)
+    digest = _CLASS_MEMO.get(described)
+    if digest is None:
+        digest = hashlib.blake2b(described.encode(), digest_size=6).hexdigest()
+        if len(_CLASS_MEMO) >= _CLASS_MEMO_MAX:
+            _CLASS_MEMO.clear()
+        _CLASS_MEMO[described] = digest
+    return digest
