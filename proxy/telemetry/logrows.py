@@ -132,8 +132,17 @@ _ARRAY_HEAD = struct.Struct("!iiiii")  # ndim, has nulls, element oid, size, low
 def _unix_micros(t: float) -> int:
     """Epoch second `t` in whole microseconds, rounded as `datetime.fromtimestamp` rounds (half
     to even, on the exact fraction)."""
-    whole = math.floor(t)
-    return whole * 1_000_000 + round((t - whole) * 1e6)
+    # by hand, with native float -> int truncations once compiled: math.floor and round() are
+    # calls into the interpreter, and this runs four times for each logged row
+    whole = int(t)
+    if whole > t:  # negative, with a fraction: truncation went up
+        whole -= 1
+    frac = (t - whole) * 1e6  # in [0, 1e6); its fraction below is exact
+    micros = int(frac)
+    rest = frac - micros
+    if rest > 0.5 or (rest == 0.5 and micros & 1):
+        micros += 1
+    return whole * 1_000_000 + micros
 
 
 def _micros(t: float) -> int:
