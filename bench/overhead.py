@@ -5,12 +5,16 @@ Run from the repository root with the project's interpreter::
     .venv/bin/python -m bench.overhead            # full matrix, 15 s per target per cell
     .venv/bin/python -m bench.overhead --quick    # 3 s, simple+extended at 8 clients only
 
-The benchmark creates its own database on the upstream, starts PgBouncer (session mode) and
-``pgsage serve`` as child processes on free ports, and drives all three targets with
-``pgbench -S`` (read-only point selects). Within each (protocol mode, clients) cell the targets
-are interleaved in rotating order over several rounds, so drift (thermal, cache, noisy
-neighbours) is spread over all of them. pgsage is only ever talked to over the wire: this module
-must not import the ``proxy`` package (an import-linter contract enforces it).
+The benchmark creates its own database on the upstream, starts PgBouncer (session mode),
+``pgsage serve`` (twice: query log on and off) and ``bench.relay`` (a pure byte relay, the floor
+of a Python proxy) as child processes on free ports, and drives them and PostgreSQL itself with
+``pgbench -S`` (read-only point selects). Before measuring it trains a cost model on pgsage's
+query log and waits until pgsage attaches predictions to logged rows (``--no-predictions``
+skips this), so pgsage is measured with its query log, metrics and predictions on. Within each
+(protocol mode, clients) cell the targets are interleaved in rotating order over several
+rounds, so drift (thermal, cache, noisy neighbours) is spread over all of them. pgsage is only
+ever talked to over the wire: this module must not import the ``proxy`` package (an
+import-linter contract enforces it).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped,unused-ignore]
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -48,11 +52,14 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.machine import busy_warning
+from bench.relay import HIGH_WATER as RELAY_HIGH_WATER
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: pgsage-nolog is pgsage with per-statement records off: the pair prices the query log,
 #: fingerprints and per-statement metrics (issue "Query log ...": cost <= 5% of TPS)
-TARGETS = ("direct", "pgsage", "pgsage-nolog", "pgbouncer")
+#: relay is bench/relay.py, a pure asyncio + uvloop byte relay (no parsing at all): the floor a
+#: Python proxy can reach
+TARGETS = ("direct", "relay", "pgsage", "pgsage-nolog", "pgbouncer")
 NOLOG_ENV = {"PGSAGE_RECORD_STATEMENTS": "false"}
 MODES = ("simple", "extended", "prepared")
 #: (clients, threads) pairs
@@ -340,6 +347,80 @@ def start_pgsage(
     return Child(name, cmd, workdir / f"{name}.log", env=env, cwd=workdir)
 
 
+def start_relay(up: Upstream, workdir: Path, port: int, repo: Path) -> Child:
+    """bench/relay.py, the pure byte relay; cwd is the repository root so `bench` imports."""
+    cmd = [
+        sys.executable, "-m", "bench.relay",
+        "--listen", f"127.0.0.1:{port}",
+        "--upstream", f"{up.host}:{up.port}",
+    ]  # fmt: skip
+    return Child("relay", cmd, workdir / "relay.log", cwd=repo)
+
+
+# --------------------------------------------------------------------------- predictions
+
+PREDICTED_SQL = (
+    "SELECT count(*), coalesce(max(model_version), '') FROM metadata.query_logs"
+    " WHERE predicted_cost_ms IS NOT NULL AND model_version IS NOT NULL"
+)
+
+
+def enable_predictions(
+    up: Upstream, args: argparse.Namespace, ep: Endpoint, model_dir: Path, say: Any,
+    wait: float = 60.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Turn the cost model's predictions on in pgsage, as a deployment has them: traffic
+    through pgsage for its query log, `pgsage train cost` on that log (the new version becomes
+    active in the registry), then traffic until the log worker, which re-checks the registry
+    every `cost_refresh_interval`, writes rows with a prediction and the model version. Never
+    raises: what failed is in `error` (and `enabled` is False)."""
+    out: dict[str, Any] = {
+        "requested": True, "enabled": False, "model_version": None, "trained_version": None,
+        "rows_with_prediction": 0, "seconds": None, "error": None,
+    }  # fmt: skip
+    started = time.monotonic()
+    try:
+        if args.pgsage_env.get("PGSAGE_COST_SERVING", "").lower() in {"0", "false", "no", "off"}:
+            raise BenchError("PGSAGE_COST_SERVING is off: pgsage serves no predictions")
+        say("predictions: pgbench -S -c 4 for 3 s through pgsage so its query log has rows")
+        pgbench(ep, up.user, args.dbname, "simple", 4, 2, 3)
+        time.sleep(2.0)  # the log worker flushes every querylog_flush_interval (1 s)
+        dsn = f"postgresql://{up.user}@{up.host}:{up.port}/{args.pgsage_warehouse_db}"
+        say(f"predictions: pgsage train cost (model dir {model_dir})")
+        text = run(
+            [args.pgsage_bin, "train", "cost", "--dsn", dsn, "--model-dir", str(model_dir),
+             "--max-rows", "20000", "--n-iter", "2", "--json"],
+            timeout=300,
+        )  # fmt: skip
+        try:
+            trained = json.loads(text.strip().splitlines()[-1])[0]
+            out["trained_version"] = f"{trained['name']}:v{trained['version']}"
+        except (ValueError, LookupError, TypeError) as exc:
+            raise BenchError(f"pgsage train cost: unexpected output {text[-300:]!r}") from exc
+        if trained["status"] != "active":
+            raise BenchError(
+                f"pgsage train cost: {out['trained_version']} is {trained['status']} "
+                f"({trained.get('reason')}), not active"
+            )
+        say(f"predictions: {out['trained_version']} active; waiting for predicted log rows")
+        deadline = time.monotonic() + wait
+        while True:
+            pgbench(ep, up.user, args.dbname, "simple", 4, 2, 1)
+            count, _, version = up.psql(PREDICTED_SQL, args.pgsage_warehouse_db).partition("|")
+            if int(count) > 0:
+                out.update(enabled=True, model_version=version, rows_with_prediction=int(count))
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"no query log rows with a prediction {wait:.0f} s after "
+                    f"{out['trained_version']} became active"
+                )
+    except (BenchError, ValueError) as exc:  # ValueError: psql printed no count
+        out["error"] = str(exc) or type(exc).__name__
+    out["seconds"] = round(time.monotonic() - started, 1)
+    return out
+
+
 # --------------------------------------------------------------------------- pgbench
 
 
@@ -536,7 +617,7 @@ def split_seconds(total: int, rounds: int) -> list[int]:
 #: bulk transfers measured beside pgbench (issue "Proxy performance"): the connection setup
 #: rate, a large SELECT result, COPY out and COPY in, each in MB/s (connections/s)
 TRANSFERS = ("connect", "large_result", "copy_out", "copy_in")
-TRANSFER_TARGETS = ("direct", "pgsage", "pgbouncer")
+TRANSFER_TARGETS = ("direct", "relay", "pgsage", "pgbouncer")
 COPY_TABLE = "overhead_copy_in"
 
 
@@ -633,6 +714,7 @@ def run_transfers(
                 "runs": [round(r, 2) for r, _ in runs[(kind, t)]],
                 "vs_direct": ratio(rate, value["direct"][0]),
                 "vs_pgbouncer": ratio(rate, value["pgbouncer"][0]),
+                "vs_relay": ratio(rate, value["relay"][0]),
             })  # fmt: skip
     return out
 
@@ -727,7 +809,9 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b else None
 
 
-def cell_json(mode: str, clients: int, threads: int, res: dict[str, TargetResult]) -> dict:
+def cell_json(
+    mode: str, clients: int, threads: int, res: dict[str, TargetResult]
+) -> dict[str, Any]:
     tps = {t: res[t].tps for t in TARGETS}
     out: dict[str, Any] = {
         "mode": mode,
@@ -740,6 +824,8 @@ def cell_json(mode: str, clients: int, threads: int, res: dict[str, TargetResult
             "pgsage_vs_pgbouncer": ratio(tps["pgsage"], tps["pgbouncer"]),
             "pgsage_nolog_vs_pgbouncer": ratio(tps["pgsage-nolog"], tps["pgbouncer"]),
             "logging_on_vs_off": ratio(tps["pgsage"], tps["pgsage-nolog"]),
+            "relay_vs_pgbouncer": ratio(tps["relay"], tps["pgbouncer"]),
+            "pgsage_vs_relay": ratio(tps["pgsage"], tps["relay"]),
         },
     }
     if (mode, clients) in GOAL_CELLS:
@@ -751,7 +837,9 @@ def cell_json(mode: str, clients: int, threads: int, res: dict[str, TargetResult
     return out
 
 
-def cell_rows(mode: str, clients: int, threads: int, res: dict[str, TargetResult]) -> list[dict]:
+def cell_rows(
+    mode: str, clients: int, threads: int, res: dict[str, TargetResult]
+) -> list[dict[str, Any]]:
     """One row per target of a cell: TPS, latency (mean, p50, p99), proxy CPU per transaction,
     and TPS ratios to direct PostgreSQL and to PgBouncer."""
     rows = []
@@ -763,6 +851,7 @@ def cell_rows(mode: str, clients: int, threads: int, res: dict[str, TargetResult
             "lat_p99_ms": j["lat_p99_ms"], "cpu_us_per_txn": j["cpu_us_per_txn"],
             "vs_direct": ratio(res[t].tps, res["direct"].tps),
             "vs_pgbouncer": ratio(res[t].tps, res["pgbouncer"].tps),
+            "vs_relay": ratio(res[t].tps, res["relay"].tps),
         })  # fmt: skip
     return rows
 
@@ -807,6 +896,7 @@ def render_transfers(doc: dict[str, Any]) -> Table | None:
         table.add_column(t, justify="right")
     table.add_column("pgsage/\ndirect", justify="right")
     table.add_column("pgsage/\npgbouncer", justify="right")
+    table.add_column("pgsage/\nrelay", justify="right")
     for kind in TRANSFERS:
         got = {r["target"]: r for r in rows if r["kind"] == kind}
         unit = got["direct"]["unit"]
@@ -815,8 +905,13 @@ def render_transfers(doc: dict[str, Any]) -> Table | None:
             *(f"{got[t]['value']:,.1f}" for t in TRANSFER_TARGETS),
             f"{got['pgsage']['vs_direct']:.2f}",
             f"{got['pgsage']['vs_pgbouncer']:.2f}",
+            fmt_ratio(got["pgsage"].get("vs_relay")),
         )
     return table
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}"
 
 
 def render_checks(doc: dict[str, Any]) -> Table:
@@ -826,6 +921,18 @@ def render_checks(doc: dict[str, Any]) -> Table:
     for name, met in doc["checks"].items():
         table.add_row(name, "-" if met is None else ("[green]yes[/]" if met else "[red]no[/]"))
     return table
+
+
+def predictions_text(doc: dict[str, Any]) -> str:
+    pred = doc.get("predictions") or {}
+    if pred.get("enabled"):
+        return (
+            f"pgsage ran with predictions on ({pred['model_version']}; "
+            f"{pred['rows_with_prediction']:,} log rows with a prediction before measuring)."
+        )
+    if pred.get("error"):
+        return f"[yellow]pgsage ran WITHOUT predictions: {pred['error']}[/yellow]"
+    return "pgsage ran without predictions (--no-predictions)."
 
 
 def render_table(doc: dict[str, Any]) -> Table:
@@ -838,7 +945,9 @@ def render_table(doc: dict[str, Any]) -> Table:
         ),
         caption=(
             "TPS excludes initial connection time; lat = average latency. Ratios are TPS "
-            f"ratios. * = goal cell, pgsage/pgbouncer >= {GOAL_RATIO}."
+            f"ratios. * = goal cell, pgsage/pgbouncer >= {GOAL_RATIO}. relay = a pure byte "
+            "relay (asyncio + uvloop, no parsing), the floor of a Python proxy.\n"
+            + predictions_text(doc)
         ),
     )
     table.add_column("mode")
@@ -849,6 +958,7 @@ def render_table(doc: dict[str, Any]) -> Table:
     table.add_column("pgbouncer/\ndirect", justify="right")
     table.add_column("pgsage/\npgbouncer", justify="right")
     table.add_column("log on/\nlog off", justify="right")
+    table.add_column("pgsage/\nrelay", justify="right")
 
     def fmt(r: float | None) -> str:
         return "-" if r is None else f"{r:.2f}"
@@ -874,6 +984,7 @@ def render_table(doc: dict[str, Any]) -> Table:
             fmt(rt["pgbouncer_vs_direct"]),
             sb_text,
             fmt(rt["logging_on_vs_off"]),
+            fmt(rt.get("pgsage_vs_relay")),
         ]
         table.add_row(*row, end_section=i < len(doc["cells"]) - 1)
     return table
@@ -885,7 +996,8 @@ def render_table(doc: dict[str, Any]) -> Table:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m bench.overhead",
-        description="pgbench -S against direct PostgreSQL, pgsage and PgBouncer (session mode).",
+        description="pgbench -S against direct PostgreSQL, a pure byte relay, pgsage and "
+        "PgBouncer (session mode).",
     )
     ap.add_argument(
         "--upstream",
@@ -939,6 +1051,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="stdout gets only the JSON document (table and progress go to stderr)",
     )
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    ap.add_argument(
+        "--no-predictions",
+        dest="predictions",
+        action="store_false",
+        help="do not train a cost model before measuring (pgsage then runs without predictions)",
+    )
     ap.add_argument("--pgsage-bin", default=None, help="pgsage executable (default: the venv's)")
     ap.add_argument(
         "--pgsage-config", type=Path, default=None, help="TOML settings for pgsage (default: none)"
@@ -1007,7 +1125,9 @@ def sigterm_as_exception() -> Iterator[None]:
 def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
     up = Upstream(args.upstream[0], args.upstream[1], args.user)
-    say = lambda msg: err.log(msg)  # noqa: E731
+
+    def say(msg: str) -> None:
+        err.log(msg)
 
     for tool in ("psql", "pgbench"):
         if shutil.which(tool) is None:
@@ -1034,7 +1154,17 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pgsage-bench-") as tmp:
         workdir = Path(tmp)
         workdir.chmod(0o755)
+        # both pgsage targets load the cost model's artifacts from here (training writes them)
+        model_dir = Path(args.pgsage_env.get("PGSAGE_MODEL_DIR") or workdir / "models")
+        pgsage_env = {"PGSAGE_MODEL_DIR": str(model_dir), **args.pgsage_env}
+        predictions: dict[str, Any] = {
+            "requested": False, "enabled": False, "model_version": None,
+            "rows_with_prediction": 0, "error": None,
+        }  # fmt: skip
         try:
+            relay_port = free_port()
+            say(f"starting relay on 127.0.0.1:{relay_port} (bench/relay.py: bytes only)")
+            children.append(start_relay(up, workdir, relay_port, repo))
             pgsage_port, http_port, bouncer_port = free_port(), free_port(), free_port()
             say(f"starting pgsage on 127.0.0.1:{pgsage_port} (http {http_port})")
             pgsage = start_pgsage(
@@ -1045,7 +1175,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 args.pgsage_bin,
                 args.pgsage_warehouse_db,
                 args.pgsage_config,
-                args.pgsage_env,
+                pgsage_env,
             )
             children.append(pgsage)
             nolog_port, nolog_http = free_port(), free_port()
@@ -1058,7 +1188,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 args.pgsage_bin,
                 args.pgsage_warehouse_db,
                 args.pgsage_config,
-                {**args.pgsage_env, **NOLOG_ENV},
+                {**pgsage_env, **NOLOG_ENV},
                 name="pgsage-nolog",
             )
             children.append(nolog)
@@ -1067,6 +1197,7 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             children.append(bouncer)
             endpoints = {
                 "direct": Endpoint("direct", up.host, up.port),
+                "relay": Endpoint("relay", "127.0.0.1", relay_port),
                 "pgsage": Endpoint("pgsage", "127.0.0.1", pgsage_port),
                 "pgsage-nolog": Endpoint("pgsage-nolog", "127.0.0.1", nolog_port),
                 "pgbouncer": Endpoint("pgbouncer", "127.0.0.1", bouncer_port),
@@ -1082,6 +1213,20 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
             for child in children:
                 ready_check(child.name)
             say("all targets accept connections")
+            if args.predictions:
+                predictions = enable_predictions(up, args, endpoints["pgsage"], model_dir, say)
+                if predictions["enabled"]:
+                    say(
+                        f"predictions on: {predictions['model_version']} "
+                        f"({predictions['rows_with_prediction']} log rows with a prediction)"
+                    )
+                else:
+                    say(
+                        "[yellow]warning: predictions could not be turned on; pgsage runs "
+                        f"without them: {predictions['error']}[/yellow]"
+                    )
+            else:
+                say("predictions off (--no-predictions)")
             for child in children:
                 settled = settle(child.proc.pid)
                 say(f"{child.name} settled after {settled:.1f} s (its start-up work done)")
@@ -1184,10 +1329,11 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                             cell[t].latencies_us += got.latencies_us
                             progress.advance(task)
                     sb = ratio(cell["pgsage"].tps, cell["pgbouncer"].tps)
+                    sr = ratio(cell["pgsage"].tps, cell["relay"].tps)
                     progress.console.log(
                         f"-M {mode} -c {clients}: "
                         + ", ".join(f"{t} {cell[t].tps:,.0f} tps" for t in TARGETS)
-                        + f"; pgsage/pgbouncer {sb}"
+                        + f"; pgsage/pgbouncer {sb}, pgsage/relay {sr}"
                     )
                 if args.transfers:
                     transfers = run_transfers(
@@ -1238,13 +1384,16 @@ def benchmark(args: argparse.Namespace, err: Console) -> dict[str, Any]:
                 "config": str(args.pgsage_config) if args.pgsage_config else None,
                 "env": args.pgsage_env,
                 "server_idle_timeout": SERVER_IDLE_TIMEOUT,
+                "model_dir": str(model_dir),
             },
+            "relay": {"module": "bench.relay", "high_water_bytes": RELAY_HIGH_WATER},
             "goal": {
                 "pgsage_vs_pgbouncer_min": GOAL_RATIO,
                 "cells": sorted(f"{m}/c{c}" for m, c in GOAL_CELLS),
             },
         },
         "restarts": restarts,
+        "predictions": predictions,
         "cells": [cell_json(m, c, j, results[(m, c)]) for m, c, j in cells if (m, c) in results],
         "rows": [
             row
@@ -1272,7 +1421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     err = Console(stderr=True)
     # a pipe or file gets a wide enough table rather than rich's 80-column default
-    width = None if sys.stdout.isatty() else 120
+    width = None if sys.stdout.isatty() else 150
     out = err if args.json_only else Console(width=width)
     try:
         with sigterm_as_exception():
