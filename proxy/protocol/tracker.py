@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
 from .errors import QUERY_CANCELED, ProtocolViolation
-from .frontend import bind_names
 
 # Type bytes as ints: what each direction's scanner must hand over.
 CLIENT_INTERESTING = frozenset(b"QPBECSHXFcf")
@@ -207,6 +206,20 @@ def _command_tag(payload: bytes) -> tuple[str, int | None]:
     return hit
 
 
+def _bind_names(payload: bytes) -> tuple[str, str]:
+    """Portal and statement name of a Bind payload (frontend.bind_names, compiled here, the
+    empty names drivers use most not decoded)."""
+    first = payload.find(b"\x00")
+    second = payload.find(b"\x00", first + 1) if first >= 0 else -1
+    if second < 0:
+        raise ProtocolViolation("invalid Bind message: names without terminator")
+    portal = payload[:first].decode("utf-8", "surrogateescape") if first else ""
+    statement = (
+        payload[first + 1 : second].decode("utf-8", "surrogateescape") if second > first + 1 else ""
+    )
+    return portal, statement
+
+
 def _cstr(payload: bytes, start: int = 0) -> tuple[str, int]:
     end = payload.find(b"\x00", start)
     if end < 0:
@@ -322,7 +335,7 @@ class SessionTracker:
             self.portals.clear()
             self.portal_sql.clear()
             return
-        portal, statement = bind_names(payload)
+        portal, statement = _bind_names(payload)
         old = self.suspended.pop(portal, None)
         if old is not None:
             self.finished.append(old)  # it ended at its last PortalSuspended
@@ -334,9 +347,18 @@ class SessionTracker:
     def _on_execute(self, payload: bytes | None, now: float) -> None:
         portal, max_rows = "", 0
         if payload is not None:
-            portal, pos = _cstr(payload)
+            if payload[:1] == b"\x00":  # the unnamed portal (what drivers use)
+                pos = 1
+            else:
+                portal, pos = _cstr(payload)
             if pos + 4 <= len(payload):
-                max_rows = int.from_bytes(payload[pos : pos + 4], "big", signed=True)
+                rows = (
+                    (payload[pos] << 24)
+                    | (payload[pos + 1] << 16)
+                    | (payload[pos + 2] << 8)
+                    | payload[pos + 3]
+                )
+                max_rows = rows - (1 << 32) if rows & 0x80000000 else rows
         start = self.group_start if self.group_start is not None else now
         self.group_start = None
         resumed = self.suspended.pop(portal, None)

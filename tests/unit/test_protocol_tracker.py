@@ -703,3 +703,18 @@ def test_executions_compare_by_value_and_show_their_fields() -> None:
     assert a == b and a != Execution(Protocol.SIMPLE, "SELECT 1", 1.0, 2.0)
     assert "tag='SELECT 1'" in repr(a) and repr(a).startswith("Execution(protocol=")
     assert a.duration == 1.0
+
+
+@pytest.mark.parametrize(
+    ("portal", "statement", "max_rows"),
+    [("", "", 0), ("", "P0_1", 0), ("c1", "", 10), ("c1", "s1", -1), ("p€", "s€", 2**31 - 1)],
+)
+def test_bind_and_execute_names_and_row_limits(portal: str, statement: str, max_rows: int):
+    """The compiled Bind / Execute readers: names (the empty ones are not decoded) and the
+    signed row limit, as the codec encodes them."""
+    tracker = ready()
+    client(tracker, 1.0, fe.Parse(statement, "SELECT 1"))
+    client(tracker, 1.0, fe.Bind(portal, statement, (), (), ()), fe.Execute(portal, max_rows))
+    (ex,) = [item for item in tracker.pending if isinstance(item, Execution)]
+    assert (ex.portal, ex.statement, ex.max_rows) == (portal, statement, max_rows)
+    assert ex.sql == "SELECT 1"
