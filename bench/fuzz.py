@@ -547,7 +547,7 @@ def load_codec() -> SimpleNamespace:
     codec = SimpleNamespace(**{n: getattr(p, n) for n in names})
     for n in ("read_batch", "request_sql", "bind_parameters", "replayable"):
         setattr(codec, n, getattr(batch, n))
-    codec.bind_names = front.bind_names
+    codec.bind_names = p.bind_names
     codec.SASLInitialResponse = front.SASLInitialResponse
     codec.split_statements = split_statements
     return codec

@@ -26,6 +26,7 @@ from .tracker import (
     Protocol,
     SessionTracker,
     Status,
+    bind_names,
     rows_from_tag,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "StartupMessage",
     "StartupReader",
     "Status",
+    "bind_names",
     "decode_backend",
     "decode_frontend",
     "error_response",

@@ -95,18 +95,6 @@ class Bind:
         return cls(portal, statement, pf, params, rf)
 
 
-def bind_names(payload: bytes) -> tuple[str, str]:
-    """Portal and statement name of a Bind payload, without decoding its parameters (hot path)."""
-    first = payload.find(b"\x00")
-    second = payload.find(b"\x00", first + 1) if first >= 0 else -1
-    if second < 0:
-        raise ProtocolViolation("invalid Bind message: names without terminator")
-    return (
-        payload[:first].decode("utf-8", "surrogateescape"),
-        payload[first + 1 : second].decode("utf-8", "surrogateescape"),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class Execute:
     type_byte: ClassVar[bytes] = b"E"

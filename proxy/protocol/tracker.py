@@ -206,9 +206,9 @@ def _command_tag(payload: bytes) -> tuple[str, int | None]:
     return hit
 
 
-def _bind_names(payload: bytes) -> tuple[str, str]:
-    """Portal and statement name of a Bind payload (frontend.bind_names, compiled here, the
-    empty names drivers use most not decoded)."""
+def bind_names(payload: bytes) -> tuple[str, str]:
+    """Portal and statement name of a Bind payload, without decoding its parameters (hot path:
+    here, compiled with the tracker; the empty names drivers use most are not decoded)."""
     first = payload.find(b"\x00")
     second = payload.find(b"\x00", first + 1) if first >= 0 else -1
     if second < 0:
@@ -335,7 +335,7 @@ class SessionTracker:
             self.portals.clear()
             self.portal_sql.clear()
             return
-        portal, statement = _bind_names(payload)
+        portal, statement = bind_names(payload)
         old = self.suspended.pop(portal, None)
         if old is not None:
             self.finished.append(old)  # it ended at its last PortalSuspended

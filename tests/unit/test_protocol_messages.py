@@ -10,7 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.protocol import ProtocolViolation, decode_backend, decode_frontend, error_response
+from proxy.protocol import (
+    ProtocolViolation,
+    bind_names,
+    decode_backend,
+    decode_frontend,
+    error_response,
+)
 from proxy.protocol import backend as be
 from proxy.protocol import frontend as fe
 
@@ -314,11 +320,11 @@ def test_error_response_helper_matches_the_server_layout() -> None:
 
 def test_bind_names_reads_only_the_names() -> None:
     raw = FRONTEND_KNOWN[5][0]
-    assert fe.bind_names(raw[5:]) == ("", "s1")
-    assert fe.bind_names(b"portal\x00stmt\x00\xff\xff") == ("portal", "stmt")
+    assert bind_names(raw[5:]) == ("", "s1")
+    assert bind_names(b"portal\x00stmt\x00\xff\xff") == ("portal", "stmt")
     for bad in (b"", b"portal", b"portal\x00stmt"):
         with pytest.raises(ProtocolViolation):
-            fe.bind_names(bad)
+            bind_names(bad)
 
 
 def test_authentication_response_repr_hides_the_secret() -> None:
