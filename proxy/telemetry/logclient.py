@@ -65,6 +65,10 @@ class WorkerRecorder(BatchingSink):
     async def _request(self, request: tuple[Any, ...], timeout: float = 60.0) -> dict[str, Any]:
         proc = await self._worker()
         assert proc.stdin is not None and proc.stdout is not None
+        if proc.stdin.is_closing():
+            # the worker died and its pipe is gone before the process was reaped (returncode
+            # still None): writing would raise uvloop's RuntimeError, not a failure of the worker
+            raise BrokenPipeError("the query log worker's stdin is closed")
         body = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         proc.stdin.write(_LEN.pack(len(body)) + body)
         await proc.stdin.drain()

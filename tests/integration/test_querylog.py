@@ -204,6 +204,40 @@ def test_metrics_pass_promtool_under_traffic(service):
     assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
 
 
+def test_a_log_worker_whose_pipe_is_gone_is_replaced_and_the_batch_counted(service):
+    """The worker's stdin closed before its exit was reaped (a kill's usual order): the batch
+    is dropped and counted, a new worker takes the next one (the write used to raise
+    uvloop's RuntimeError out of the flush, uncounted, and reuse the dead worker)."""
+    rec = service.service.recorder
+    with psycopg.connect(service.dsn(), autocommit=True) as conn:
+        conn.execute("select 1")
+        service.flush()
+        first = rec._proc
+        assert first is not None and first.stdin is not None
+        service.call(_close_stdin(first))
+        for i in range(50):
+            conn.execute("select %s::int + 3", (i,))
+        service.flush()
+        assert rec.dropped["worker"] == 50
+        for i in range(50):
+            conn.execute("select %s::int + 4", (i,))
+        service.flush()
+    assert rec._proc is not None and rec._proc is not first
+    logged = dict(
+        _logged(
+            service,
+            "select normalized_text, count(*) from metadata.query_logs"
+            " where normalized_text like 'select $1::int + $2'"
+            " group by 1",
+        )
+    )
+    assert logged.get("select $1::int + $2", 0) == 50
+
+
+async def _close_stdin(proc) -> None:
+    proc.stdin.close()
+
+
 def test_a_killed_log_worker_is_replaced_and_traffic_goes_on(service):
     rec = service.service.recorder
     with psycopg.connect(service.dsn(), autocommit=True) as conn:
