@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
+from .child import PYTHON
 from .settings import Settings
 from .upstream import Upstream
 
@@ -86,7 +86,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
             "PGSAGE_STEERING_EVAL_INTERVAL": "10",
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve"], env=env, stderr=subprocess.DEVNULL
+            [*PYTHON, "-m", "proxy.cli", "serve"], env=env, stderr=subprocess.DEVNULL
         )
         _wait_ready(f"http://127.0.0.1:{http}/readyz", proc)
         proxy_dsn = f"postgresql://{user}@127.0.0.1:{listen}/{cfg.database}"
@@ -103,7 +103,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
         console.rule("4/7 every model, from the proxy's own log")
         meta_dsn = _libpq_dsn(upstream, user, cfg.database)
         train = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "train", "all", "--json", "--dsn", meta_dsn],
+            [*PYTHON, "-m", "proxy.cli", "train", "all", "--json", "--dsn", meta_dsn],
             capture_output=True, text=True, timeout=1800,
         )  # fmt: skip
         trained = json.loads(train.stdout or "[]")
@@ -112,7 +112,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
 
         console.rule("5/7 the index advisor (validated by real builds)")
         advise = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "advise", "--validate", "--dsn", meta_dsn],
+            [*PYTHON, "-m", "proxy.cli", "advise", "--validate", "--dsn", meta_dsn],
             capture_output=True, text=True, timeout=1800,
         )  # fmt: skip
         console.print(advise.stdout[-4000:] or advise.stderr[-2000:])
@@ -124,7 +124,7 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
         console.rule("7/7 report")
         out = cfg.report_dir
         report = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "report", "--dsn", meta_dsn, "--out", out],
+            [*PYTHON, "-m", "proxy.cli", "report", "--dsn", meta_dsn, "--out", out],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         console.print(report.stdout.strip() or report.stderr[-2000:])
@@ -167,7 +167,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) 
 
 def _card(dsn: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "models", "show", "cost", "--json", "--dsn", dsn],
+        [*PYTHON, "-m", "proxy.cli", "models", "show", "cost", "--json", "--dsn", dsn],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     try:

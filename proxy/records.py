@@ -66,7 +66,11 @@ class StatementRecord:
         return self.execution.sqlstate
 
 
-RecordSink = Callable[[StatementRecord], None]
+#: what the relay hands a finished request's statements to: one call per request (the
+#: session, its executions in order, and whether their texts may keep their literals), not
+#: one per statement: on `pgbench -S` a record object and a call per statement were a tenth of
+#: the relay's Python work
+RecordSink = Callable[[SessionInfo, list[Execution], bool], None]
 
 
 class MemorySink:
@@ -75,8 +79,8 @@ class MemorySink:
     def __init__(self, maxlen: int = 100_000) -> None:
         self.records: deque[StatementRecord] = deque(maxlen=maxlen)
 
-    def __call__(self, record: StatementRecord) -> None:
-        self.records.append(record)
+    def __call__(self, info: SessionInfo, executions: list[Execution], keep_text: bool) -> None:
+        self.records.extend([StatementRecord(info, ex, keep_text) for ex in executions])
 
     def clear(self) -> None:
         self.records.clear()

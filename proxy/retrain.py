@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from typing import Any
 
 from prometheus_client import Counter
 
+from .child import PYTHON
 from .log import get_logger
 from .metadata import dsn_of
 from .settings import Settings
@@ -83,7 +83,7 @@ class Retrainer:
         self.last_run = time.monotonic()
         self.log.info("training started", model=model, trigger=trigger)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.cli", "train", model, "--json", "--dsn", self.dsn,
+            *PYTHON, "-m", "proxy.cli", "train", model, "--json", "--dsn", self.dsn,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await proc.communicate()

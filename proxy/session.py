@@ -58,7 +58,7 @@ from .protocol.errors import (
     TOO_MANY_CONNECTIONS,
 )
 from .protocol.frontend import Parse, Query
-from .records import SessionInfo, StatementRecord
+from .records import SessionInfo
 from .rewriting import APPLY as REWRITE_APPLY
 from .rewriting import Decision as RewriteDecision
 from .rewriting import RewriteController
@@ -988,10 +988,8 @@ class ClientConnection(asyncio.Protocol):
         sink = server.sink
         if sink is None:
             return
-        info = self.info
-        keep = server.settings.log_parameters  # as it is now, not when the batch is written
-        for ex in executions:
-            sink(StatementRecord(info, ex, keep))
+        # log_parameters as it is now, not when the batch is written
+        sink(self.info, executions, server.settings.log_parameters)
 
     def _abandon_pending(
         self, sqlstate: str = QUERY_CANCELED, message: str = "client disconnected"

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import itertools
 import json
-import sys
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from ..child import PYTHON
 
 #: what a child prints last on stderr is kept as the error (bounded)
 MAX_ERROR_CHARS = 2_000
@@ -118,7 +119,7 @@ class Jobs:
 async def run_child(args: list[str], timeout: float) -> tuple[int, str, str]:
     """Run `python args...`; (return code, stdout, stderr). Killed when cancelled or late."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *PYTHON, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -12,18 +12,17 @@ import json
 import os
 import pickle
 import struct
-import sys
 import time
 from collections import Counter
 from typing import Any
 
+from ..child import PYTHON
 from ..clock import CLOCK
-from ..records import StatementRecord
 from ..settings import Settings
+from .logrows import flatten
 from .logworker import ENV_CONNECT, ENV_SETTINGS
 from .metrics import ProxyMetrics
-from .querylog import flatten
-from .sink import BatchingSink
+from .sink import BatchingSink, Group
 from .stats import SnapshotTable
 
 _LEN = struct.Struct("!I")
@@ -57,7 +56,7 @@ class WorkerRecorder(BatchingSink):
             ENV_CONNECT: json.dumps(self.connect_args),
         }
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy.telemetry.logworker",
+            *PYTHON, "-m", "proxy.telemetry.logworker",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         return self._proc
@@ -88,19 +87,18 @@ class WorkerRecorder(BatchingSink):
             if self.dropped_full:
                 self._count_drop("queue_full", self.dropped_full)
                 self.dropped_full = 0
-            q = self.queue
-            self.metrics.querylog_queue.set(len(q))
-            n = len(q)
+            n = self.queued
+            self.metrics.querylog_queue.set(n)
             idle_for = time.monotonic() - self._shipped_at
             if not n and not force_stats and idle_for < self.settings.stats_flush_interval:
                 return  # (an empty batch now and then lets the worker write its aggregates)
             self._shipped_at = time.monotonic()
-            batch = [q.popleft() for _ in range(n)]
+            batch = self.take()
             self.executed += n
             # force: retry the database at once and write the aggregates too (flush, stop)
             await self._ship(batch, force_stats)
 
-    async def _ship(self, batch: list[StatementRecord], force: bool) -> None:
+    async def _ship(self, batch: list[Group], force: bool) -> None:
         sessions, rows = flatten(batch)
         fields = {
             sid: (i.client_addr, i.database, i.user, i.application_name, i.tls, i.app)
@@ -163,7 +161,7 @@ class WorkerRecorder(BatchingSink):
                 await asyncio.wait_for(self._request(("stop",)), timeout)
         except Exception as exc:
             self.log.warning("query log not fully flushed at shutdown", error=repr(exc),
-                             queued=len(self.queue))  # fmt: skip
+                             queued=self.queued)  # fmt: skip
         proc = self._proc
         if proc is not None:
             try:

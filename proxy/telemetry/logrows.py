@@ -4,7 +4,7 @@ Compiled with mypyc (models/accel.py; the source serves when no build matches it
 `pgbench -S` this runs once per statement on the same cores as the relay (issue "Query log":
 the whole log may cost at most 5% of the proxy's TPS).
 
-- `build` turns the flat records the proxy ships (`Row`, see querylog.flatten) into
+- `flatten` makes the flat records the proxy ships (querylog.`Row`); `build` turns them into
   `metadata.query_logs` rows (tuples in `COLUMNS` order; times as epoch seconds) and collects
   what the metrics and the per-fingerprint aggregates need, grouped, for the caller to apply in
   bulk.
@@ -339,6 +339,29 @@ class CopyEncoder:
 
 
 # ---------------------------------------------------------------------------------- building
+
+
+def flatten(
+    groups: list[tuple[Any, list[Any], bool]],
+) -> tuple[dict[int, Any], list[tuple[Any, ...]]]:
+    """What the relay queued (sink.Group: a session, its executions, whether their texts may
+    keep their literals) as flat rows (querylog.Row) plus the sessions they mention: what
+    crosses to the log worker."""
+    sessions: dict[int, Any] = {}
+    rows: list[tuple[Any, ...]] = []
+    for group in groups:
+        info = group[0]
+        keep: bool = group[2]
+        sid: int = info.id
+        sessions[sid] = info
+        for ex in group[1]:
+            rows.append(
+                (sid, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
+                 ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit,
+                 ex.hint_set, ex.rewrite_rule, keep)
+            )  # fmt: skip
+    return sessions, rows
+
 
 _QUOTED = re.compile(r'"[^"]*"')
 _LABEL = re.compile(r"/\*\s*pgsage:label=([\w.:-]{1,64})\s*\*/")

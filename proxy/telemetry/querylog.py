@@ -24,9 +24,9 @@ import numpy as np
 from optimizer.fingerprint import Fingerprinter
 
 from ..clock import CLOCK
-from ..records import SessionInfo, StatementRecord
+from ..records import SessionInfo
 from ..settings import Settings
-from .logrows import CopyEncoder, EncodeError, build
+from .logrows import CopyEncoder, EncodeError, build, flatten
 from .metrics import ProxyMetrics
 from .sink import BatchingSink
 from .stats import StatsTable
@@ -40,22 +40,6 @@ Row = tuple[
     int, str, str | None, str | None, float, float, int | None, str, str | None, str | None,
     int, int | None, bool, str | None, str | None, bool,
 ]  # fmt: skip
-
-
-def flatten(batch: list[StatementRecord]) -> tuple[dict[int, SessionInfo], list[Row]]:
-    """Records as flat rows plus the sessions they mention (what crosses to the log worker)."""
-    sessions: dict[int, SessionInfo] = {}
-    rows: list[Row] = []
-    for rec in batch:
-        info = rec.session
-        sessions[info.id] = info
-        ex = rec.execution
-        rows.append(
-            (info.id, ex.protocol, ex.sql, ex.statement, ex.start, ex.end, ex.rows, ex.status,
-             ex.sqlstate, ex.error_message, ex.suspensions, ex.bytes_sent, ex.cache_hit,
-             ex.hint_set, ex.rewrite_rule, rec.keep_text)
-        )  # fmt: skip
-    return sessions, rows
 
 
 Connector = Callable[[], Awaitable[Any]]
@@ -103,7 +87,7 @@ class QueryLogRecorder(BatchingSink):
         try:
             await asyncio.wait_for(self._final_flush(), timeout)
         except TimeoutError:
-            self.log.warning("query log not fully flushed at shutdown", queued=len(self.queue))
+            self.log.warning("query log not fully flushed at shutdown", queued=self.queued)
         if self._conn is not None:
             try:
                 await asyncio.wait_for(self._conn.close(), 2)
@@ -127,15 +111,16 @@ class QueryLogRecorder(BatchingSink):
             self.metrics.querylog_dropped.labels("queue_full").inc(self.dropped_full)
             self.dropped["queue_full"] += self.dropped_full
             self.dropped_full = 0
-        q = self.queue
-        self.metrics.querylog_queue.set(len(q))
+        self.metrics.querylog_queue.set(self.queued)
         # only what is queued now: records that arrive during the COPY wait for the next
         # round, or the writer would spin on tiny COPYs under steady traffic
-        remaining = len(q)
-        while remaining:
-            n = min(remaining, self.batch_size * 4)
-            remaining -= n
-            sessions, rows = flatten([q.popleft() for _ in range(n)])
+        remaining = self.queued
+        while remaining > 0:
+            groups = self.take(min(remaining, self.batch_size * 4))
+            if not groups:
+                break
+            sessions, rows = flatten(groups)
+            remaining -= len(rows)
             await self._process_and_write(sessions, rows)
         now = time.monotonic()
         if force_stats or now - self._stats_flushed_at >= self.settings.stats_flush_interval:
@@ -162,14 +147,11 @@ class QueryLogRecorder(BatchingSink):
 
     # ------------------------------------------------------------------ processing
 
-    def process(self, batch: list[StatementRecord]) -> list[tuple[Any, ...]]:
-        """Fingerprint, aggregate and meter a batch of records; return its query_logs rows."""
-        return self.process_rows(*flatten(batch))
-
     def process_rows(
         self, sessions: dict[int, SessionInfo], rows: list[Row]
     ) -> list[tuple[Any, ...]]:
-        """The same for flat rows (see `flatten`), as the log worker receives them.
+        """Fingerprint, aggregate and meter flat rows (logrows.flatten), as the log worker
+        receives them; their query_logs rows.
 
         The per-record loop only looks up the fingerprint and builds the row; durations are
         grouped and handed to the histogram and the per-fingerprint sketches in bulk.

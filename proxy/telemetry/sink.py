@@ -7,18 +7,26 @@ import contextlib
 from collections import deque
 
 from ..log import get_logger
-from ..records import StatementRecord
+from ..protocol import Execution
+from ..records import SessionInfo
 from ..settings import Settings
+
+#: what the relay queued in one call: the session, its finished statements, whether their texts
+#: may keep their literals (flattened into rows only when a batch is shipped: logrows.flatten)
+Group = tuple[SessionInfo, list[Execution], bool]
 
 
 class BatchingSink:
-    """A RecordSink: `__call__` appends to a bounded deque (counting what does not fit);
-    `run()` calls `flush_once()` every `querylog_flush_interval`, or as soon as a batch is full.
+    """A RecordSink: `__call__` appends a request's statements to a bounded deque (counting the
+    statements that do not fit); `run()` calls `flush_once()` every `querylog_flush_interval`,
+    or as soon as a batch is full.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.queue: deque[StatementRecord] = deque()
+        self.queue: deque[Group] = deque()
+        #: statements in `queue` (the bound, `querylog_queue_size`, counts statements)
+        self.queued = 0
         self.max_queue = settings.querylog_queue_size
         self.batch_size = settings.querylog_batch_size
         self.wake = asyncio.Event()
@@ -27,14 +35,39 @@ class BatchingSink:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
-    def __call__(self, record: StatementRecord) -> None:
+    def __call__(self, info: SessionInfo, executions: list[Execution], keep_text: bool) -> None:
+        before = self.queued
+        after = before + len(executions)
+        if after > self.max_queue:  # what fits is kept, the rest counted
+            fit = self.max_queue - before
+            if fit <= 0:
+                self.dropped_full += len(executions)
+                return
+            self.dropped_full += len(executions) - fit
+            executions = executions[:fit]
+            after = self.max_queue
+        self.queue.append((info, executions, keep_text))
+        self.queued = after
+        if before < self.batch_size <= after:
+            self.wake.set()
+
+    def take(self, limit: int | None = None) -> list[Group]:
+        """Queued groups, oldest first, up to `limit` statements (a group is never split: one
+        more group may pass the limit), or all of them."""
         q = self.queue
-        if len(q) < self.max_queue:
-            q.append(record)
-            if len(q) == self.batch_size:
-                self.wake.set()
-        else:
-            self.dropped_full += 1
+        if limit is None or limit >= self.queued:
+            out = list(q)
+            q.clear()
+            self.queued = 0
+            return out
+        out = []
+        n = 0
+        while q and n < limit:
+            group = q.popleft()
+            n += len(group[1])
+            out.append(group)
+        self.queued -= n
+        return out
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
