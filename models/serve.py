@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from optimizer.features import temporal_features
+from optimizer.literals import literal_class
 
 from .dataset import (
     FEATURES,
@@ -42,7 +43,7 @@ from .dataset import (
     Explainer,
     StaticFeatures,
     history_features,
-    static_class,
+    text_variant,
 )
 from .registry import Registry, model_dir
 
@@ -83,6 +84,7 @@ class CostServer:
         #: key -> (command, text, normalized, database it ran in)
         self._pending: OrderedDict[Key, tuple[str, str | None, str, str | None]] = OrderedDict()
         self._classes: dict[tuple[str, str], str] = {}
+        self._variants: dict[str, str] = {}  # normalised text -> dataset.text_variant
         #: static features per database the statements ran in, each with the connection its
         #: EXPLAINs and catalog reads use (None: the warehouse connection given to `fill`)
         self._statics: OrderedDict[str | None, tuple[Any, StaticFeatures]] = OrderedDict()
@@ -102,9 +104,17 @@ class CostServer:
         memo = (text, normalized)
         lclass = self._classes.get(memo)
         if lclass is None:
+            # static_class(text, normalized), with the variant of the normalised text (a regular
+            # expression and a hash) memoised per template: texts with inlined literals miss
+            # the memo above every time, their template's text does not
+            variant = self._variants.get(normalized)
+            if variant is None:
+                if len(self._variants) >= MAX_CLASS_MEMO:
+                    self._variants.clear()
+                variant = self._variants[normalized] = text_variant(normalized)
             if len(self._classes) >= MAX_CLASS_MEMO:
                 self._classes.clear()
-            lclass = self._classes[memo] = static_class(text, normalized)
+            lclass = self._classes[memo] = f"{literal_class(text)}.{variant}"
         return (fingerprint, lclass)
 
     def predicted(self, fingerprint: str, command: str, text: str | None, normalized: str,

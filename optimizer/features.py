@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from .literals import class_of_tokens, literal_tokens
+from . import literals
 
 NAN = float("nan")
 
@@ -142,7 +142,6 @@ _SCANS = frozenset(
 #: a text's literals (string content, number): what `literal_class` reads, found by the compiled
 #: scan optimizer.literals.literal_tokens (tests/unit/test_literal_tokens.py holds them together)
 _LITERALS = re.compile(r"'((?:[^']|'')*)'|(?<![\w$.])(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)")
-_PARAM = re.compile(r"\$(\d+)")
 
 
 @dataclass(frozen=True)
@@ -443,10 +442,8 @@ def literal_class(sql: str) -> str:
     >>> narrow == literal_class("select * from t where id between 100 and 90000")
     False
     """
-    tokens = literal_tokens(sql)  # (`_LITERALS`' matches, by a compiled scan)
-    if not tokens and _PARAM.search(sql):
-        return "generic"
-    return class_of_tokens(tokens)  # (compiled too: optimizer/literals.py)
+    # the literals' tokens by a compiled scan, a bind parameter's `$n` without any: "generic"
+    return literals.literal_class(sql)  # (compiled: optimizer/literals.py)
 
 
 def temporal_features(ts: datetime) -> dict[str, float]:

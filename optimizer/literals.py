@@ -272,8 +272,18 @@ _CLASS_MEMO: dict[str, str] = {}
 _CLASS_MEMO_MAX: Final = 65_536
 
 
+#: the bucket of an infinite value: past every finite one (2 * log2 of the largest double < 2049)
+INFINITE: Final = 2049
+
+
 def magnitude(value: float) -> int:
-    """Bucket of |value| in steps of ~1.4x (half powers of two), signed."""
+    """Bucket of |value| in steps of ~1.4x (half powers of two), signed. A literal too large
+    for a double (`1e999`) is infinite, and the width between two of them NaN: buckets of
+    their own, where `round` raised and took the log worker's whole batch with it."""
+    if value != value:
+        return 0
+    if value in (math.inf, -math.inf):
+        return -INFINITE if value < 0 else INFINITE
     size = round(2 * math.log2(abs(value) + 1))
     return -size if value < 0 else size
 
@@ -302,3 +312,25 @@ def class_of_tokens(tokens: list[tuple[str | None, str | None]]) -> str:
             _CLASS_MEMO.clear()
         _CLASS_MEMO[described] = digest
     return digest
+
+
+def has_parameter(sql: str) -> bool:
+    """Whether `sql` holds a bind parameter, `$` and a decimal digit (the regular expression
+    `\\$(\\d+)`, whose `\\d` is any Unicode decimal digit, as `str.isdecimal`)."""
+    n = len(sql)
+    i = sql.find("$")
+    while 0 <= i < n - 1:
+        if sql[i + 1].isdecimal():
+            return True
+        i = sql.find("$", i + 1)
+    return False
+
+
+def literal_class(sql: str) -> str:
+    """optimizer.features.literal_class, whole in compiled code: the cost server asks it of every
+    logged execution whose text it has not seen, and the interpreted glue around the scan and
+    the digest was a third of its cost."""
+    tokens = literal_tokens(sql)
+    if not tokens and has_parameter(sql):
+        return "generic"
+    return class_of_tokens(tokens)

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from models.dataset import HISTORY_FEATURES, StaticFeatures, add_history
+from models.dataset import HISTORY_FEATURES, StaticFeatures, add_history, static_class
 from models.serve import CostServer
 
 NORMALIZED = "SELECT count(*) FROM t WHERE id BETWEEN $1 AND $2"
@@ -79,3 +81,21 @@ def test_a_batch_observed_at_once_is_the_executions_observed_one_by_one() -> Non
     key = one.key("fp", "SELECT count(*) FROM t WHERE id BETWEEN 1 AND 3", NORMALIZED)
     at = started + 1.0
     assert many._observed(key, at, 10.0) == pytest.approx(one._observed(key, at, 10.0), nan_ok=True)
+
+
+TEXT_PARTS = ["select ", "x", " = ", "1", "25", "'a'", "$1", " and ", "1e999", "(", ")", "  ", "\n"]
+NORMALIZED_TEXTS = ["SELECT * FROM t WHERE id = $1", "select  x from u\nwhere y = $1", ""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sampled_from(TEXT_PARTS), max_size=12).map("".join),
+    st.sampled_from(NORMALIZED_TEXTS),
+)
+def test_the_cache_key_is_the_static_class_training_uses(text: str, normalized: str) -> None:
+    """CostServer.key memoises the normalised text's variant and computes the literal class in
+    compiled code: still dataset.static_class, for texts seen twice too."""
+    server = CostServer()
+    for _ in range(2):
+        want = static_class(text or normalized, normalized)
+        assert server.key("fp", text, normalized) == ("fp", want)

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models import accel
+from optimizer import literals
 from optimizer.features import _LITERALS, literal_class
-from optimizer.literals import literal_tokens
+from optimizer.literals import has_parameter, literal_tokens
 
 SOURCE = accel.load_source("optimizer.literals")
 # characters where the two could part: quotes (doubled, unterminated), digits of both kinds,
@@ -49,3 +52,28 @@ def test_literal_classes_as_before() -> None:
     assert narrow == "81abf0ae159e"
     sql = "select 'it''s', x from t where d > '2024-01-01' and v = 1.5e3"
     assert literal_class(sql) == "367ad46aa533"
+
+
+_PARAM_RE = re.compile(r"\$(\d+)")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("$0123456789٣a '.,()-e")), max_size=40))
+def test_the_compiled_literal_class_is_the_regular_expressions(sql: str) -> None:
+    """literals.literal_class (compiled, `$` + a decimal digit by hand) against the formula it
+    replaced in optimizer.features: the regular expression's `\\$(\\d+)`."""
+    tokens = literal_tokens(sql)
+    want = "generic" if not tokens and _PARAM_RE.search(sql) else SOURCE.class_of_tokens(tokens)
+    assert literals.literal_class(sql) == want == literal_class(sql)
+    assert has_parameter(sql) == bool(_PARAM_RE.search(sql))
+
+
+def test_literals_too_large_for_a_double_get_a_class() -> None:
+    """`1e999` is infinite as a float, and the width between two such literals NaN: each gets
+    a bucket (round() raised on them, and took the log worker's batch with it)."""
+    assert literals.magnitude(float("1e999")) == literals.INFINITE
+    assert literals.magnitude(-float("1e999")) == -literals.INFINITE
+    assert literals.magnitude(float("nan")) == 0
+    big = literal_class("select * from t where x between 1e999 and 2e999")
+    assert big != literal_class("select * from t where x between 1 and 2")
+    assert big == literal_class("select * from t where x between 5e400 and 7e999")
