@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from optimizer.features import temporal_features
-from optimizer.literals import literal_class
+from optimizer.literals import ClassKeys
 
 from .dataset import (
     FEATURES,
@@ -83,8 +83,7 @@ class CostServer:
         self._latest: dict[str, float] = {}
         #: key -> (command, text, normalized, database it ran in)
         self._pending: OrderedDict[Key, tuple[str, str | None, str, str | None]] = OrderedDict()
-        self._classes: dict[tuple[str, str], str] = {}
-        self._variants: dict[str, str] = {}  # normalised text -> dataset.text_variant
+        self._keys = ClassKeys(text_variant, MAX_CLASS_MEMO)
         #: static features per database the statements ran in, each with the connection its
         #: EXPLAINs and catalog reads use (None: the warehouse connection given to `fill`)
         self._statics: OrderedDict[str | None, tuple[Any, StaticFeatures]] = OrderedDict()
@@ -100,22 +99,7 @@ class CostServer:
 
     def key(self, fingerprint: str, text: str | None, normalized: str) -> Key:
         """The cache key of an execution, with the same static class training uses."""
-        text = text or normalized  # no text logged: the normalised one, as in training
-        memo = (text, normalized)
-        lclass = self._classes.get(memo)
-        if lclass is None:
-            # static_class(text, normalized), with the variant of the normalised text (a regular
-            # expression and a hash) memoised per template: texts with inlined literals miss
-            # the memo above every time, their template's text does not
-            variant = self._variants.get(normalized)
-            if variant is None:
-                if len(self._variants) >= MAX_CLASS_MEMO:
-                    self._variants.clear()
-                variant = self._variants[normalized] = text_variant(normalized)
-            if len(self._classes) >= MAX_CLASS_MEMO:
-                self._classes.clear()
-            lclass = self._classes[memo] = f"{literal_class(text)}.{variant}"
-        return (fingerprint, lclass)
+        return self._keys.key(fingerprint, text, normalized)  # (compiled)
 
     def predicted(self, fingerprint: str, command: str, text: str | None, normalized: str,
                   database: str | None = None) -> float | None:  # fmt: skip
@@ -123,7 +107,7 @@ class CostServer:
         text in `database`, the one it ran in; None: the warehouse database)."""
         if self.model is None or command not in MODELLED_COMMANDS:
             return None
-        key = self.key(fingerprint, text, normalized)
+        key = self._keys.key(fingerprint, text, normalized)  # (self.key, without a call)
         hit = self._cache.get(key)
         if hit is not None and time.monotonic() - hit[1] < self.ttl:
             self.hits += 1
