@@ -120,6 +120,8 @@ VERY_SLOW = math.log(20.0)  # a residual that needs no second slow execution to 
 #: slower than expected means by 30% at least: in a level shift each execution is slow itself,
 #: not just the fingerprint's recent ones (an ordinary run right after slow ones is no trouble)
 MIN_SLOW = math.log(1.3)
+#: the cold-start rule (no trained model yet) flags only executions this much slower than expected
+COLD_SLOW = math.log(5.0)
 #: slower than expected by this much three times in a row: kept out of the baseline (`_Fp.held`)
 HOLD = math.log(2.0)
 LATE_QUANTILE = 0.999
@@ -520,6 +522,11 @@ class Detector:
         batch: list[tuple[int, Execution, list[float], float, float, bool]] = []
         min_calls = self.config.min_calls
         modelled = _MODELLED
+        # what could be flagged, and so needs its feature vector: slower than expected by
+        # MIN_SLOW for the forests, by COLD_SLOW for the cold-start rule (the rest of the
+        # vector of an execution in between was computed for nothing: with a cost model's
+        # predictions, whose classes scatter the residuals, that was most executions)
+        judged_above = COLD_SLOW if model is None else MIN_SLOW
         for ex in executions:
             i = self.index
             self.index += 1
@@ -535,7 +542,7 @@ class Detector:
                 feats = self._complete(ex, st, expect)[0]
                 features_out.append(feats)
                 batch.append((i, ex, feats, residual, expected_ms, warm))
-            elif warm and not ex.error and residual > MIN_SLOW:
+            elif warm and not ex.error and residual > judged_above:
                 # only an execution slower than expected can be flagged (`_slow`, and the
                 # cold-start rule's x5): the rest skip the vector (most of the worker's time)
                 feats = self._complete(ex, st, expect)[0]
@@ -604,7 +611,7 @@ class Detector:
                 st = self.fps.get(ex.fingerprint)
                 if not (settled and warm and st is not None and st.calls > 4 * min_calls):
                     continue  # fresh tables and plans make the first executions noisy
-                if not ex.error and residual > math.log(5.0) and feats[_Z] > 4.0:
+                if not ex.error and residual > COLD_SLOW and feats[_Z] > 4.0:
                     score = min(0.5 + residual / 10.0, 1.0)
                     flags.append(self._flag(i, ex, "latency", score,
                                             max(ex.duration_ms - expected_ms, 0.0)))  # fmt: skip
