@@ -45,6 +45,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.logrows import admin
 from bench.machine import warn_if_busy
 from warehouse_sql import apply_migrations
 
@@ -126,16 +127,6 @@ def batch(rng: random.Random, n: int, database: str) -> tuple[Any, ...]:
     clock = [(now, time.time(), 1.0)]
     sessions = {sid: (SESSION[0], database, *SESSION[2:]) for sid in range(1, 9)}
     return ("batch", clock, sessions, rows, False)
-
-
-async def admin(args: argparse.Namespace, *statements: str) -> None:
-    conn = await asyncpg.connect(host=args.host, port=args.port, user=args.user,
-                                 database="postgres")  # fmt: skip
-    try:
-        for sql in statements:
-            await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def prepare(args: argparse.Namespace) -> None:

@@ -14,11 +14,13 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from rich.console import Console
@@ -27,6 +29,8 @@ from rich.table import Table
 from .child import PYTHON
 from .settings import Settings
 from .upstream import Upstream
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,7 +99,9 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
         console.rule("3/7 simulated users")
         plan = PlanConfig(seed=cfg.seed, start=datetime(2026, 1, 26, tzinfo=UTC),
                           speed=2000.0, duration=cfg.duration, qps=cfg.qps)  # fmt: skip
-        result = run_workload(RunConfig(dsn=proxy_dsn, plan=plan), Console(stderr=True))
+        result = _interruptible(
+            lambda: run_workload(RunConfig(dsn=proxy_dsn, plan=plan), Console(stderr=True))
+        )
         console.print(f"{result.executed:,} statements, {result.errors:,} errors, "
                       f"{len(result.labels)} labelled anomalies, simulated "
                       f"{result.sim_start:%a %d %b} to {result.sim_end:%a %d %b}")  # fmt: skip
@@ -148,6 +154,34 @@ def run_demo(settings: Settings, cfg: DemoConfig, console: Console) -> int:
                 proc.kill()
         if embedded is not None:
             embedded.stop()
+
+
+def _interruptible(run: Callable[[], T]) -> T:
+    """`run()`, with Ctrl-C a KeyboardInterrupt whatever the interrupted code raised instead.
+
+    A terminal's Ctrl-C reaches the whole process group: pgsage serve stops and closes the
+    simulated users' connections at the moment asyncio cancels their tasks here, and a task's
+    cleanup on a closed connection raised InterfaceError in place of the cancellation (the demo
+    then exited 1 with a traceback, not 130). While `run` runs, SIGINT sets a flag and raises
+    KeyboardInterrupt at once (asyncio installs its own handler only over the default one)."""
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.default_int_handler(signum, frame)
+
+    if threading.current_thread() is not threading.main_thread():
+        return run()  # (signal handlers belong to the main thread)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return run()
+    except Exception:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
