@@ -31,6 +31,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     model_dir = workdir / "model-dir"
     connect = {"host": args.host, "port": args.port, "user": args.user, "database": args.meta}
     workers: dict[str, LogWorker] = {}
+    completed = False
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     server: dict[str, list[float]] = {name: [] for name in VARIANTS}
     try:
@@ -256,11 +258,14 @@ def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                         server[name].append(backend)
                     progress.advance(task)
         rows_predicted = asyncio.run(predicted_rows(args))
+        completed = True
     finally:
         for worker in workers.values():
             worker.stop()
         if not args.keep:
             asyncio.run(admin(args, f'DROP DATABASE IF EXISTS "{args.meta}"'))
+        if completed and not args.keep:  # (after a failure the workers' logs tell why)
+            shutil.rmtree(workdir, ignore_errors=True)  # the workers' logs, the model directory
     best = {name: min(v) for name, v in times.items()}
     best_server = {name: min(v) for name, v in server.items() if v}
     full = best["full"]
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--port", type=int, default=5432)
     ap.add_argument("--user", default="postgres")
     ap.add_argument("--meta", default=META, help="the workers' metadata database (re-created)")
-    ap.add_argument("--keep", action="store_true", help="keep the metadata database")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the metadata database and the workers' logs")  # fmt: skip
     ap.add_argument("--no-save", action="store_true",
                     help="do not write bench/results/logworker.json")  # fmt: skip
     args = ap.parse_args(argv)
