@@ -189,12 +189,11 @@ class _Fp:
     """A fingerprint's running baseline: recent log latency, rows and bytes."""
 
     __slots__ = ("bytes", "bytes_med", "calls", "errors", "held", "lat", "med", "ordered",
-                 "recent", "rows", "rows_med", "spread", "stale", "window")  # fmt: skip
+                 "recent", "rows", "rows_med", "spread", "stale")  # fmt: skip
 
     def __init__(self, window: int) -> None:
         self.calls = 0
         self.errors = 0
-        self.window = window
         self.lat: deque[float] = deque(maxlen=window)
         #: `lat`'s values in order, kept in step by `add` (a bisect and a move per execution)
         #: while they are; out of step (filled directly, or a NaN in the window) when their
@@ -218,19 +217,17 @@ class _Fp:
         if not lat:
             return  # only failures so far
         ordered = self.ordered
-        if len(ordered) == len(lat):
-            # the window in order already: the median at once, and the median deviation by
-            # walking out from it (`_deviation_median`), where two sorts of the window (the
-            # second of its deviations) were a fifth of the detector's time on a busy template
-            med = self.med = _sorted_median(ordered)
-            mad = _deviation_median(ordered, med) * 1.4826
-        else:
-            # sorting a window of 64 in Python costs a fifth of NumPy's median call on it
-            med = self.med = _small_median(lat)
-            mad = _small_median([abs(x - med) for x in lat]) * 1.4826
-            ordered = sorted(lat)
+        if len(ordered) != len(lat):  # out of step (filled directly, or a NaN came)
+            ordered = sorted(lat)  # (in Python: a fifth of NumPy's median call on 64 values)
             if all(x == x for x in ordered):  # no NaN: the order is kept from here on
                 self.ordered = ordered
+        med = self.med = _sorted_median(ordered)
+        if ordered is self.ordered:
+            # the median deviation by walking out from the median (`_deviation_median`), where
+            # a sort of the deviations at every refresh was a tenth of the detector's time
+            mad = _deviation_median(ordered, med) * 1.4826
+        else:  # a NaN in the window: no order to walk, the deviations sorted as they were
+            mad = _small_median([abs(x - med) for x in lat]) * 1.4826
         self.spread = max(mad, 0.15)
         self.rows_med = _steady_median(self.rows)
         self.bytes_med = _steady_median(self.bytes)
@@ -240,7 +237,7 @@ class _Fp:
         lat = self.lat
         ordered = self.ordered
         if len(ordered) == len(lat) and log_ms == log_ms:  # in step, and no NaN to order
-            if len(lat) == self.window:  # the oldest leaves the window
+            if len(lat) == lat.maxlen:  # the oldest leaves the window
                 del ordered[bisect_left(ordered, lat[0])]
             insort(ordered, log_ms)
         elif ordered:

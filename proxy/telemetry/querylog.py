@@ -115,11 +115,8 @@ class QueryLogRecorder(BatchingSink):
         # only what is queued now: records that arrive during the COPY wait for the next
         # round, or the writer would spin on tiny COPYs under steady traffic
         remaining = self.queued
-        while remaining > 0:
-            groups = self.take(min(remaining, self.batch_size * 4))
-            if not groups:
-                break
-            sessions, rows = flatten(groups)
+        while remaining > 0 and self.queue:
+            sessions, rows = flatten(self.take(min(remaining, self.batch_size * 4)))
             remaining -= len(rows)
             await self._process_and_write(sessions, rows)
         now = time.monotonic()
